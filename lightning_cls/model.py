@@ -1,0 +1,154 @@
+"""The LightningModule: a Hugging Face sequence classifier (DistilBERT, GPT-2, BERT, ...) with metrics."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+)
+
+from lightning_cls.finetuning import freeze_all_but, trainable_names
+from lightning_cls.labels import label_maps
+from lightning_cls.tokenization import load_tokenizer
+
+
+def build_classifier(
+    model_name_or_path: str,
+    label_names: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    pretrained: bool,
+    model_config: dict[str, Any] | None,
+) -> PreTrainedModel:
+    """The HF classifier: from `model_config` (random init), pretrained weights, or the checkpoint's config alone."""
+    id2label, label2id = label_maps(label_names)
+    labels = {"num_labels": len(label_names), "id2label": id2label, "label2id": label2id}
+    if model_config is not None:
+        if "model_type" not in model_config:
+            raise ValueError("model.model_config needs a `model_type` (e.g. distilbert or gpt2).")
+        # The tokenizer decides the vocabulary and the special ids of a model built from scratch.
+        specials = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+        config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **specials, **model_config, **labels})
+        return AutoModelForSequenceClassification.from_config(config)
+    if pretrained:
+        # A checkpoint that already has a classifier head of another size gets a fresh head for our labels.
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path, ignore_mismatched_sizes=True, **labels
+        )
+    return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model_name_or_path, **labels))
+
+
+class TextClassifier(pl.LightningModule):
+    """Fine-tunes a Hugging Face sequence-classification model; logs loss, accuracy and macro-F1 per epoch."""
+
+    def __init__(
+        self,
+        model_name_or_path: str = "distilbert/distilbert-base-uncased",
+        label_names: list[str] | None = None,
+        tokenizer: str | None = None,
+        pretrained: bool = True,
+        model_config: dict[str, Any] | None = None,
+        train_last_n_blocks: int | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: Hub name or local folder of the model (e.g. distilbert/distilbert-base-uncased,
+                openai-community/gpt2).
+            label_names: Class names in id order. Filled in from the data module; not set by hand.
+            tokenizer: The tokenizer's hub name or folder. Filled in from `data.tokenizer`.
+            pretrained: Load pretrained weights; false builds the architecture of `model_name_or_path` with random
+                weights.
+            model_config: Build a randomly initialised model from this Hugging Face config instead, e.g.
+                `{model_type: distilbert, n_layers: 2, dim: 64, hidden_dim: 128, n_heads: 2}`; `vocab_size` defaults
+                to the tokenizer's. Checkpoints record the full config here, so reloading them needs no download.
+            train_last_n_blocks: Train the head and only the last N transformer blocks (0: the head only; null: all).
+            learning_rate: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+            warmup_ratio: Share of the optimizer steps with a linear warm-up; the rate then decays linearly to 0.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not label_names:
+            raise ValueError("model.label_names is empty: it is normally linked from the data module.")
+        tok = load_tokenizer(tokenizer or model_name_or_path)
+        self.label_names = list(label_names)
+        self.model = build_classifier(model_name_or_path, self.label_names, tok, pretrained, model_config)
+        # GPT-2 pools the last non-pad token: the model must know which id is padding.
+        self.model.config.pad_token_id = tok.pad_token_id
+        freeze_all_but(self.model, trainable_names(self.model, train_last_n_blocks))
+
+        def metrics(stage: str) -> MetricCollection:
+            n = len(self.label_names)
+            return MetricCollection(
+                {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")},
+                prefix=f"{stage}/",
+            )
+
+        self.train_metrics, self.val_metrics, self.test_metrics = metrics("train"), metrics("val"), metrics("test")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        max_length = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("max_length")
+        if limit and max_length and max_length > limit:
+            raise ValueError(f"data.max_length={max_length} is more than the model's {limit} positions: lower it.")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"]).float()
+        loss = nn.functional.cross_entropy(logits, batch["labels"])
+        metrics.update(logits, batch["labels"])
+        n = len(batch["labels"])
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        probs = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)  # (B, num_labels)
+        return {
+            "row_id": batch["row_id"].tolist(),
+            "label": [self.label_names[i] for i in probs.argmax(-1).tolist()],
+            "probs": probs.cpu(),
+        }
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            # Biases and LayerNorm weights (the 1-d parameters) are not decayed.
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint carries its weights, so whatever rebuilds it (`--ckpt_path`, load_from_checkpoint) should build
+        # the architecture from its config, offline, instead of downloading the pretrained weights again.
+        config = json.loads(self.model.config.to_json_string())
+        checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model_config": config}

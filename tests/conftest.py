@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny generated data, tokenizers trained on it in well under a second, tiny model configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lightning_cls.sample_data import generate_texts, train_bpe_tokenizer, train_wordpiece_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_DISTILBERT = {"model_type": "distilbert", "n_layers": 2, "n_heads": 2, "dim": 32, "hidden_dim": 64}
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 256}
+TINY_CONFIGS = {"distilbert": TINY_DISTILBERT, "gpt2": TINY_GPT2}
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """abstracts.csv (30 rows per subject + 6 rare rows) and both tokenizers, made once per test session."""
+    root = tmp_path_factory.mktemp("sample")
+    texts, labels = generate_texts(rows_per_label=30, seed=0)
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(root / "abstracts.csv", index=False)
+    train_wordpiece_tokenizer(texts, root / "wordpiece", vocab_size=400)
+    train_bpe_tokenizer(texts, root / "bpe", vocab_size=400)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_csv(sample_dir) -> Path:
+    return sample_dir / "abstracts.csv"
+
+
+@pytest.fixture(params=["distilbert", "gpt2"])
+def family(request) -> str:
+    return request.param
+
+
+def tokenizer_for(sample_dir: Path, family: str) -> str:
+    return str(sample_dir / ("bpe" if family == "gpt2" else "wordpiece"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_CLS_CACHE", str(tmp_path / "cache"))
