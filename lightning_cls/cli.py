@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Any
+
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -15,7 +19,12 @@ on labelled scientific text, with PyTorch Lightning.
   python -m lightning_cls test --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt
   python -m lightning_cls fit --help                                    every option, documented
 
-With --ckpt_path, the model is rebuilt from the checkpoint alone (no download of pretrained weights)."""
+With --ckpt_path, the model is rebuilt from the checkpoint alone (no download of pretrained weights).
+Beside the Trainer subcommands: {extra} (each with --help)."""
+
+# Subcommands that are not Trainer methods: name -> module with a `main(argv)` (parsed by jsonargparse from its
+# signature and docstring, like the rest of the CLI).
+EXTRA_COMMANDS: dict[str, str] = {}
 
 
 class ClassifierCLI(LightningCLI):
@@ -51,11 +60,18 @@ class ClassifierCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> ClassifierCLI:
+def main(args: list[str] | None = None) -> Any:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
     return ClassifierCLI(
         TextClassifier,
         ScientificTextDataModule,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf", "prog": "python -m lightning_cls", "description": DESCRIPTION},
+        parser_kwargs={
+            "parser_mode": "omegaconf",
+            "prog": "python -m lightning_cls",
+            "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet"),
+        },
         args=args,
     )

@@ -85,7 +85,9 @@ class TextClassifier(pl.LightningModule):
             raise ValueError("model.label_names is empty: it is normally linked from the data module.")
         tok = load_tokenizer(tokenizer or model_name_or_path)
         self.label_names = list(label_names)
-        self.model = build_classifier(model_name_or_path, self.label_names, tok, pretrained, model_config)
+        # from_pretrained returns the model in eval mode; Lightning keeps module modes as they are, so without
+        # train() dropout would stay off during fine-tuning.
+        self.model = build_classifier(model_name_or_path, self.label_names, tok, pretrained, model_config).train()
         # GPT-2 pools the last non-pad token: the model must know which id is padding.
         self.model.config.pad_token_id = tok.pad_token_id
         freeze_all_but(self.model, trainable_names(self.model, train_last_n_blocks))

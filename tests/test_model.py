@@ -81,3 +81,13 @@ def test_predict_step_returns_names_and_probabilities(sample_dir):
     assert out["row_id"] == [7] and out["label"][0] in DEFAULT_LABELS
     assert out["probs"].shape == (1, 10)
     torch.testing.assert_close(out["probs"].sum(-1), torch.ones(1))
+
+
+def test_pretrained_model_starts_in_train_mode(sample_dir, tmp_path):
+    """from_pretrained returns eval mode; fine-tuning with dropout off would silently change training."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(**TINY_CONFIGS["distilbert"], vocab_size=400)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "pretrained")
+    model = TextClassifier(str(tmp_path / "pretrained"), list(DEFAULT_LABELS), tokenizer_for(sample_dir, "distilbert"))
+    assert all(m.training for m in model.model.modules())
