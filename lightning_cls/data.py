@@ -347,15 +347,24 @@ class ScientificTextDataModule(pl.LightningDataModule):
 
 
 def split_summary(split: TokenizedSplit, names: list[str]) -> dict:
-    """Row count, label distribution and token length statistics of a split (recorded for monitoring)."""
+    """Row count, label distribution and token length statistics of a split (the training split's summary is the
+    reference that monitoring compares live traffic with)."""
     lengths = split.lengths
-    counts = np.bincount(split.labels, minlength=len(names)) if len(split) else np.zeros(len(names), int)
+    if not len(split):
+        return {"rows": 0, "label_counts": dict.fromkeys(names, 0), "token_length": None}
+    counts = np.bincount(split.labels, minlength=len(names))
+    # Decile edges of the lengths: equal-mass bins, the usual choice for a population stability index.
+    edges = np.unique(np.percentile(lengths, np.arange(10, 100, 10)).round().astype(int)).tolist()
+    histogram = np.bincount(np.searchsorted(edges, lengths, side="right"), minlength=len(edges) + 1)
     return {
         "rows": len(split),
         "label_counts": {name: int(c) for name, c in zip(names, counts, strict=True)},
         "token_length": {
-            "mean": float(lengths.mean()) if len(split) else 0.0,
-            **{f"p{q}": float(np.percentile(lengths, q)) if len(split) else 0.0 for q in (5, 25, 50, 75, 95)},
-            "max": int(lengths.max()) if len(split) else 0,
+            "mean": float(lengths.mean()),
+            **{f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)},
+            "max": int(lengths.max()),
+            # bin i holds lengths in [edges[i-1], edges[i]) with edges[-1] = 0 and edges[len] = infinity
+            "bin_edges": edges,
+            "bin_counts": histogram.tolist(),
         },
     }

@@ -22,6 +22,18 @@ from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.labels import label_maps
 from lightning_cls.tokenization import load_tokenizer
 
+# Checkpoint key of the training data's summary (see `data_reference`).
+DATA_REFERENCE_KEY = "lightning_cls_data_reference"
+
+
+def data_reference(datamodule: Any) -> dict:
+    """The training split's label counts and token-length statistics, plus the settings that shaped the inputs."""
+    return {
+        "train": datamodule.meta["splits"]["train"],
+        "max_length": datamodule.hparams.max_length,
+        "source": datamodule.meta["source"],
+    }
+
 
 def build_classifier(
     model_name_or_path: str,
@@ -100,6 +112,8 @@ class TextClassifier(pl.LightningModule):
             )
 
         self.train_metrics, self.val_metrics, self.test_metrics = metrics("train"), metrics("val"), metrics("test")
+        # What the model was trained on (set at fit start, saved in checkpoints): export and monitoring need it.
+        self.data_reference: dict | None = None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -149,8 +163,18 @@ class TextClassifier(pl.LightningModule):
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "meta", None):
+            self.data_reference = data_reference(datamodule)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint carries its weights, so whatever rebuilds it (`--ckpt_path`, load_from_checkpoint) should build
         # the architecture from its config, offline, instead of downloading the pretrained weights again.
         config = json.loads(self.model.config.to_json_string())
         checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model_config": config}
+        if self.data_reference is not None:
+            checkpoint[DATA_REFERENCE_KEY] = self.data_reference
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.data_reference = checkpoint.get(DATA_REFERENCE_KEY, self.data_reference)

@@ -132,3 +132,13 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, sample_dir):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     # 240 training rows, batch 8 per device, 2 devices: each rank takes half the rows, 15 optimizer steps.
     assert ckpt["global_step"] == 15
+
+
+def test_checkpoint_records_the_training_data_reference(tmp_path, sample_dir):
+    fit(tmp_path, sample_dir, "distilbert")
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    reference = ckpt["lightning_cls_data_reference"]
+    assert reference["max_length"] == 64
+    assert sum(reference["train"]["label_counts"].values()) == reference["train"]["rows"] == 240
+    lengths = reference["train"]["token_length"]
+    assert sum(lengths["bin_counts"]) == 240 and len(lengths["bin_counts"]) == len(lengths["bin_edges"]) + 1
