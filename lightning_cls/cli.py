@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_cls.arg_parser import OneLineErrorParser
+from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.errors import CheckpointError, ConfigError
 from lightning_cls.model import TextClassifier
+from lightning_cls.predictions import PredictionWriter
+from lightning_cls.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
+from lightning_cls.sources import DataError
 
 DESCRIPTION = """Fine-tune DistilBERT, GPT-2 or any Hugging Face encoder/decoder with a sequence-classification head
 on labelled scientific text, with PyTorch Lightning.
@@ -24,7 +34,11 @@ Beside the Trainer subcommands: {extra} (each with --help)."""
 
 # Subcommands that are not Trainer methods: name -> module with a `main(argv)` (parsed by jsonargparse from its
 # signature and docstring, like the rest of the CLI).
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "export": "lightning_cls.export",
+    "serve": "lightning_cls.serve",
+    "monitor": "lightning_cls.monitoring",
+}
 
 
 class ClassifierCLI(LightningCLI):
@@ -34,7 +48,8 @@ class ClassifierCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ModelCheckpoint that also writes last.ckpt every `every_n_train_steps` and on SIGTERM / Ctrl-C (resume.py).
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/f1_macro",
@@ -58,20 +73,84 @@ class ClassifierCLI(LightningCLI):
                 },
             }
         )
+        # `predict` writes one row per input, in input order, to a CSV/JSONL file (default: beside the run's logs).
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+
+    def predict(self, **kwargs: Any) -> Any:
+        """`Trainer.predict`, not also returning the predictions when the writer streams them to a file."""
+        # Returning them would hold every prediction of the input in memory at once; `--return_predictions true`
+        # still asks for them.
+        if kwargs.get("return_predictions") is None and any(
+            isinstance(c, PredictionWriter) for c in self.trainer.callbacks
+        ):
+            kwargs["return_predictions"] = False
+        return self.trainer.predict(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then resolve `--ckpt_path last` and check the checkpoint, before LightningCLI reads its
+        hyperparameters: a bad file is reported in one line naming it, not as a pickle traceback."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            resolve_ckpt_path(self.config[subcommand], subcommand)
+
+
+def resolve_ckpt_path(config: Namespace, subcommand: str) -> None:
+    """`last` -> the newest last*.ckpt of the checkpoint folder, or of the logger's runs (whose version folder the
+    resumed run then continues in); `fit` with none found starts a new run. A checkpoint file is checked (weights
+    only, read lazily): missing, truncated or tampered files raise ``CheckpointError``."""
+    if config.get("weights_only") is None:
+        config.weights_only = True  # Lightning then loads --ckpt_path with torch's weights-only unpickler: no code runs
+    ckpt_path = config.get("ckpt_path")
+    logger_args = getattr(config.get("trainer.logger"), "init_args", None)
+    if ckpt_path == "last":
+        dirpath = config.get("checkpoint.dirpath")
+        folder = dirpath or (Path(logger_args.save_dir) / (logger_args.name or "") if logger_args else None)
+        found = find_last_checkpoint(folder) if folder is not None else None
+        if found is None and folder is not None:
+            if subcommand != "fit":
+                raise CheckpointError(f"--ckpt_path last: no last*.ckpt under {folder}.")
+            rank_zero_info(f"--ckpt_path last: no checkpoint under {folder} yet; starting a new run.")
+            config.ckpt_path = None
+            return
+        if found is not None:
+            config.ckpt_path = ckpt_path = str(found)
+            in_run = not dirpath and found.parent.name == "checkpoints" and found.parents[2] == Path(folder)
+            if in_run and getattr(logger_args, "version", None) is None:
+                logger_args.version = found.parents[1].name  # keep logging and checkpointing in the same run folder
+    if (
+        ckpt_path
+        and ckpt_path not in ("last", "best", "hpc")
+        and not ckpt_path.startswith("registry:")
+        and "://" not in ckpt_path
+    ):
+        load_checkpoint(ckpt_path, mmap=True)
 
 
 def main(args: list[str] | None = None) -> Any:
+    """Run a subcommand. From the command line (`args` None), bad input (data, checkpoint, model or tokenizer name)
+    prints one line and exits with status 1; called with `args`, it raises (DataError, CheckpointError, ConfigError)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
-    return ClassifierCLI(
-        TextClassifier,
-        ScientificTextDataModule,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "parser_mode": "omegaconf",
-            "prog": "python -m lightning_cls",
-            "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet"),
-        },
-        args=args,
-    )
+    try:
+        return ClassifierCLI(
+            TextClassifier,
+            ScientificTextDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_class=OneLineErrorParser,  # a typo in an option: one line naming it and the closest valid one
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": "python -m lightning_cls",
+                "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet"),
+            },
+            # Always present, not configurable: per-batch seeds and the loader position make resuming exact (resume.py).
+            trainer_defaults={"callbacks": [ExactResume()]},
+            args=args,
+        )
+    except SIGTERMException:  # SIGTERM or Ctrl-C stopped `fit` after saving last.ckpt: say so, exit 128 + signal
+        exit_interrupted()
+    except (DataError, ConfigError, CheckpointError) as err:
+        if args is not None:  # called from Python (tests, scripts): the caller handles it
+            raise
+        sys.exit(f"error: {err}")  # from the command line: one line that says what to fix, no traceback

@@ -7,11 +7,15 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -22,11 +26,18 @@ from lightning_cls.labels import (
     stratified_split,
     stratified_subsample,
 )
+from lightning_cls.predict_inputs import (
+    iter_predict_ids,
+    load_predict_inputs,
+    predict_cache_key,
+    prepare_predict_inputs,
+)
+from lightning_cls.resume import ResumableDataLoader
 from lightning_cls.sources import HUB_DATASET, DataError, file_fingerprint, read_hub, read_table
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
 
 # Bump when the cache layout or the meaning of its contents changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: duplicate texts dropped, labels stripped, stricter file reading
 SPLITS = ("train", "val", "test")
 
 
@@ -114,6 +125,23 @@ class LengthGroupedSampler(Sampler[int]):
         return iter(length_grouped_order(self.lengths, self.batch_size, self.seed, self.epoch).tolist())
 
 
+class SeededShuffleSampler(Sampler[int]):
+    """A random order seeded by (seed, epoch), unlike DataLoader(shuffle=True): a resumed epoch gets the same order
+    and can skip the batches it already used."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+
 class LengthSortedSampler(Sampler[int]):
     """Longest first: evaluation and prediction need no shuffling and waste less compute on padding."""
 
@@ -125,6 +153,50 @@ class LengthSortedSampler(Sampler[int]):
 
     def __iter__(self):
         return iter(self.order.tolist())
+
+
+@dataclass
+class SplitPlan:
+    """Which rows of a table go to which split, and with which class ids."""
+
+    names: list[str]  # the selected label names, in id order
+    table: pd.DataFrame  # the rows with a selected label (columns row_id, text, label), re-indexed from 0
+    label_ids: np.ndarray  # class id of each row of `table`
+    rows: dict[str, np.ndarray]  # positions in `table` of the train / val / test rows
+    kept: np.ndarray  # mask over the source rows: True where the label was selected
+
+
+def plan_splits(
+    table: pd.DataFrame,
+    labels: list[str] | None,
+    min_count: int | None,
+    max_samples: int | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    source: str,
+) -> SplitPlan:
+    """Select labels, subsample and split, exactly as the data module does (the TF-IDF baseline uses it too)."""
+    names = select_labels(
+        table["label"],
+        names=None if min_count is not None else (labels or list(DEFAULT_LABELS)),
+        min_count=min_count,
+        source=source,
+    )
+    keep = table["label"].isin(names).to_numpy()
+    dropped = Counter(table.loc[~keep, "label"])
+    rank_zero_info(
+        f"{source}: kept {int(keep.sum())} rows with {len(names)} labels; dropped {int((~keep).sum())} rows "
+        f"with {len(dropped)} other labels."
+    )
+    table = table[keep].reset_index(drop=True)
+    label_ids = table["label"].map(label_maps(names)[1]).to_numpy()
+    subsample = stratified_subsample(label_ids, max_samples, seed)
+    rows = {
+        name: subsample[split]
+        for name, split in stratified_split(label_ids[subsample], val_fraction, test_fraction, seed).items()
+    }
+    return SplitPlan(names, table, label_ids, rows, keep)
 
 
 class ScientificTextDataModule(pl.LightningDataModule):
@@ -150,6 +222,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
         pad_to_multiple_of: int | None = 8,
         group_by_length: bool = True,
         cache_dir: str | None = None,
+        predict_path: str | None = None,
+        predict_text_column: str | None = None,
+        predict_id_column: str | None = "id",
     ) -> None:
         """
         Args:
@@ -171,6 +246,12 @@ class ScientificTextDataModule(pl.LightningDataModule):
             pad_to_multiple_of: Pad each batch to its longest text, rounded up to this multiple (null: no rounding).
             group_by_length: Batch training texts of similar length together (batches in random order).
             cache_dir: Where tokenized splits are cached (default: $LIGHTNING_CLS_CACHE or ~/.cache/lightning_cls).
+            predict_path: A .txt (one text per line), .csv or .jsonl file for `predict` to classify instead of the
+                test split; read in chunks and tokenized once (cached), so it may be larger than memory.
+            predict_text_column: Column (CSV) or field (JSONL) of `predict_path` holding the text (default:
+                `text_column`).
+            predict_id_column: Column of `predict_path` whose values identify its rows in the predictions; files
+                without it are identified by line number (.txt, .jsonl) or 0-based data row (.csv).
         """
         super().__init__()
         if labels is not None and min_count is not None:
@@ -239,31 +320,29 @@ class ScientificTextDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Read, select, split and tokenize once (rank 0 only); reused while inputs and tokenizer are unchanged."""
+        if self._predicting_file():  # `predict` on a file of texts needs neither the labelled data nor its splits
+            rows = prepare_predict_inputs(
+                self.hparams.predict_path,
+                self.predict_cache_path(),
+                load_tokenizer(self.hparams.tokenizer),
+                self.hparams.max_length,
+                self.hparams.predict_text_column or self.hparams.text_column,
+                self.hparams.predict_id_column,
+            )
+            rank_zero_info(f"{rows} texts to classify from {self.hparams.predict_path}")
+            return
         folder = self.cache_path()
         if (folder / "meta.json").is_file():
             rank_zero_info(f"Reusing tokenized splits from {folder}")
             return
         h = self.hparams
-        table = self._read_source()
-        names = select_labels(
-            table["label"],
-            names=None if h.min_count is not None else (h.labels or list(DEFAULT_LABELS)),
-            min_count=h.min_count,
-            source=self.source,
-        )
-        keep = table["label"].isin(names).to_numpy()
-        dropped = Counter(table.loc[~keep, "label"])
-        rank_zero_info(
-            f"{self.source}: kept {int(keep.sum())} rows with {len(names)} labels; dropped {int((~keep).sum())} rows "
-            f"with {len(dropped)} other labels."
-        )
-        table = table[keep].reset_index(drop=True)
-        label_ids = table["label"].map(label_maps(names)[1]).to_numpy()
-        subsample = stratified_subsample(label_ids, h.max_samples, h.seed)
-        split_rows = {
-            name: subsample[rows]
-            for name, rows in stratified_split(label_ids[subsample], h.val_fraction, h.test_fraction, h.seed).items()
-        }
+        fractions = h.val_fraction, h.test_fraction
+        source = self._read_source()
+        if source.attrs.get("duplicates"):
+            rank_zero_info(f"{self.source}: {source.attrs['duplicates']}")
+        plan = plan_splits(source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source)
+        names, table, label_ids, split_rows, keep = plan.names, plan.table, plan.label_ids, plan.rows, plan.kept
+        subsample = np.sort(np.concatenate(list(split_rows.values())))
 
         tokenizer = load_tokenizer(h.tokenizer)
         token_ids = tokenize(tokenizer, table["text"].iloc[subsample].tolist(), h.max_length)
@@ -273,6 +352,10 @@ class ScientificTextDataModule(pl.LightningDataModule):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         meta = {"labels": names, "source": str(self.source), "dropped_rows": int((~keep).sum()), "splits": {}}
+        # Every row read is accounted for: rows_read = duplicate_rows + dropped_rows + subsampled out + split rows.
+        meta.update(
+            rows_read=source.attrs.get("rows_read", len(source)), duplicate_rows=source.attrs.get("duplicate_rows", 0)
+        )
         for name, rows in split_rows.items():
             split = TokenizedSplit.from_lists(
                 [token_ids[position[r]] for r in rows], label_ids[rows], table["row_id"].to_numpy()[rows]
@@ -289,6 +372,12 @@ class ScientificTextDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict_path:
+            tokens, offsets = load_predict_inputs(self.predict_cache_path())
+            n = len(offsets) - 1
+            # Row ids are positions in the file's texts: the prediction writer puts rows back in that order.
+            self.splits = {"predict": TokenizedSplit(tokens, offsets, np.zeros(0, np.int64), np.arange(n))}
+            return
         folder = self.cache_path()
         meta_file = folder / "meta.json"
         if not meta_file.is_file():
@@ -305,18 +394,18 @@ class ScientificTextDataModule(pl.LightningDataModule):
         return PadCollator(load_tokenizer(self.hparams.tokenizer).pad_token_id, self.hparams.pad_to_multiple_of)
 
     def _loader(
-        self, split: TokenizedSplit, batch_size: int, sampler: Sampler | None, shuffle: bool = False
+        self, split: TokenizedSplit, batch_size: int, sampler: Sampler | None, resumable: bool = False
     ) -> DataLoader:
         workers = self.hparams.num_workers
         if workers:
             # Workers fork after the Rust tokenizer used its thread pool; this keeps it off in the children (pitfall 5)
             # while leaving the one big tokenization pass in prepare_data parallel.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return DataLoader(
+        # The training loader is resumable: a checkpoint taken mid-epoch resumes at the next unseen batch (resume.py).
+        return (ResumableDataLoader if resumable else DataLoader)(
             split,
             batch_size=batch_size,
             sampler=sampler,
-            shuffle=shuffle,
             collate_fn=self.collator,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -326,9 +415,10 @@ class ScientificTextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         split, h = self.splits["train"], self.hparams
         if not h.group_by_length:
-            return self._loader(split, h.batch_size, None, shuffle=True)
+            return self._loader(split, h.batch_size, SeededShuffleSampler(len(split), h.seed), resumable=True)
         world = self.trainer.world_size if self.trainer is not None else 1
-        return self._loader(split, h.batch_size, LengthGroupedSampler(split.lengths, h.batch_size * world, h.seed))
+        sampler = LengthGroupedSampler(split.lengths, h.batch_size * world, h.seed)
+        return self._loader(split, h.batch_size, sampler, resumable=True)
 
     def _eval_loader(self, name: str) -> DataLoader:
         split = self.splits[name]
@@ -343,7 +433,37 @@ class ScientificTextDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self._eval_loader("predict" if self.hparams.predict_path else "test")
+
+    # ------------------------------------------------------------------------------------------------ predict inputs
+    def _predicting_file(self) -> bool:
+        return (
+            bool(self.hparams.predict_path)
+            and self.trainer is not None
+            and self.trainer.state.fn == TrainerFn.PREDICTING
+        )
+
+    def predict_cache_path(self) -> Path:
+        """The cache folder of `predict_path` tokenized with these settings."""
+        h = self.hparams
+        if getattr(self, "_predict_folder", None) is None:  # the key hashes the whole file: once is enough
+            text_column = h.predict_text_column or h.text_column
+            key = predict_cache_key(
+                h.predict_path, load_tokenizer(h.tokenizer), h.max_length, text_column, h.predict_id_column
+            )
+            self._predict_folder = Path(h.cache_dir or default_cache_dir()) / key
+        return self._predict_folder
+
+    def predict_index(self) -> tuple[np.ndarray, Iterator[Any]]:
+        """The row ids of the prediction inputs in input order, and their ids as the predictions show them (lazily).
+
+        A file (`predict_path`): positions 0..N-1 and the file's ids. The test split: its rows in data file order, each
+        identified by its 0-based row in the data file.
+        """
+        if self.hparams.predict_path:
+            return np.arange(len(self.splits["predict"])), iter_predict_ids(self.predict_cache_path())
+        row_ids = np.sort(np.asarray(self.splits["test"].row_ids))
+        return row_ids, iter(row_ids.tolist())
 
 
 def split_summary(split: TokenizedSplit, names: list[str]) -> dict:

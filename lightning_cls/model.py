@@ -7,9 +7,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -18,6 +19,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from lightning_cls.errors import hub_errors
 from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.labels import label_maps
 from lightning_cls.tokenization import load_tokenizer
@@ -52,12 +54,14 @@ def build_classifier(
         specials = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
         config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **specials, **model_config, **labels})
         return AutoModelForSequenceClassification.from_config(config)
-    if pretrained:
-        # A checkpoint that already has a classifier head of another size gets a fresh head for our labels.
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, ignore_mismatched_sizes=True, **labels
-        )
-    return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model_name_or_path, **labels))
+    with hub_errors("model.model_name_or_path", model_name_or_path):  # a wrong name: one line saying so
+        if pretrained:
+            # A checkpoint that already has a classifier head of another size gets a fresh head for our labels.
+            return AutoModelForSequenceClassification.from_pretrained(
+                model_name_or_path, ignore_mismatched_sizes=True, **labels
+            )
+        config = AutoConfig.from_pretrained(model_name_or_path, **labels)
+    return AutoModelForSequenceClassification.from_config(config)
 
 
 class TextClassifier(pl.LightningModule):
@@ -74,6 +78,7 @@ class TextClassifier(pl.LightningModule):
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -90,6 +95,7 @@ class TextClassifier(pl.LightningModule):
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
             warmup_ratio: Share of the optimizer steps with a linear warm-up; the rate then decays linearly to 0.
+            compile: Compile the network with torch.compile (dynamic shapes; the first steps are slow: it compiles).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +109,9 @@ class TextClassifier(pl.LightningModule):
         # GPT-2 pools the last non-pad token: the model must know which id is padding.
         self.model.config.pad_token_id = tok.pad_token_id
         freeze_all_but(self.model, trainable_names(self.model, train_last_n_blocks))
+        if compile:
+            # In place: parameter names, and so checkpoints, stay those of the uncompiled model.
+            self.model.compile(dynamic=True)
 
         def metrics(stage: str) -> MetricCollection:
             n = len(self.label_names)
@@ -112,6 +121,9 @@ class TextClassifier(pl.LightningModule):
             )
 
         self.train_metrics, self.val_metrics, self.test_metrics = metrics("train"), metrics("val"), metrics("test")
+        # The reports (per-class scores, confusion matrix figure) are all derived from the epoch's confusion matrix.
+        n = len(self.label_names)
+        self.val_confmat, self.test_confmat = MulticlassConfusionMatrix(n), MulticlassConfusionMatrix(n)
         # What the model was trained on (set at fit start, saved in checkpoints): export and monitoring need it.
         self.data_reference: dict | None = None
 
@@ -125,10 +137,18 @@ class TextClassifier(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
+    def _step(
+        self,
+        batch: dict[str, torch.Tensor],
+        stage: str,
+        metrics: MetricCollection,
+        confmat: MulticlassConfusionMatrix | None = None,
+    ) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()
         loss = nn.functional.cross_entropy(logits, batch["labels"])
         metrics.update(logits, batch["labels"])
+        if confmat is not None:
+            confmat.update(logits, batch["labels"])
         n = len(batch["labels"])
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
@@ -138,10 +158,41 @@ class TextClassifier(pl.LightningModule):
         return self._step(batch, "train", self.train_metrics)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_metrics)
+        self._step(batch, "val", self.val_metrics, self.val_confmat)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_metrics)
+        self._step(batch, "test", self.test_metrics, self.test_confmat)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a couple of batches only: not a report of the split
+            self.val_confmat.reset()
+            return
+        self._write_report("val", self.val_confmat)
+
+    def on_test_epoch_end(self) -> None:
+        self._write_report("test", self.test_confmat)
+
+    def _write_report(self, stage: str, confmat: MulticlassConfusionMatrix) -> None:
+        """Per-class report (text + JSON) and confusion matrix (PNG + TensorBoard) of the epoch, in the log folder."""
+        # Imported here: keeps matplotlib off the import path of code that only needs the model.
+        from lightning_cls.evaluation import log_figure, write_evaluation
+
+        matrix = confmat.compute().cpu().numpy()  # summed over all ranks: every rank must call compute()
+        confmat.reset()
+        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask too
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        # During fit the report belongs to an epoch; `validate` / `test` report on a checkpoint.
+        if self.trainer.state.fn == "fit":
+            context = {"epoch": self.current_epoch, "global_step": self.global_step}
+        else:
+            context = {"checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None}
+        report, fig, paths = write_evaluation(matrix, self.label_names, stage, log_dir, context)
+        log_figure(self.trainer.loggers, f"{stage}/confusion_matrix", fig, self.global_step)
+        rank_zero_info(
+            f"{stage} report: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}; wrote "
+            + ", ".join(str(p) for p in paths.values())
+        )
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         probs = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)  # (B, num_labels)
@@ -177,4 +228,12 @@ class TextClassifier(pl.LightningModule):
             checkpoint[DATA_REFERENCE_KEY] = self.data_reference
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The label names reach the model from the data module; a data config selecting other labels than the
+        # checkpoint was trained on would otherwise give wrong names to the right ids (or a shape error).
+        trained_on = checkpoint.get("hyper_parameters", {}).get("label_names")
+        if trained_on is not None and list(trained_on) != self.label_names:
+            raise ValueError(
+                f"The checkpoint was trained on the labels {list(trained_on)}, but the data module selects "
+                f"{self.label_names}: set data.labels (or data.min_count) as in training."
+            )
         self.data_reference = checkpoint.get(DATA_REFERENCE_KEY, self.data_reference)

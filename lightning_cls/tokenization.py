@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lightning_cls.errors import hub_errors
+
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -18,7 +20,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     GPT-2 has no pad token: it gets its end-of-text token. Padding is on the right because GPT-2 uses absolute
     positions counted from the left, so left padding would change a text's logits.
     """
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    with hub_errors("data.tokenizer", name_or_path):  # a wrong name: one line saying so
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer {name_or_path!r} has neither a pad token nor an end-of-sequence token.")

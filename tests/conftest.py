@@ -46,3 +46,23 @@ def tokenizer_for(sample_dir: Path, family: str) -> str:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_CLS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def trained(sample_dir, tmp_path_factory):
+    """A factory: ``trained(family, *cli_args)`` fits a tiny model once per session and settings -> its run folder
+    (``ckpt/last.ckpt`` inside). Shared by the evaluation, prediction and export tests, which only need a checkpoint."""
+    from test_cli import fit  # the CLI helpers live with the CLI tests
+
+    runs: dict[tuple, Path] = {}
+
+    def get(family: str, *extra: str) -> Path:
+        key = (family, *extra)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp(f"trained-{family}")
+            # Session-scoped: the per-test cache fixture does not apply, so the cache goes in the run's own folder.
+            fit(folder, sample_dir, family, "--trainer.max_epochs=1", f"--data.cache_dir={folder / 'cache'}", *extra)
+            runs[key] = folder
+        return runs[key]
+
+    return get

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tokenizer_for
@@ -142,3 +143,43 @@ def test_checkpoint_records_the_training_data_reference(tmp_path, sample_dir):
     assert sum(reference["train"]["label_counts"].values()) == reference["train"]["rows"] == 240
     lengths = reference["train"]["token_length"]
     assert sum(lengths["bin_counts"]) == 240 and len(lengths["bin_counts"]) == len(lengths["bin_edges"]) + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["quickstart", "distilbert", "gpt2"])
+def test_every_config_runs_with_fast_dev_run(tmp_path, sample_dir, config):
+    """The shipped configs, pointed at tiny local data and a tiny model (with workers and bf16 where they set it)."""
+    family = "gpt2" if config == "gpt2" else "distilbert"
+    main(
+        [
+            "fit",
+            "--config",
+            f"configs/{config}.yaml",
+            *data_args(sample_dir, family),
+            *trainer_args(tmp_path),
+            "--trainer.devices=1",
+            f"--model.model_config={json.dumps(TINY_CONFIGS[family])}",
+            "--trainer.fast_dev_run=2",
+        ]
+    )
+
+
+def test_checkpoint_labels_must_match_the_data_labels(tmp_path, sample_dir):
+    """Ten labels in training, ten other names at test time: refused, not silently mislabelled."""
+    fit(tmp_path, sample_dir, "distilbert")
+    frame = pd.read_csv(sample_dir / "abstracts.csv")
+    frame["label"] = "x " + frame["label"]
+    renamed = tmp_path / "renamed.csv"
+    frame.to_csv(renamed, index=False)
+    args = [arg for arg in data_args(sample_dir, "distilbert") if not arg.startswith("--data.path")]
+    with pytest.raises(ValueError, match="trained on the labels"):
+        main(
+            [
+                "test",
+                *args,
+                f"--data.path={renamed}",
+                "--data.min_count=20",
+                *trainer_args(tmp_path),
+                f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}",
+            ]
+        )

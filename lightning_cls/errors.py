@@ -1,0 +1,43 @@
+"""Errors a user can fix, with messages that say what to change: unknown models or tokenizers, bad checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work as given; the message names the option and what to set instead."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, tampered with or not a checkpoint; the message names it."""
+
+
+@contextmanager
+def hub_errors(option: str, name: str) -> Iterator[None]:
+    """Turn transformers' failure to find a model or tokenizer into a ``ConfigError`` naming the option to fix."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise ConfigError(_not_found(option, name, err)) from err
+
+
+def _not_found(option: str, name: str, err: BaseException) -> str:
+    reason = first_line(err)
+    if Path(name).expanduser().exists():
+        return f"{option}={name!r}: the folder exists but cannot be loaded ({reason})."
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return f"{option}={name!r}: there is no such folder. Give an existing local folder or a hub name."
+    return (
+        f"{option}={name!r} is not a local folder, and the Hugging Face hub did not provide it ({reason}). "
+        "Check the name, or give a local folder (offline: set HF_HUB_OFFLINE=1 to fail fast)."
+    )
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, shortened: enough to say what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

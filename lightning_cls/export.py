@@ -1,0 +1,198 @@
+"""`python -m lightning_cls export`: a checkpoint as a Hugging Face model folder (optionally also ONNX).
+
+The folder loads with `transformers.pipeline("text-classification", model=folder)` with no network: the model
+(safetensors) with `id2label`/`label2id`, the tokenizer with its pad token and the training truncation length, and
+`lightning_cls.json`, which records the labels, the settings and the training split's label and token-length
+distribution that monitoring compares live traffic with.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.imports import RequirementCache
+from torch import nn
+
+from lightning_cls import __version__
+from lightning_cls.checkpoints import load_checkpoint
+from lightning_cls.errors import CheckpointError
+from lightning_cls.model import TextClassifier
+from lightning_cls.tokenization import load_tokenizer
+
+METADATA_FILE = "lightning_cls.json"
+FORMAT_VERSION = 1
+ONNX_FILE = "model.onnx"
+_ONNX_AVAILABLE = RequirementCache("onnxruntime") and RequirementCache("onnxscript") and RequirementCache("onnx")
+
+
+class ExportError(ValueError):
+    """An export that cannot be made as asked; the message names the path or setting."""
+
+
+def export_metadata(model: TextClassifier, ckpt_path: str | Path, max_length: int) -> dict[str, Any]:
+    """The content of `lightning_cls.json` (format 1; the serving and monitoring code read it)."""
+    reference = model.data_reference
+    return {
+        "format_version": FORMAT_VERSION,
+        "labels": list(model.label_names),
+        "max_length": int(max_length),
+        "model_name_or_path": model.hparams.model_name_or_path,
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "lightning_cls_version": __version__,
+        "reference": copy.deepcopy(reference["train"]) if reference else None,
+    }
+
+
+def _check_paths(ckpt_path: Path, output_dir: Path) -> None:
+    if not ckpt_path.is_file():
+        raise ExportError(f"Checkpoint {ckpt_path} does not exist (or is not a file).")
+    try:
+        load_checkpoint(ckpt_path, mmap=True)  # truncated or tampered: one line naming it, before any work
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ExportError(f"Output folder {output_dir} exists and is not empty: remove it or choose another.")
+
+
+def _training_max_length(model: TextClassifier, max_length: int | None) -> int:
+    if max_length is not None:
+        return max_length
+    if model.data_reference and model.data_reference.get("max_length"):
+        return int(model.data_reference["max_length"])
+    limit = getattr(model.model.config, "max_position_embeddings", None) or 512
+    rank_zero_warn(
+        f"The checkpoint records no training max_length: the exported tokenizer truncates at the model's {limit} "
+        "positions. Pass --max_length to match training."
+    )
+    return int(limit)
+
+
+class _Logits(nn.Module):
+    """The classifier as a plain (input_ids, attention_mask) -> logits function, for tracing to ONNX."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
+
+
+def export_onnx(model: nn.Module, path: Path, max_positions: int, pad_token_id: int, opset: int = 18) -> float:
+    """Write `model` as ONNX with dynamic batch and sequence axes (inputs `input_ids`, `attention_mask`, int64;
+    output `logits`); returns the largest probability difference from PyTorch on a padded test batch."""
+    import onnxruntime
+
+    wrapper = _Logits(model).eval()
+    example = torch.randint(0, max(pad_token_id + 1, 100), (2, 16))  # (B, T)
+    mask = torch.ones_like(example)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_positions)
+    axes = {0: batch, 1: sequence}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on unused torchvision ops and the like
+        torch.onnx.export(
+            wrapper,
+            (example, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    # A different batch size and length than the traced one, with right padding: the axes must really be dynamic.
+    ids = torch.randint(0, max(pad_token_id + 1, 100), (3, 11))
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = pad_token_id, 0
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        reference = wrapper(ids, mask).softmax(-1)
+    return float((torch.from_numpy(logits).softmax(-1) - reference).abs().max())
+
+
+def export(
+    ckpt_path: str,
+    output_dir: str,
+    format: Literal["hf", "onnx"] = "hf",
+    max_length: int | None = None,
+    opset: int = 18,
+) -> Path:
+    """Export a checkpoint as a Hugging Face model folder that `transformers.pipeline` loads offline.
+
+    Args:
+        ckpt_path: The Lightning checkpoint (e.g. runs/quickstart/version_0/checkpoints/last.ckpt).
+        output_dir: The folder to create; it must not exist or be empty. Written atomically (built beside it, then
+            renamed).
+        format: `hf`: model (safetensors), tokenizer, config with id2label/label2id and lightning_cls.json. `onnx`:
+            the same plus model.onnx (dynamic batch and sequence axes), checked against PyTorch with onnxruntime.
+        max_length: Truncation length of the exported tokenizer (default: the training data's, from the checkpoint).
+        opset: ONNX opset version.
+    """
+    ckpt, output = Path(ckpt_path), Path(output_dir)
+    _check_paths(ckpt, output)
+    if format == "onnx" and not _ONNX_AVAILABLE:
+        raise ExportError(
+            f"--format onnx needs onnx, onnxruntime and onnxscript: pip install 'lightning_cls[onnx]'. "
+            f"({_ONNX_AVAILABLE.message})"
+        )
+    # The checkpoint's hyperparameters hold the full HF config: the model is rebuilt offline, weights only.
+    # Exporting runs the model a few times at most: compiling it (if it was trained with `model.compile`) is wasted.
+    overrides = {"compile": False} if "compile" in inspect.signature(TextClassifier.__init__).parameters else {}
+    model = TextClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides).eval()
+    hf_model = model.model
+    hf_model.config.problem_type = "single_label_classification"  # the pipeline applies a softmax
+    length = _training_max_length(model, max_length)
+    # A copy: load_tokenizer's result is shared (cached) and must keep its own settings.
+    tokenizer = copy.deepcopy(load_tokenizer(model.hparams.tokenizer or model.hparams.model_name_or_path))
+    tokenizer.model_max_length = length  # `pipeline(..., truncation=True)` truncates where training did
+    tokenizer.padding_side = "right"
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        metadata = export_metadata(model, ckpt, length)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if format == "onnx":
+            limit = getattr(hf_model.config, "max_position_embeddings", None) or length
+            diff = export_onnx(hf_model, tmp / ONNX_FILE, limit, tokenizer.pad_token_id, opset)
+            if diff > 1e-3:
+                raise ExportError(f"ONNX export differs from PyTorch by {diff:.2e} in probability (more than 1e-3).")
+            print(f"ONNX: {ONNX_FILE}, onnxruntime vs PyTorch max probability difference {diff:.1e}")
+        for file in tmp.iterdir():
+            file.chmod(0o644)  # save_pretrained may write owner-only files; a server under another user reads them
+        if output.exists():
+            output.rmdir()  # checked empty above
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if metadata["reference"] is None:
+        print(f'Note: {ckpt} records no training data reference; lightning_cls.json has "reference": null.')
+    print(f"Exported {ckpt} to {output} ({len(metadata['labels'])} labels, max_length {length}).")
+    return output
+
+
+def main(argv: list[str]) -> Path:
+    from jsonargparse import CLI
+
+    try:
+        return CLI(export, args=argv, as_positional=False, prog="python -m lightning_cls export")
+    except ExportError as err:
+        raise SystemExit(f"export: {err}") from None
