@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from lightning_cls.sources import DataError, file_fingerprint
@@ -26,10 +25,6 @@ from lightning_cls.tokenization import tokenize, tokenizer_fingerprint
 PREDICT_SUFFIXES = (".txt", ".csv", ".jsonl")
 # Bump when the layout of the prepared folder changes.
 PREDICT_CACHE_VERSION = 1
-
-
-def _bad_rows(rows: list[int]) -> str:
-    return f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
 
 
 def _is_blank(value: Any) -> bool:
@@ -58,30 +53,39 @@ def _txt_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[list[Any], list[s
 def _csv_chunks(
     path: Path, text_column: str, id_column: str | None, chunk_rows: int
 ) -> Iterator[tuple[list[Any], list[str]]]:
-    try:
-        columns = list(pd.read_csv(path, nrows=0).columns)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path} is empty: no texts to classify.") from None
-    if text_column not in columns:
-        raise DataError(
-            f"{path} has no column {text_column!r} (columns: {columns}); choose one with data.predict_text_column."
-        )
-    use_id = id_column is not None and id_column in columns
-    usecols = [text_column, id_column] if use_id and id_column != text_column else [text_column]
-    # Strings stay strings: an id "007" must not become 7, and "NA" is a text, not a missing value.
-    reader = pd.read_csv(path, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""], chunksize=chunk_rows)
-    start = 0
-    for frame in reader:
-        texts = frame[text_column].tolist()
-        for name in [text_column] + ([id_column] if use_id else []):
-            bad = [start + i for i, v in enumerate(frame[name].tolist()) if _is_blank(v)]
-            if bad:
+    # Python's csv module, row by row: every row must have the header's number of fields, so that an unquoted comma
+    # cannot shift part of a text into the id column unnoticed. Values stay strings ("007" is not 7, "NA" is a text).
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM is not part of the first column's name
+        reader = csv.reader(f)
+        columns = next(reader, None)
+        if columns is None:
+            raise DataError(f"{path} is empty: no texts to classify.")
+        if text_column not in columns:
+            raise DataError(
+                f"{path} has no column {text_column!r} (columns: {columns}); choose one with data.predict_text_column."
+            )
+        use_id = id_column is not None and id_column in columns
+        text_at, id_at = columns.index(text_column), columns.index(id_column) if use_id else None
+        ids, texts, row = [], [], 0
+        for fields in reader:
+            if not fields:  # a blank line is no row
+                continue
+            if len(fields) != len(columns):
                 raise DataError(
-                    f"{path}: column {name!r} is empty in {len(bad)} row(s) (0-based data rows {_bad_rows(bad)})."
+                    f"{path}, line {reader.line_num}: {len(fields)} fields where the header has {len(columns)} "
+                    "(an unquoted comma or quote in a text?)."
                 )
-        ids = frame[id_column].tolist() if use_id else list(range(start, start + len(frame)))
-        start += len(frame)
-        yield ids, texts
+            for name, at in [(text_column, text_at)] + ([(id_column, id_at)] if use_id else []):
+                if not fields[at].strip():
+                    raise DataError(f"{path}: column {name!r} is empty in 1 row(s) (0-based data rows [{row}]).")
+            ids.append(fields[id_at] if use_id else row)
+            texts.append(fields[text_at])
+            row += 1
+            if len(texts) == chunk_rows:
+                yield ids, texts
+                ids, texts = [], []
+        if texts:
+            yield ids, texts
 
 
 def _jsonl_chunks(
@@ -147,7 +151,7 @@ def read_text_chunks(
         for ids, texts in chunks:
             rows += len(texts)
             yield ids, texts
-    except (UnicodeDecodeError, pd.errors.ParserError, csv.Error) as err:
+    except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"Cannot read {path}: {err}") from err
     if rows == 0:
         raise DataError(f"{path} has no texts to classify (only a header or blank lines).")

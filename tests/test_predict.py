@@ -73,6 +73,7 @@ def test_jsonl_ids_or_line_numbers(tmp_path):
             'text\nhello\n""\nworld\n',
             r"gap\.csv: column 'text' is empty in 1 row\(s\) \(0-based data rows \[1\]\)",
         ),
+        ("shift.csv", "id,text\n1,hello\n2,one, two\n", r"shift\.csv, line 3: 3 fields where the header has 2"),
         ("field.jsonl", '{"text": "a"}\n{"body": "b"}\n', r"field\.jsonl, line 2: no field 'text'"),
         ("bad.jsonl", '{"text": "a"}\n{"text": \n', r"bad\.jsonl, line 2: not valid JSON"),
         ("texts.parquet", "x", r"use a \.txt, \.csv, \.jsonl file"),
