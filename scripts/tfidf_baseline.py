@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,15 +21,11 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import cpu_name
+
 from lightning_cls.data import plan_splits
 from lightning_cls.sources import read_table
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def main() -> None:
