@@ -128,9 +128,8 @@ class TextClassifier(pl.LightningModule):
         self.data_reference: dict | None = None
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        max_length = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("max_length")
+        max_length = getattr(self.trainer.datamodule, "hparams", {}).get("max_length")
         if limit and max_length and max_length > limit:
             raise ValueError(f"data.max_length={max_length} is more than the model's {limit} positions: lower it.")
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from lightning_cls.sources import DataError, file_fingerprint
+from lightning_cls.sources import DataError, file_fingerprint, json_object_line
 from lightning_cls.tokenization import tokenize, tokenizer_fingerprint
 
 PREDICT_SUFFIXES = (".txt", ".csv", ".jsonl")
@@ -96,12 +96,7 @@ def _jsonl_chunks(
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
+            record = json_object_line(path, number, line)
             if use_id is None:  # the first record decides whether the file has ids
                 use_id = id_column is not None and id_column in record
             if text_column not in record:

@@ -22,6 +22,17 @@ class DataError(ValueError):
     """Input data that cannot be used as given; the message names the file, column, row or label."""
 
 
+def json_object_line(path: str | Path, number: int, line: str) -> dict:
+    """One line of a JSON lines file, which must hold a JSON object; errors name the file and the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}, line {number}: expected one JSON object per line, got {type(record).__name__}.")
+    return record
+
+
 # What a file is when its first bytes say so, whatever its name: refused with that name, not parsed as garbage.
 MAGIC_BYTES = {
     b"PAR1": "a Parquet file",
@@ -114,13 +125,7 @@ def _read_json(text: str, path: Path, lines: bool) -> pd.DataFrame:
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected one JSON object per line, got {type(record).__name__}.")
-        records.append(record)
+        records.append(json_object_line(path, number, line))
     return _records_frame(records)
 
 
