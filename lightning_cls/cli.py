@@ -41,6 +41,23 @@ EXTRA_COMMANDS: dict[str, str] = {
 }
 
 
+class LearningRateLogger(LearningRateMonitor):
+    """LearningRateMonitor that stays quiet under `trainer.logger: false` instead of failing at the first step:
+    it is on by default, and turning the logger off should not also require turning it off."""
+
+    def on_train_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 class ClassifierCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model uses the data's tokenizer, and learns the label names from the data module once it exists:
@@ -63,7 +80,7 @@ class ClassifierCLI(LightningCLI):
         parser.set_defaults(
             {"early_stopping.monitor": "val/f1_macro", "early_stopping.mode": "max", "early_stopping.patience": 3}
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
         parser.set_defaults(
             {
                 "lr_monitor.logging_interval": "step",

@@ -70,6 +70,29 @@ def test_fit_then_validate_test_predict_from_checkpoint(tmp_path, sample_dir, fa
     torch.testing.assert_close(run.model.state_dict(), state)
 
 
+def test_fit_without_a_logger(tmp_path, sample_dir):
+    """`--trainer.logger false` trains (the learning-rate monitor, on by default, has nothing to log to) and
+    writes no TensorBoard files."""
+    args = [a for a in trainer_args(tmp_path) if not a.startswith("--trainer.logger")]
+    cli = main(
+        [
+            "fit",
+            *data_args(sample_dir, "distilbert"),
+            *args,
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'root'}",
+            "--model.model_name_or_path=tiny",
+            f"--model.model_config={json.dumps(TINY_CONFIGS['distilbert'])}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
+    assert cli.trainer.global_step == 2 and not cli.trainer.loggers
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert not any(tmp_path.rglob("events.out.tfevents*"))
+
+
 def test_pretrained_local_folder_is_not_needed_after_training(tmp_path, sample_dir):
     """validate --ckpt_path rebuilds a model fine-tuned from pretrained weights without those weights."""
     pretrained = tmp_path / "pretrained"
