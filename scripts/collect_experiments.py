@@ -1,6 +1,6 @@
 """Gather each experiment's recorded results into experiments/NAME/, draw the figure, print the results table.
 
-    python scripts/collect_experiments.py minilm_full minilm_last2 minilm_head scratch_distilbert scratch_gpt2
+    python scripts/collect_experiments.py minilm_full minilm_last2 minilm_head distilbert_scratch gpt2_scratch
 
 For each NAME: copies the newest test report (text, JSON, confusion matrix PNG) from runs/experiments/NAME/ and writes
 curve.json (validation macro-F1 per step from TensorBoard, with the estimated CPU-minutes at each point). Then draws
@@ -51,11 +51,12 @@ def main(names: list[str]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         if run["curve"]:
+            scratch = run["name"].endswith("_scratch")  # random weights: sanity rows, drawn apart from the results
             ax.plot(
                 [p["cpu_minutes"] for p in run["curve"]],
                 [p["val_f1_macro"] for p in run["curve"]],
-                "o-",
-                label=run["name"],
+                "x--" if scratch else "o-",
+                label=run["name"] + (" (from scratch, sanity)" if scratch else ""),
             )
     baseline = EXPERIMENTS / "tfidf_baseline" / "metrics.json"
     if baseline.exists():
