@@ -1,6 +1,7 @@
 """Gather each experiment's recorded results into experiments/NAME/, draw the figure, print the results table.
 
-    python scripts/collect_experiments.py minilm_full minilm_last2 minilm_head distilbert_scratch gpt2_scratch
+    python scripts/collect_experiments.py minilm_full minilm_last2 minilm_head minilm_last2_2ep minilm_last2_len256 \
+        minilm_last2_len256_1.5ep minilm_last2_lr1e-4 distilbert_scratch gpt2_scratch
 
 For each NAME: copies the newest test report (text, JSON, confusion matrix PNG) from runs/experiments/NAME/ and writes
 curve.json (validation macro-F1 per step from TensorBoard, with the estimated CPU-minutes at each point). Then draws
