@@ -62,9 +62,9 @@ def main(names: list[str]) -> None:
                 label=run["name"],
             )
     baseline = EXPERIMENTS / "tfidf_baseline" / "metrics.json"
+    b = json.loads(baseline.read_text()) if baseline.exists() else None
     for panel in (ax, ax_scratch):
-        if baseline.exists():
-            b = json.loads(baseline.read_text())
+        if b:
             panel.plot(
                 [b.get("cpu_seconds", b["wall_seconds"]) / 60],
                 [b["val_f1_macro"]],
