@@ -19,9 +19,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_cls.errors import DataError
+from lightning_cls.export_format import SplitReference
 from lightning_cls.labels import (
     DEFAULT_LABELS,
     label_maps,
+    ordered_split,
     select_labels,
     stratified_split,
     stratified_subsample,
@@ -33,7 +36,7 @@ from lightning_cls.predict_inputs import (
     prepare_predict_inputs,
 )
 from lightning_cls.resume import ResumableDataLoader
-from lightning_cls.sources import HUB_DATASET, DataError, file_fingerprint, read_hub, read_table
+from lightning_cls.sources import HUB_DATASET, file_fingerprint, read_hub, read_table
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
 
 # Bump when the cache layout or the meaning of its contents changes.
@@ -192,8 +195,13 @@ def plan_splits(
     test_fraction: float,
     seed: int,
     source: str,
+    split_by: str | None = None,
 ) -> SplitPlan:
-    """Select labels, subsample and split, exactly as the data module does (the TF-IDF baseline uses it too)."""
+    """Select labels, subsample and split, exactly as the data module does (the TF-IDF baseline uses it too).
+
+    With ``split_by`` (the name of the column the table's ``order`` column was read from), the newest rows are the
+    test split and the next newest the validation split; otherwise the split is random and stratified.
+    """
     names = select_labels(
         table["label"],
         names=None if min_count is not None else (labels or list(DEFAULT_LABELS)),
@@ -209,10 +217,11 @@ def plan_splits(
     table = table[keep].reset_index(drop=True)
     label_ids = table["label"].map(label_maps(names)[1]).to_numpy()
     subsample = stratified_subsample(label_ids, max_samples, seed)
-    rows = {
-        name: subsample[split]
-        for name, split in stratified_split(label_ids[subsample], val_fraction, test_fraction, seed).items()
-    }
+    if split_by:
+        parts = ordered_split(table["order"].to_numpy()[subsample], val_fraction, test_fraction)
+    else:
+        parts = stratified_split(label_ids[subsample], val_fraction, test_fraction, seed)
+    rows = {name: subsample[split] for name, split in parts.items()}
     return SplitPlan(names, table, label_ids, rows, keep)
 
 
@@ -232,6 +241,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 42,
+        split_by: str | None = None,
         max_length: int = 256,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -256,6 +266,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
             val_fraction: Share of the (subsampled) rows for validation, stratified by label.
             test_fraction: Share of the (subsampled) rows for test, stratified by label.
             seed: Seed of the subsample and the split; the same seed gives the same rows on any number of devices.
+            split_by: Split by time instead of at random: order the rows by this column (e.g. `arxiv_id`, whose
+                `YYMM` prefix is the month) and put the newest `test_fraction` in test, the next newest
+                `val_fraction` in validation. Values are compared as text, so they must sort by time as text.
             max_length: Texts are truncated to this many tokens.
             batch_size: Training batch size per device.
             eval_batch_size: Batch size for validation, test and predict (default: twice `batch_size`).
@@ -304,8 +317,8 @@ class ScientificTextDataModule(pl.LightningDataModule):
     def _read_source(self) -> pd.DataFrame:
         h = self.hparams
         if h.path:
-            return read_table(h.path, h.text_column, h.label_column)
-        return read_hub(h.dataset, h.text_column, h.label_column)
+            return read_table(h.path, h.text_column, h.label_column, order_column=h.split_by)
+        return read_hub(h.dataset, h.text_column, h.label_column, order_column=h.split_by)
 
     def _source_fingerprint(self) -> str:
         if self.hparams.path:
@@ -329,6 +342,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
             "max_samples": h.max_samples,
             "fractions": [h.val_fraction, h.test_fraction],
             "seed": h.seed,
+            **({"split_by": h.split_by} if h.split_by else {}),  # absent when unset: older caches stay valid
             "tokenizer": tokenizer_fingerprint(load_tokenizer(h.tokenizer)),
             "max_length": h.max_length,
         }
@@ -357,7 +371,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
         source = self._read_source()
         if source.attrs.get("duplicates"):
             rank_zero_info(f"{self.source}: {source.attrs['duplicates']}")
-        plan = plan_splits(source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source)
+        plan = plan_splits(
+            source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source, split_by=h.split_by
+        )
         names, table, label_ids, split_rows, keep = plan.names, plan.table, plan.label_ids, plan.rows, plan.kept
 
         tokenizer = load_tokenizer(h.tokenizer)
@@ -483,23 +499,5 @@ class ScientificTextDataModule(pl.LightningDataModule):
 
 def split_summary(split: TokenizedSplit, names: list[str]) -> dict:
     """Row count, label distribution and token length statistics of a split (the training split's summary is the
-    reference that monitoring compares live traffic with)."""
-    lengths = split.lengths
-    if not len(split):
-        return {"rows": 0, "label_counts": dict.fromkeys(names, 0), "token_length": None}
-    counts = np.bincount(split.labels, minlength=len(names))
-    # Decile edges of the lengths: equal-mass bins, the usual choice for a population stability index.
-    edges = np.unique(np.percentile(lengths, np.arange(10, 100, 10)).round().astype(int)).tolist()
-    histogram = np.bincount(np.searchsorted(edges, lengths, side="right"), minlength=len(edges) + 1)
-    return {
-        "rows": len(split),
-        "label_counts": {name: int(c) for name, c in zip(names, counts, strict=True)},
-        "token_length": {
-            "mean": float(lengths.mean()),
-            **{f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)},
-            "max": int(lengths.max()),
-            # bin i holds lengths in [edges[i-1], edges[i]) with edges[-1] = 0 and edges[len] = infinity
-            "bin_edges": edges,
-            "bin_counts": histogram.tolist(),
-        },
-    }
+    reference that monitoring compares live traffic with; its format belongs to `export_format`)."""
+    return SplitReference.of(split.labels, split.lengths, names).to_dict()

@@ -1,4 +1,5 @@
-"""Errors a user can fix, with messages that say what to change: unknown models or tokenizers, bad checkpoints."""
+"""The errors a user can fix, one family: each message names the culprit (file, column, row, label, option, value)
+and what to change. `cli.main` turns any of them into one `error: ...` line, for every subcommand."""
 
 from __future__ import annotations
 
@@ -7,12 +8,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Base of every error caused by input, files or settings rather than by a bug. A ValueError, so that code
+    catching ValueError (jsonargparse, for one) keeps working."""
+
+
+class ConfigError(UserError):
     """A setting that cannot work as given; the message names the option and what to set instead."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that is missing, truncated, tampered with or not a checkpoint; the message names it."""
+
+
+class DataError(UserError):
+    """Input data that cannot be used as given; the message names the file, column, row or label."""
+
+
+class InputError(UserError):
+    """A file, folder or setting that cannot be used as given; the message names it and what is wrong."""
+
+
+class ExportError(UserError):
+    """An export that cannot be made as asked; the message names the path or setting."""
 
 
 @contextmanager

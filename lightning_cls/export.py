@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 import shutil
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -25,33 +24,31 @@ from torch import nn
 
 from lightning_cls import __version__
 from lightning_cls.checkpoints import load_checkpoint
-from lightning_cls.errors import CheckpointError
+from lightning_cls.errors import CheckpointError, ExportError
+from lightning_cls.export_format import (
+    ONNX_FILE,
+    ExportMetadata,
+    SplitReference,
+    write_export_metadata,
+)
 from lightning_cls.model import TextClassifier
 from lightning_cls.tokenization import load_tokenizer
 
-METADATA_FILE = "lightning_cls.json"
-FORMAT_VERSION = 1
-ONNX_FILE = "model.onnx"
 _ONNX_AVAILABLE = RequirementCache("onnxruntime") and RequirementCache("onnxscript") and RequirementCache("onnx")
 
 
-class ExportError(ValueError):
-    """An export that cannot be made as asked; the message names the path or setting."""
-
-
-def export_metadata(model: TextClassifier, ckpt_path: str | Path, max_length: int) -> dict[str, Any]:
-    """The content of `lightning_cls.json` (format 1; the serving and monitoring code read it)."""
+def export_metadata(model: TextClassifier, ckpt_path: str | Path, max_length: int) -> ExportMetadata:
+    """The content of `lightning_cls.json` (the serving and monitoring code read it)."""
     reference = model.data_reference
-    return {
-        "format_version": FORMAT_VERSION,
-        "labels": list(model.label_names),
-        "max_length": int(max_length),
-        "model_name_or_path": model.hparams.model_name_or_path,
-        "checkpoint": str(Path(ckpt_path).resolve()),
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "lightning_cls_version": __version__,
-        "reference": copy.deepcopy(reference["train"]) if reference else None,
-    }
+    return ExportMetadata(
+        labels=list(model.label_names),
+        max_length=int(max_length),
+        model_name_or_path=model.hparams.model_name_or_path,
+        checkpoint=str(Path(ckpt_path).resolve()),
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        lightning_cls_version=__version__,
+        reference=SplitReference.from_dict(copy.deepcopy(reference["train"])) if reference else None,
+    )
 
 
 def _check_paths(ckpt_path: Path, output_dir: Path) -> None:
@@ -168,7 +165,7 @@ def export(
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         metadata = export_metadata(model, ckpt, length)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_export_metadata(tmp, metadata)
         if format == "onnx":
             limit = getattr(hf_model.config, "max_position_embeddings", None) or length
             diff = export_onnx(hf_model, tmp / ONNX_FILE, limit, tokenizer.pad_token_id, opset)
@@ -183,9 +180,9 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if metadata["reference"] is None:
+    if metadata.reference is None:
         print(f'Note: {ckpt} records no training data reference; lightning_cls.json has "reference": null.')
-    print(f"Exported {ckpt} to {output} ({len(metadata['labels'])} labels, max_length {length}).")
+    print(f"Exported {ckpt} to {output} ({len(metadata.labels)} labels, max_length {length}).")
     return output
 
 

@@ -107,3 +107,25 @@ def stratified_split(
         parts["test"].append(rows[n_val : n_val + n_test])
         parts["train"].append(rows[n_val + n_test :])
     return {name: np.sort(np.concatenate(chunks)).astype(np.int64) for name, chunks in parts.items()}
+
+
+def ordered_split(order_keys: Sequence, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """Sorted row indices of ``train``/``val``/``test`` by time: the rows with the largest keys go to test, the next
+    largest to validation, the rest to training (not stratified: later rows have the label mix of their time).
+
+    A deployed model classifies texts written after its training data; this split measures exactly that. Keys are
+    compared as given (strings of equal shape, such as arXiv ids ``YYMM.NNNNN``, sort by time); ties keep file order.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) and sum below 1."
+        )
+    order = np.argsort(np.asarray(order_keys), kind="stable")  # oldest first
+    n = len(order)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    parts = {
+        "train": order[: n - n_val - n_test],
+        "val": order[n - n_val - n_test : n - n_test],
+        "test": order[n - n_test :],
+    }
+    return {name: np.sort(rows).astype(np.int64) for name, rows in parts.items()}

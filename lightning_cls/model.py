@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -22,7 +23,12 @@ from transformers import (
 from lightning_cls.errors import hub_errors
 from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.labels import label_maps
+from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig
 from lightning_cls.tokenization import load_tokenizer
+
+# Checkpoints and exports of pooled classifiers name their config's model_type: Auto* classes must know it.
+AutoConfig.register(MODEL_TYPE, PooledClassifierConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(PooledClassifierConfig, PooledClassifier, exist_ok=True)
 
 # Checkpoint key of the training data's summary (see `data_reference`).
 DATA_REFERENCE_KEY = "lightning_cls_data_reference"
@@ -43,18 +49,34 @@ def build_classifier(
     tokenizer: PreTrainedTokenizerBase,
     pretrained: bool,
     model_config: dict[str, Any] | None,
+    pooling: str = "default",
 ) -> PreTrainedModel:
-    """The HF classifier: from `model_config` (random init), pretrained weights, or the checkpoint's config alone."""
+    """The HF classifier: from `model_config` (random init), pretrained weights, or the checkpoint's config alone.
+
+    `pooling` "default" keeps the architecture's own classification head; any other builds a `PooledClassifier`
+    on the architecture's base model. A `model_config` of a pooled classifier (a checkpoint's) rebuilds one.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"model.pooling={pooling!r}: use one of {', '.join(POOLINGS)}.")
     id2label, label2id = label_maps(label_names)
     labels = {"num_labels": len(label_names), "id2label": id2label, "label2id": label2id}
     if model_config is not None:
         if "model_type" not in model_config:
             raise ValueError("model.model_config needs a `model_type` (e.g. distilbert or gpt2).")
+        if model_config["model_type"] == MODEL_TYPE:  # a checkpoint of a pooled classifier: its config says it all
+            return PooledClassifier(PooledClassifierConfig(**{**model_config, **labels}))
         # The tokenizer decides the vocabulary and the special ids of a model built from scratch.
         specials = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
         config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **specials, **model_config, **labels})
+        if pooling != "default":
+            return PooledClassifier(PooledClassifierConfig(backbone=config.to_dict(), pooling=pooling, **labels))
         return AutoModelForSequenceClassification.from_config(config)
     with hub_errors("model.model_name_or_path", model_name_or_path):  # a wrong name: one line saying so
+        if pooling != "default":
+            if pretrained:
+                return PooledClassifier.from_backbone(AutoModel.from_pretrained(model_name_or_path), pooling, **labels)
+            backbone = AutoConfig.from_pretrained(model_name_or_path).to_dict()
+            return PooledClassifier(PooledClassifierConfig(backbone=backbone, pooling=pooling, **labels))
         if pretrained:
             # A checkpoint that already has a classifier head of another size gets a fresh head for our labels.
             return AutoModelForSequenceClassification.from_pretrained(
@@ -75,6 +97,7 @@ class TextClassifier(pl.LightningModule):
         pretrained: bool = True,
         model_config: dict[str, Any] | None = None,
         train_last_n_blocks: int | None = None,
+        pooling: str = "default",
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
@@ -92,6 +115,10 @@ class TextClassifier(pl.LightningModule):
                 `{model_type: distilbert, n_layers: 2, dim: 64, hidden_dim: 128, n_heads: 2}`; `vocab_size` defaults
                 to the tokenizer's. Checkpoints record the full config here, so reloading them needs no download.
             train_last_n_blocks: Train the head and only the last N transformer blocks (0: the head only; null: all).
+            pooling: How a text's token states become one vector for the head: `default` (the architecture's own
+                head: the [CLS] pooler of BERT-like encoders, the last real token of GPT-2), `cls` (first token),
+                `mean` (mean over real tokens: what sentence encoders such as all-MiniLM-L6-v2 were trained with)
+                or `last` (last real token, whichever side is padded).
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
             warmup_ratio: Share of the optimizer steps with a linear warm-up; the rate then decays linearly to 0.
@@ -105,7 +132,9 @@ class TextClassifier(pl.LightningModule):
         self.label_names = list(label_names)
         # from_pretrained returns the model in eval mode; Lightning keeps module modes as they are, so without
         # train() dropout would stay off during fine-tuning.
-        self.model = build_classifier(model_name_or_path, self.label_names, tok, pretrained, model_config).train()
+        self.model = build_classifier(
+            model_name_or_path, self.label_names, tok, pretrained, model_config, pooling
+        ).train()
         # GPT-2 pools the last non-pad token: the model must know which id is padding.
         self.model.config.pad_token_id = tok.pad_token_id
         freeze_all_but(self.model, trainable_names(self.model, train_last_n_blocks))

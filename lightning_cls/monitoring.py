@@ -29,6 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from lightning_cls.errors import InputError
+from lightning_cls.export_format import length_histogram as length_bins
+from lightning_cls.export_format import read_export_metadata
+
 log = logging.getLogger(__name__)
 
 # Proportions below this are raised to it before the PSI's logarithm: an empty bin on either side would otherwise
@@ -42,10 +46,6 @@ LOW_CONFIDENCE_WARNING = 0.3  # a low-confidence share above this logs a warning
 # Prometheus multiprocess mode: the service runs in several processes (HTTP server, inference worker, logger
 # process); each writes its metrics to files in this folder and `/metrics` merges them.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-class InputError(ValueError):
-    """A file, folder or setting that cannot be used as given; the message names it and what is wrong."""
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -63,12 +63,6 @@ def psi(expected: Sequence[float], actual: Sequence[float], eps: float = PSI_EPS
     e = np.maximum(e / e.sum(), eps)
     a = np.maximum(a / a.sum(), eps)
     return float(np.sum((a - e) * np.log(a / e)))
-
-
-def length_bins(lengths: Sequence[int], edges: Sequence[int]) -> np.ndarray:
-    """Counts of token lengths in the reference's bins: bin i holds [edges[i-1], edges[i]), the last is open."""
-    index = np.searchsorted(np.asarray(edges), np.asarray(lengths, dtype=np.int64), side="right")
-    return np.bincount(index, minlength=len(edges) + 1)
 
 
 def label_counts(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
@@ -373,20 +367,6 @@ def read_input_texts(inputs: str | Path, text_column: str, predictions: Any) -> 
     return texts
 
 
-def read_export_metadata(model_dir: str | Path) -> dict[str, Any]:
-    """``lightning_cls.json`` of an exported model folder (labels, max_length, reference)."""
-    path = Path(model_dir) / "lightning_cls.json"
-    if not path.is_file():
-        raise InputError(
-            f"{path} does not exist: --model_dir must be a folder written by `python -m lightning_cls export`."
-        )
-    meta = json.loads(path.read_text())
-    missing = [k for k in ("labels", "max_length") if k not in meta]
-    if missing:
-        raise InputError(f"{path} has no {missing}.")
-    return meta
-
-
 def plot_report(report: dict[str, Any], out: str | Path, title: str = "") -> Path:
     """A PNG with the reference and live distributions of labels, token lengths and the drift numbers."""
     import matplotlib
@@ -490,7 +470,7 @@ def monitor(
         psi_warning: PSI above this is reported as an alert.
         low_confidence_warning: A low-confidence share above this is reported as an alert.
     """
-    meta = read_export_metadata(model_dir)
+    meta = read_export_metadata(model_dir).to_dict()
     table = read_predictions(predictions)
     texts, lengths = None, None
     if "token_length" in table.columns:

@@ -405,7 +405,7 @@ def build_server(
     timeout: float = 30.0,
 ) -> ls.LitServer:
     """The LitServer for an exported model folder (see `serve` for the arguments); call `.run()` to serve."""
-    meta = read_export_metadata(model_dir)
+    meta = read_export_metadata(model_dir).to_dict()
     names, max_length, reference = meta["labels"], int(meta["max_length"]), meta.get("reference")
     if not 1 <= top_k <= len(names):
         raise InputError(f"--top_k must be from 1 to the number of labels ({len(names)}), got {top_k}.")

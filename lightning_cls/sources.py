@@ -12,14 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lightning_cls.errors import first_line
+from lightning_cls.errors import DataError, first_line
 
 HUB_DATASET = "knowledgator/Scientific-text-classification"
 TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as given; the message names the file, column, row or label."""
 
 
 def json_object_line(path: str | Path, number: int, line: str) -> dict:
@@ -163,8 +159,11 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
 
 
-def read_table(path: str | Path, text_column: str, label_column: str | None) -> pd.DataFrame:
-    """A local CSV/JSON/JSONL/Parquet file as a frame with columns ``text``, ``label`` (if asked) and ``row_id``.
+def read_table(
+    path: str | Path, text_column: str, label_column: str | None, order_column: str | None = None
+) -> pd.DataFrame:
+    """A local CSV/JSON/JSONL/Parquet file as a frame with columns ``text``, ``label`` (if asked), ``order`` (the
+    values of ``order_column``, if asked: what a split by time orders rows by) and ``row_id``.
 
     ``row_id`` is the 0-based row number in the file, kept so that predictions can be traced back to their input.
     Missing or blank texts and missing labels raise ``DataError`` with the file, column and row numbers.
@@ -172,19 +171,26 @@ def read_table(path: str | Path, text_column: str, label_column: str | None) -> 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
-    return validate_table(_read_local(path), str(path), text_column, label_column)
+    return validate_table(_read_local(path), str(path), text_column, label_column, order_column=order_column)
 
 
-def read_hub(dataset: str, text_column: str, label_column: str | None, split: str = "train") -> pd.DataFrame:
+def read_hub(
+    dataset: str, text_column: str, label_column: str | None, split: str = "train", order_column: str | None = None
+) -> pd.DataFrame:
     """A hub dataset split, validated like a local file (needs the hub or its local cache)."""
     import datasets
 
     frame = datasets.load_dataset(dataset, split=split).to_pandas()
-    return validate_table(frame, f"hub dataset {dataset!r}", text_column, label_column)
+    return validate_table(frame, f"hub dataset {dataset!r}", text_column, label_column, order_column=order_column)
 
 
 def validate_table(
-    frame: pd.DataFrame, source: str, text_column: str, label_column: str | None, drop_duplicates: bool = True
+    frame: pd.DataFrame,
+    source: str,
+    text_column: str,
+    label_column: str | None,
+    drop_duplicates: bool = True,
+    order_column: str | None = None,
 ) -> pd.DataFrame:
     """Check the columns and values; labels lose surrounding whitespace; numbers become their text.
 
@@ -192,7 +198,7 @@ def validate_table(
     otherwise land in both the training and the test split. ``frame.attrs`` says how many: ``rows_read`` (rows in
     the source), ``duplicate_rows`` and, if any, ``duplicates`` (a sentence naming the first rows, for the log).
     """
-    columns = [text_column] + ([label_column] if label_column else [])
+    columns = [text_column] + ([label_column] if label_column else []) + ([order_column] if order_column else [])
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{source} has no column {missing[0]!r} (columns: {list(frame.columns)}).")
@@ -203,6 +209,9 @@ def validate_table(
     if label_column:
         labels = _checked_strings(frame[label_column], source, label_column, allow_blank=False)
         out["label"] = [label.strip() for label in labels]  # " physics" and "physics" are one label
+    if order_column:
+        # As text: the values are compared, and a number read back as text keeps its digits (2503.10 stays "2503.10").
+        out["order"] = _checked_strings(frame[order_column], source, order_column, allow_blank=False)
     rows_read, duplicates = len(out), 0
     if label_column and drop_duplicates:
         repeated = out["text"].duplicated(keep="first").to_numpy()

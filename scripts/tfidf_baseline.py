@@ -41,7 +41,8 @@ def main() -> None:
     data = yaml.safe_load(args.config.read_text())["data"]
     path = args.data_path or data["path"]
     start, cpu_start = time.perf_counter(), time.process_time()
-    table = read_table(path, data.get("text_column", "text"), data.get("label_column", "label"))
+    split_by = data.get("split_by")
+    table = read_table(path, data.get("text_column", "text"), data.get("label_column", "label"), order_column=split_by)
     plan = plan_splits(
         table,
         data.get("labels"),
@@ -51,6 +52,7 @@ def main() -> None:
         data.get("test_fraction", 0.1),
         data.get("seed", 42),
         path,
+        split_by=split_by,
     )
     texts = plan.table["text"].to_numpy()
     x = {name: texts[rows] for name, rows in plan.rows.items()}

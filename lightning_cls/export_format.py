@@ -1,0 +1,174 @@
+"""The exported model folder: its file names, `lightning_cls.json` (format version, labels, the training data
+reference) and how a folder is loaded. `export` writes this format; `serve`, `monitor` and `predict` read it.
+
+The training data reference is what monitoring compares live traffic with: the training split's label counts and
+its token lengths in decile bins. `length_bin_edges` / `length_histogram` are the one binning used to make the
+reference and to bin live traffic, so that the two always agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_cls.errors import InputError
+
+METADATA_FILE = "lightning_cls.json"
+ONNX_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+# Bump when a reader of an older version would misread the folder; readers refuse folders of a newer version.
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ token lengths
+def length_bin_edges(lengths: Sequence[int]) -> list[int]:
+    """Decile edges of the lengths: equal-mass bins, the usual choice for a population stability index."""
+    return np.unique(np.percentile(np.asarray(lengths), np.arange(10, 100, 10)).round().astype(int)).tolist()
+
+
+def length_histogram(lengths: Sequence[int], edges: Sequence[int]) -> np.ndarray:
+    """Counts of token lengths in bins: bin i holds [edges[i-1], edges[i]), with edges[-1] = 0 and the last open."""
+    index = np.searchsorted(np.asarray(edges), np.asarray(lengths, dtype=np.int64), side="right")
+    return np.bincount(index, minlength=len(edges) + 1)
+
+
+@dataclass
+class TokenLengths:
+    """Token length statistics of a split (as the model saw them: truncated) and its decile histogram."""
+
+    mean: float
+    p5: float
+    p25: float
+    p50: float
+    p75: float
+    p95: float
+    max: int
+    bin_edges: list[int] | None = None  # None in references made before the bins were recorded
+    bin_counts: list[int] | None = None
+
+    @classmethod
+    def of(cls, lengths: np.ndarray) -> TokenLengths:
+        edges = length_bin_edges(lengths)
+        percentiles = {f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)}
+        return cls(
+            mean=float(np.mean(lengths)),
+            **percentiles,
+            max=int(np.max(lengths)),
+            bin_edges=edges,
+            bin_counts=length_histogram(lengths, edges).tolist(),
+        )
+
+
+@dataclass
+class SplitReference:
+    """Row count, label distribution and token lengths of a split; the training split's is monitoring's reference."""
+
+    rows: int
+    label_counts: dict[str, int]
+    token_length: TokenLengths | None = None
+
+    @classmethod
+    def of(cls, label_ids: np.ndarray, lengths: np.ndarray, names: Sequence[str]) -> SplitReference:
+        counts = np.bincount(np.asarray(label_ids, dtype=np.int64), minlength=len(names))
+        return cls(
+            rows=len(lengths),
+            label_counts={name: int(c) for name, c in zip(names, counts, strict=True)},
+            token_length=TokenLengths.of(np.asarray(lengths)) if len(lengths) else None,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitReference:
+        lengths = data.get("token_length")
+        known = set(TokenLengths.__dataclass_fields__)
+        return cls(
+            rows=int(data.get("rows", sum(data["label_counts"].values()))),
+            label_counts={str(k): int(v) for k, v in data["label_counts"].items()},
+            token_length=TokenLengths(**{k: v for k, v in lengths.items() if k in known}) if lengths else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ lightning_cls.json
+@dataclass
+class ExportMetadata:
+    """The content of `lightning_cls.json`."""
+
+    labels: list[str]
+    max_length: int
+    reference: SplitReference | None = None
+    model_name_or_path: str | None = None
+    checkpoint: str | None = None
+    exported_at: str | None = None
+    lightning_cls_version: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+
+def write_export_metadata(folder: str | Path, metadata: ExportMetadata) -> Path:
+    path = Path(folder) / METADATA_FILE
+    path.write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_export_metadata(model_dir: str | Path) -> ExportMetadata:
+    """`lightning_cls.json` of an exported model folder; errors name the file and what is wrong with it."""
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise InputError(
+            f"{path} does not exist: --model_dir must be a folder written by `python -m lightning_cls export`."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object.")
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(
+            f"{path} has format_version {version!r}, newer than this lightning_cls reads ({FORMAT_VERSION}): "
+            "upgrade lightning_cls, or export the checkpoint again with this version."
+        )
+    missing = [k for k in ("labels", "max_length") if k not in data]
+    if missing:
+        raise InputError(f"{path} has no {missing}.")
+    known = set(ExportMetadata.__dataclass_fields__) - {"extra"}
+    reference = data.get("reference")
+    return ExportMetadata(
+        **{k: v for k, v in data.items() if k in known and k != "reference"},
+        reference=SplitReference.from_dict(reference) if reference else None,
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def load_classifier(model_dir: str | Path, **kwargs: Any) -> Any:
+    """The folder's sequence classifier, built with this package's own classes.
+
+    A folder is data: code it carries (`auto_map` in config.json, for `trust_remote_code` users) is never run here.
+    A pooled classifier is built with `lightning_cls.pooling`; any other with transformers' own classes.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_cls.pooling import MODEL_TYPE, PooledClassifier
+
+    config_path = Path(model_dir) / CONFIG_FILE
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{config_path} cannot be read as a model config ({err}).") from None
+    if model_type == MODEL_TYPE:
+        return PooledClassifier.from_pretrained(model_dir, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=False, **kwargs)
