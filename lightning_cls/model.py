@@ -20,7 +20,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lightning_cls.errors import hub_errors
+from lightning_cls.errors import ConfigError, hub_errors
 from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.labels import label_maps
 from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig
@@ -57,12 +57,12 @@ def build_classifier(
     on the architecture's base model. A `model_config` of a pooled classifier (a checkpoint's) rebuilds one.
     """
     if pooling not in POOLINGS:
-        raise ValueError(f"model.pooling={pooling!r}: use one of {', '.join(POOLINGS)}.")
+        raise ConfigError(f"model.pooling={pooling!r}: use one of {', '.join(POOLINGS)}.")
     id2label, label2id = label_maps(label_names)
     labels = {"num_labels": len(label_names), "id2label": id2label, "label2id": label2id}
     if model_config is not None:
         if "model_type" not in model_config:
-            raise ValueError("model.model_config needs a `model_type` (e.g. distilbert or gpt2).")
+            raise ConfigError("model.model_config needs a `model_type` (e.g. distilbert or gpt2).")
         if model_config["model_type"] == MODEL_TYPE:  # a checkpoint of a pooled classifier: its config says it all
             return PooledClassifier(PooledClassifierConfig(**{**model_config, **labels}))
         # The tokenizer decides the vocabulary and the special ids of a model built from scratch.
@@ -84,6 +84,12 @@ def build_classifier(
             )
         config = AutoConfig.from_pretrained(model_name_or_path, **labels)
     return AutoModelForSequenceClassification.from_config(config)
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """How many tokens the model can read (None if its config does not say): a pooled classifier's backbone's."""
+    config = model.backbone.config if isinstance(model, PooledClassifier) else model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 class TextClassifier(pl.LightningModule):
@@ -157,10 +163,10 @@ class TextClassifier(pl.LightningModule):
         self.data_reference: dict | None = None
 
     def setup(self, stage: str) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = max_positions(self.model)
         max_length = getattr(self.trainer.datamodule, "hparams", {}).get("max_length")
         if limit and max_length and max_length > limit:
-            raise ValueError(f"data.max_length={max_length} is more than the model's {limit} positions: lower it.")
+            raise ConfigError(f"data.max_length={max_length} is more than the model's {limit} positions: lower it.")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
@@ -260,7 +266,7 @@ class TextClassifier(pl.LightningModule):
         # checkpoint was trained on would otherwise give wrong names to the right ids (or a shape error).
         trained_on = checkpoint.get("hyper_parameters", {}).get("label_names")
         if trained_on is not None and list(trained_on) != self.label_names:
-            raise ValueError(
+            raise ConfigError(
                 f"The checkpoint was trained on the labels {list(trained_on)}, but the data module selects "
                 f"{self.label_names}: set data.labels (or data.min_count) as in training."
             )
