@@ -1,9 +1,10 @@
-"""`python -m lightning_cls fit|validate|test|predict`: LightningCLI with the project's defaults and links."""
+"""`python -m lightning_cls fit|validate|test|predict|export|serve|monitor`: LightningCLI with the project's defaults
+and links, the extra subcommands, and the one place where user errors (errors.py) become one `error: ...` line."""
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_cls.arg_parser import OneLineErrorParser
 from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.data import ScientificTextDataModule
-from lightning_cls.errors import CheckpointError, ConfigError
+from lightning_cls.errors import CheckpointError, ConfigError, UserError
 from lightning_cls.model import TextClassifier
 from lightning_cls.predictions import PredictionWriter
 from lightning_cls.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
-from lightning_cls.sources import DataError
 
 DESCRIPTION = """Fine-tune DistilBERT, GPT-2 or any Hugging Face encoder/decoder with a sequence-classification head
 on labelled scientific text, with PyTorch Lightning.
@@ -32,13 +32,28 @@ on labelled scientific text, with PyTorch Lightning.
 With --ckpt_path, the model is rebuilt from the checkpoint alone (no download of pretrained weights).
 Beside the Trainer subcommands: {extra} (each with --help)."""
 
-# Subcommands that are not Trainer methods: name -> module with a `main(argv)` (parsed by jsonargparse from its
-# signature and docstring, like the rest of the CLI).
-EXTRA_COMMANDS: dict[str, str] = {
-    "export": "lightning_cls.export",
-    "serve": "lightning_cls.serve",
-    "monitor": "lightning_cls.monitoring",
-}
+
+# Subcommands that are not Trainer methods, each a `main(argv)` (parsed by jsonargparse from its signature and
+# docstring, like the rest of the CLI). Imported when run, so that `fit` does not import the server's libraries.
+def _export(argv: list[str]) -> Any:
+    from lightning_cls.export import main
+
+    return main(argv)
+
+
+def _serve(argv: list[str]) -> Any:
+    from lightning_cls.serving.server import main
+
+    return main(argv)
+
+
+def _monitor(argv: list[str]) -> Any:
+    from lightning_cls.monitor import main
+
+    return main(argv)
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export, "serve": _serve, "monitor": _monitor}
 
 
 class LearningRateLogger(LearningRateMonitor):
@@ -141,33 +156,57 @@ def resolve_ckpt_path(config: Namespace, subcommand: str) -> None:
         and not ckpt_path.startswith("registry:")
         and "://" not in ckpt_path
     ):
-        load_checkpoint(ckpt_path, mmap=True)
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        if subcommand == "fit":
+            check_resume_epochs(checkpoint, ckpt_path, config.get("trainer.max_epochs"))
+
+
+def check_resume_epochs(checkpoint: dict[str, Any], ckpt_path: str, max_epochs: int | None) -> None:
+    """Refuse a `--trainer.max_epochs` below the epochs the checkpoint has already trained, before any work.
+
+    Lightning would silently stop at once (or fail with a traceback when it is two epochs below); neither says which
+    option to change."""
+    if max_epochs is None or max_epochs < 0:  # Lightning's default (1000, or unbounded with max_steps) and -1
+        return
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    # `processed`: epochs whose training part is done (the last one's validation may have been running when saved).
+    done = progress.get("processed", checkpoint.get("epoch", 0))
+    if max_epochs < done:
+        raise ConfigError(
+            f"--trainer.max_epochs={max_epochs} is below the epochs that checkpoint {ckpt_path} has already trained "
+            f"({done} epochs): set it above {done} to train on, or leave out --ckpt_path to start a new run."
+        )
 
 
 def main(args: list[str] | None = None) -> Any:
-    """Run a subcommand. From the command line (`args` None), bad input (data, checkpoint, model or tokenizer name)
-    prints one line and exits with status 1; called with `args`, it raises (DataError, CheckpointError, ConfigError)."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        return importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+    """Run a subcommand. The one place that reports user errors: from the command line (`args` None), any
+    ``UserError`` (errors.py: bad data, checkpoint, setting, input file or export), from every subcommand, prints one
+    `error: ...` line and exits with status 1; called with `args` (tests, scripts), it is raised for the caller."""
     try:
-        return ClassifierCLI(
-            TextClassifier,
-            ScientificTextDataModule,
-            save_config_kwargs={"overwrite": True},
-            parser_class=OneLineErrorParser,  # a typo in an option: one line naming it and the closest valid one
-            parser_kwargs={
-                "parser_mode": "omegaconf",
-                "prog": "python -m lightning_cls",
-                "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet"),
-            },
-            # Always present, not configurable: per-batch seeds and the loader position make resuming exact (resume.py).
-            trainer_defaults={"callbacks": [ExactResume()]},
-            args=args,
-        )
+        return _run(args)
     except SIGTERMException:  # SIGTERM or Ctrl-C stopped `fit` after saving last.ckpt: say so, exit 128 + signal
         exit_interrupted()
-    except (DataError, ConfigError, CheckpointError) as err:
+    except UserError as err:
         if args is not None:  # called from Python (tests, scripts): the caller handles it
             raise
         sys.exit(f"error: {err}")  # from the command line: one line that says what to fix, no traceback
+
+
+def _run(args: list[str] | None) -> Any:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]](argv[1:])
+    return ClassifierCLI(
+        TextClassifier,
+        ScientificTextDataModule,
+        save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,  # a typo in an option: one line naming it and the closest valid one
+        parser_kwargs={
+            "parser_mode": "omegaconf",
+            "prog": "python -m lightning_cls",
+            "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet"),
+        },
+        # Always present, not configurable: per-batch seeds and the loader position make resuming exact (resume.py).
+        trainer_defaults={"callbacks": [ExactResume()]},
+        args=args,  # None: LightningCLI reads sys.argv itself (given both, it warns)
+    )

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +15,10 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from lightning_cls.errors import DataError
+from lightning_cls.atomic import atomic_folder
+from lightning_cls.errors import ConfigError, DataError
 from lightning_cls.export_format import SplitReference
 from lightning_cls.labels import (
     DEFAULT_LABELS,
@@ -36,143 +35,18 @@ from lightning_cls.predict_inputs import (
     prepare_predict_inputs,
 )
 from lightning_cls.resume import ResumableDataLoader
-from lightning_cls.sources import HUB_DATASET, file_fingerprint, read_hub, read_table
+from lightning_cls.samplers import LengthGroupedSampler, LengthSortedSampler, SeededShuffleSampler
+from lightning_cls.tables import HUB_DATASET, read_hub, read_table
+from lightning_cls.token_cache import TokenizedSplit, cache_key, file_fingerprint
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
 
-# Bump when the cache layout or the meaning of its contents changes.
+# Bump when the meaning of the cached splits changes (their file format has its own version, in token_cache).
 CACHE_VERSION = 2  # 2: duplicate texts dropped, labels stripped, stricter file reading
 SPLITS = ("train", "val", "test")
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_CLS_CACHE", Path.home() / ".cache" / "lightning_cls"))
-
-
-class TokenizedSplit(Dataset):
-    """Token ids of many texts stored flat (one array plus offsets), memory-mapped from the cache."""
-
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, labels: np.ndarray, row_ids: np.ndarray) -> None:
-        self.tokens, self.offsets, self.labels, self.row_ids = tokens, offsets, labels, row_ids
-
-    @classmethod
-    def from_lists(cls, ids: list[list[int]], labels: np.ndarray, row_ids: np.ndarray) -> TokenizedSplit:
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in ids], out=offsets[1:])
-        tokens = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-        return cls(tokens, offsets, np.asarray(labels, dtype=np.int64), np.asarray(row_ids, dtype=np.int64))
-
-    @classmethod
-    def from_texts(
-        cls, tokenizer, texts: list[str], max_length: int, labels: np.ndarray, row_ids: np.ndarray, chunk: int = 4096
-    ) -> TokenizedSplit:
-        """Tokenize in chunks straight into the flat arrays: the tokenizer's per-text objects (tokens, offsets) for
-        the whole data set would take gigabytes, one chunk's take a few megabytes."""
-        tokens, lengths = [], []
-        for start in range(0, len(texts), chunk):
-            ids = tokenize(tokenizer, texts[start : start + chunk], max_length)
-            lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
-            tokens.append(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths[-1].sum())))
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        if texts:
-            np.cumsum(np.concatenate(lengths), out=offsets[1:])
-        flat = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int32)
-        return cls(flat, offsets, np.asarray(labels, dtype=np.int64), np.asarray(row_ids, dtype=np.int64))
-
-    def save(self, folder: Path, name: str) -> None:
-        for field in ("tokens", "offsets", "labels", "row_ids"):
-            np.save(folder / f"{name}.{field}.npy", getattr(self, field))
-
-    @classmethod
-    def load(cls, folder: Path, name: str) -> TokenizedSplit:
-        return cls(
-            *(np.load(folder / f"{name}.{f}.npy", mmap_mode="r") for f in ("tokens", "offsets", "labels", "row_ids"))
-        )
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> dict:
-        start, end = self.offsets[i], self.offsets[i + 1]
-        item = {"input_ids": self.tokens[start:end], "row_id": int(self.row_ids[i])}
-        if len(self.labels):
-            item["label"] = int(self.labels[i])
-        return item
-
-
-def length_grouped_order(
-    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, megabatches: int = 50
-) -> np.ndarray:
-    """A permutation in which each run of ``batch_size`` indices has similar lengths, batches in random order.
-
-    Shuffle, sort by length inside windows of ``megabatches`` batches, cut into batches, shuffle the batches. The last
-    partial batch stays last so every other batch is full and batch boundaries line up with the DataLoader's.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    window = batch_size * megabatches
-    order = np.concatenate(
-        [
-            chunk[np.argsort(-lengths[chunk], kind="stable")]
-            for chunk in np.split(order, range(window, len(order), window))
-        ]
-    )
-    batches = np.split(order, range(batch_size, len(order), batch_size))
-    tail = [batches.pop()] if len(batches[-1]) < batch_size else []
-    return np.concatenate([batches[i] for i in rng.permutation(len(batches))] + tail)
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Seeded, epoch-aware length grouping.
-
-    Give it the *global* batch size (per-device batch x world size): under several devices Lightning deals its
-    indices out round-robin, so each device still gets a batch of similar lengths.
-    """
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int) -> None:
-        self.lengths, self.batch_size, self.seed, self.epoch = np.asarray(lengths), batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        return iter(length_grouped_order(self.lengths, self.batch_size, self.seed, self.epoch).tolist())
-
-
-class SeededShuffleSampler(Sampler[int]):
-    """A random order seeded by (seed, epoch), unlike DataLoader(shuffle=True): a resumed epoch gets the same order
-    and can skip the batches it already used."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
-
-
-class LengthSortedSampler(Sampler[int]):
-    """Longest first: evaluation and prediction need no shuffling and waste less compute on padding."""
-
-    def __init__(self, lengths: np.ndarray) -> None:
-        self.order = np.argsort(-np.asarray(lengths), kind="stable")
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self):
-        return iter(self.order.tolist())
 
 
 @dataclass
@@ -285,7 +159,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
         """
         super().__init__()
         if labels is not None and min_count is not None:
-            raise ValueError("Set either `data.labels` or `data.min_count`, not both.")
+            raise ConfigError("Set either `data.labels` or `data.min_count`, not both.")
         self.save_hyperparameters()
         self.splits: dict[str, TokenizedSplit] = {}
         self._label_names: list[str] | None = None
@@ -346,8 +220,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
             "tokenizer": tokenizer_fingerprint(load_tokenizer(h.tokenizer)),
             "max_length": h.max_length,
         }
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-        return Path(h.cache_dir or default_cache_dir()) / key
+        return Path(h.cache_dir or default_cache_dir()) / cache_key(spec)
 
     def prepare_data(self) -> None:
         """Read, select, split and tokenize once (rank 0 only); reused while inputs and tokenizer are unchanged."""
@@ -379,35 +252,25 @@ class ScientificTextDataModule(pl.LightningDataModule):
         tokenizer = load_tokenizer(h.tokenizer)
         texts, source_rows = table["text"].to_numpy(), table["row_id"].to_numpy()
 
-        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         meta = {"labels": names, "source": str(self.source), "dropped_rows": int((~keep).sum()), "splits": {}}
         # Every row read is accounted for: rows_read = duplicate_rows + dropped_rows + subsampled out + split rows.
         meta.update(
             rows_read=source.attrs.get("rows_read", len(source)), duplicate_rows=source.attrs.get("duplicate_rows", 0)
         )
-        for name, rows in split_rows.items():
-            split = TokenizedSplit.from_texts(
-                tokenizer, texts[rows].tolist(), h.max_length, label_ids[rows], source_rows[rows]
-            )
-            split.save(tmp, name)
-            meta["splits"][name] = split_summary(split, names)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            tmp.rename(folder)  # atomic: a reader never sees a half-written cache
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process got there first with the same content
+        with atomic_folder(folder, exist_ok=True) as tmp:  # a reader never sees a half-written cache
+            for name, rows in split_rows.items():
+                chunks = (tokenize(tokenizer, texts[part].tolist(), h.max_length) for part in _chunks(rows))
+                split = TokenizedSplit.write(tmp, name, chunks, label_ids[rows], source_rows[rows])
+                meta["splits"][name] = split_summary(split, names)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         rank_zero_info(
             f"Tokenized splits cached in {folder}: " + ", ".join(f"{k}={len(v)}" for k, v in split_rows.items())
         )
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.hparams.predict_path:
-            tokens, offsets = load_predict_inputs(self.predict_cache_path())
-            n = len(offsets) - 1
             # Row ids are positions in the file's texts: the prediction writer puts rows back in that order.
-            self.splits = {"predict": TokenizedSplit(tokens, offsets, np.zeros(0, np.int64), np.arange(n))}
+            self.splits = {"predict": load_predict_inputs(self.predict_cache_path())}
             return
         folder = self.cache_path()
         meta_file = folder / "meta.json"
@@ -422,7 +285,8 @@ class ScientificTextDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------------ loaders
     @property
     def collator(self) -> PadCollator:
-        return PadCollator(load_tokenizer(self.hparams.tokenizer).pad_token_id, self.hparams.pad_to_multiple_of)
+        tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return PadCollator(tokenizer.pad_token_id, self.hparams.pad_to_multiple_of, tokenizer.padding_side)
 
     def _loader(
         self, split: TokenizedSplit, batch_size: int, sampler: Sampler | None, resumable: bool = False
@@ -501,3 +365,9 @@ def split_summary(split: TokenizedSplit, names: list[str]) -> dict:
     """Row count, label distribution and token length statistics of a split (the training split's summary is the
     reference that monitoring compares live traffic with; its format belongs to `export_format`)."""
     return SplitReference.of(split.labels, split.lengths, names).to_dict()
+
+
+def _chunks(rows: np.ndarray, size: int = 4096) -> list[np.ndarray]:
+    """Tokenizing a few thousand texts at a time keeps memory small: the tokenizer's per-text objects (tokens,
+    offsets) for a whole data set would take gigabytes, one chunk's a few megabytes."""
+    return [rows[start : start + size] for start in range(0, len(rows), size)]

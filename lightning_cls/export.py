@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
-import shutil
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +21,8 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 
 from lightning_cls import __version__
+from lightning_cls.adapters import merged
+from lightning_cls.atomic import atomic_folder
 from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.errors import CheckpointError, ExportError
 from lightning_cls.export_format import (
@@ -31,7 +31,7 @@ from lightning_cls.export_format import (
     SplitReference,
     write_export_metadata,
 )
-from lightning_cls.model import TextClassifier
+from lightning_cls.model import TextClassifier, max_positions
 from lightning_cls.tokenization import load_tokenizer
 
 _ONNX_AVAILABLE = RequirementCache("onnxruntime") and RequirementCache("onnxscript") and RequirementCache("onnx")
@@ -67,7 +67,7 @@ def _training_max_length(model: TextClassifier, max_length: int | None) -> int:
         return max_length
     if model.data_reference and model.data_reference.get("max_length"):
         return int(model.data_reference["max_length"])
-    limit = getattr(model.model.config, "max_position_embeddings", None) or 512
+    limit = max_positions(model.model) or 512
     rank_zero_warn(
         f"The checkpoint records no training max_length: the exported tokenizer truncates at the model's {limit} "
         "positions. Pass --max_length to match training."
@@ -150,7 +150,7 @@ def export(
     # Exporting runs the model a few times at most: compiling it (if it was trained with `model.compile`) is wasted.
     overrides = {"compile": False} if "compile" in inspect.signature(TextClassifier.__init__).parameters else {}
     model = TextClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides).eval()
-    hf_model = model.model
+    hf_model = merged(model.model)  # LoRA adapters folded into the weights: a standard folder, no PEFT needed
     hf_model.config.problem_type = "single_label_classification"  # the pipeline applies a softmax
     length = _training_max_length(model, max_length)
     # A copy: load_tokenizer's result is shared (cached) and must keep its own settings.
@@ -159,15 +159,13 @@ def export(
     tokenizer.padding_side = "right"
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(output) as tmp:  # built beside `output`, renamed to it once complete
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         metadata = export_metadata(model, ckpt, length)
         write_export_metadata(tmp, metadata)
         if format == "onnx":
-            limit = getattr(hf_model.config, "max_position_embeddings", None) or length
+            limit = max_positions(hf_model) or length
             diff = export_onnx(hf_model, tmp / ONNX_FILE, limit, tokenizer.pad_token_id, opset)
             if diff > 1e-3:
                 raise ExportError(f"ONNX export differs from PyTorch by {diff:.2e} in probability (more than 1e-3).")
@@ -176,10 +174,6 @@ def export(
             file.chmod(0o644)  # save_pretrained may write owner-only files; a server under another user reads them
         if output.exists():
             output.rmdir()  # checked empty above
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if metadata.reference is None:
         print(f'Note: {ckpt} records no training data reference; lightning_cls.json has "reference": null.')
     print(f"Exported {ckpt} to {output} ({len(metadata.labels)} labels, max_length {length}).")
@@ -187,9 +181,8 @@ def export(
 
 
 def main(argv: list[str]) -> Path:
+    """`python -m lightning_cls export ...`; an ``ExportError`` (or any user error) reaches `cli.main`, which reports
+    it in one line."""
     from jsonargparse import CLI
 
-    try:
-        return CLI(export, args=argv, as_positional=False, prog="python -m lightning_cls export")
-    except ExportError as err:
-        raise SystemExit(f"export: {err}") from None
+    return CLI(export, args=argv, as_positional=False, prog="python -m lightning_cls export")

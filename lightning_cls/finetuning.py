@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_cls.errors import ConfigError
+
 
 def transformer_blocks(model: nn.Module) -> tuple[str, int]:
     """Name and length of the model's stack of transformer blocks: the ModuleList holding the most parameters.
@@ -25,7 +27,7 @@ def trainable_names(model: nn.Module, last_n_blocks: int | None) -> set[str]:
         return set(names)
     prefix, count = transformer_blocks(model)
     if not 0 <= last_n_blocks <= count:
-        raise ValueError(f"train_last_n_blocks={last_n_blocks}, but the model has {count} transformer blocks.")
+        raise ConfigError(f"model.train_last_n_blocks={last_n_blocks}, but the model has {count} transformer blocks.")
     in_blocks = [i for i, name in enumerate(names) if name.startswith(prefix + ".")]
     head = set(names[in_blocks[-1] + 1 :])
     first_trained = count - last_n_blocks

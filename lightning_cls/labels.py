@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lightning_cls.errors import ConfigError, DataError
+
 # The ten frequent subjects of knowledgator/Scientific-text-classification (~5,000 rows each).
 DEFAULT_LABELS: tuple[str, ...] = (
     "astrophysics",
@@ -34,18 +36,19 @@ def select_labels(
     """The label names to keep, sorted alphabetically (sorted order defines the class ids).
 
     Give either explicit ``names`` (each must occur in ``labels``) or ``min_count`` (keep the labels with at least
-    that many rows). Raises ``ValueError`` naming the missing labels or the empty selection.
+    that many rows). Raises ``DataError`` naming the labels missing from the data or the empty selection, and
+    ``ConfigError`` for a label list that names a label twice or for both or neither of the two settings.
     """
     if (names is None) == (min_count is None):
-        raise ValueError("Give exactly one of `labels` (a list of label names) or `min_count`.")
+        raise ConfigError("Give exactly one of `labels` (a list of label names) or `min_count`.")
     counts = Counter(labels)
     if names is not None:
         if len(set(names)) != len(names):
             duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
-            raise ValueError(f"The label list names {duplicates} more than once.")
+            raise ConfigError(f"The label list names {duplicates} more than once.")
         missing = sorted(set(names) - counts.keys())
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"Label(s) {missing} not found in {source}. Labels present: {sorted(counts)[:20]}"
                 + (" ..." if len(counts) > 20 else "")
             )
@@ -53,7 +56,7 @@ def select_labels(
     kept = sorted(name for name, count in counts.items() if count >= min_count)
     if not kept:
         top = counts.most_common(5)
-        raise ValueError(f"No label in {source} has at least {min_count} rows (most frequent: {top}).")
+        raise DataError(f"No label in {source} has at least {min_count} rows (most frequent: {top}).")
     return kept
 
 

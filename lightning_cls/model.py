@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -20,16 +21,19 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from lightning_cls.adapters import add_lora, is_peft
 from lightning_cls.errors import ConfigError, hub_errors
 from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.labels import label_maps
-from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig
+from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
 from lightning_cls.tokenization import load_tokenizer
 
 # Checkpoints and exports of pooled classifiers name their config's model_type: Auto* classes must know it.
 AutoConfig.register(MODEL_TYPE, PooledClassifierConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(PooledClassifierConfig, PooledClassifier, exist_ok=True)
 
+# Checkpoint key set when the checkpoint holds only the trained parameters (adapters and head): `save_adapter_only`.
+ADAPTER_ONLY_KEY = "lightning_cls_adapter_only"
 # Checkpoint key of the training data's summary (see `data_reference`).
 DATA_REFERENCE_KEY = "lightning_cls_data_reference"
 
@@ -50,6 +54,7 @@ def build_classifier(
     pretrained: bool,
     model_config: dict[str, Any] | None,
     pooling: str = "default",
+    dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """The HF classifier: from `model_config` (random init), pretrained weights, or the checkpoint's config alone.
 
@@ -74,20 +79,42 @@ def build_classifier(
     with hub_errors("model.model_name_or_path", model_name_or_path):  # a wrong name: one line saying so
         if pooling != "default":
             if pretrained:
-                return PooledClassifier.from_backbone(AutoModel.from_pretrained(model_name_or_path), pooling, **labels)
+                backbone = AutoModel.from_pretrained(model_name_or_path, dtype=dtype)
+                return PooledClassifier.from_backbone(backbone, pooling, **labels)
             backbone = AutoConfig.from_pretrained(model_name_or_path).to_dict()
             return PooledClassifier(PooledClassifierConfig(backbone=backbone, pooling=pooling, **labels))
         if pretrained:
             # A checkpoint that already has a classifier head of another size gets a fresh head for our labels.
             return AutoModelForSequenceClassification.from_pretrained(
-                model_name_or_path, ignore_mismatched_sizes=True, **labels
+                model_name_or_path, ignore_mismatched_sizes=True, dtype=dtype, **labels
             )
         config = AutoConfig.from_pretrained(model_name_or_path, **labels)
     return AutoModelForSequenceClassification.from_config(config)
 
 
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes position ids (DistilBERT's does not)."""
+    model = base_model(model)
+    net = model.backbone if isinstance(model, PooledClassifier) else model
+    return "position_ids" in inspect.signature(net.forward).parameters
+
+
+def reads_any_padding(model: torch.nn.Module) -> bool:
+    """Whether the model gives a text the same logits padded on either side: positions must be counted over real
+    tokens, and the head must find its token by the mask (pooled heads) or pool the last real one (decoders' `score`
+    heads) rather than read position 0 ([CLS] heads)."""
+    base = base_model(model)
+    return takes_position_ids(model) and (isinstance(base, PooledClassifier) or hasattr(base, "score"))
+
+
 def max_positions(model: PreTrainedModel) -> int | None:
     """How many tokens the model can read (None if its config does not say): a pooled classifier's backbone's."""
+    model = base_model(model)
     config = model.backbone.config if isinstance(model, PooledClassifier) else model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -104,6 +131,13 @@ class TextClassifier(pl.LightningModule):
         model_config: dict[str, Any] | None = None,
         train_last_n_blocks: int | None = None,
         pooling: str = "default",
+        lora_r: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        save_adapter_only: bool = False,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
@@ -125,6 +159,17 @@ class TextClassifier(pl.LightningModule):
                 head: the [CLS] pooler of BERT-like encoders, the last real token of GPT-2), `cls` (first token),
                 `mean` (mean over real tokens: what sentence encoders such as all-MiniLM-L6-v2 were trained with)
                 or `last` (last real token, whichever side is padded).
+            lora_r: Train LoRA adapters of this rank (PEFT) instead of the weights themselves; the head is always
+                trained in full. With `train_last_n_blocks` N, only the last N blocks get adapters. Null: no LoRA.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: Dropout on the LoRA branch's input.
+            lora_target_modules: Names of the linear layers that get adapters (default: the family's attention
+                query and value projections, e.g. q_proj/v_proj, c_attn for GPT-2, qkv_proj for Phi-3).
+            save_adapter_only: Checkpoints hold only the trained parameters (adapters and head), not the frozen
+                base weights: small, but loading one needs the pretrained base model `model_name_or_path`.
+            dtype: Load the weights in this dtype, e.g. `bfloat16` for large models on a GPU (null: float32).
+            gradient_checkpointing: Recompute activations in the backward pass instead of keeping them: less memory
+                for more compute.
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
             warmup_ratio: Share of the optimizer steps with a linear warm-up; the rate then decays linearly to 0.
@@ -138,12 +183,45 @@ class TextClassifier(pl.LightningModule):
         self.label_names = list(label_names)
         # from_pretrained returns the model in eval mode; Lightning keeps module modes as they are, so without
         # train() dropout would stay off during fine-tuning.
-        self.model = build_classifier(
-            model_name_or_path, self.label_names, tok, pretrained, model_config, pooling
-        ).train()
-        # GPT-2 pools the last non-pad token: the model must know which id is padding.
-        self.model.config.pad_token_id = tok.pad_token_id
-        freeze_all_but(self.model, trainable_names(self.model, train_last_n_blocks))
+        if save_adapter_only and (lora_r is None or not pretrained or model_config is not None):
+            raise ConfigError(
+                "model.save_adapter_only needs LoRA (model.lora_r) on pretrained weights (model.pretrained true, no "
+                "model.model_config): the frozen weights it leaves out must be loadable again from "
+                "model.model_name_or_path."
+            )
+        weights_dtype = getattr(torch, dtype, None) if dtype else None
+        if dtype and not isinstance(weights_dtype, torch.dtype):
+            raise ConfigError(f"model.dtype={dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32).")
+        try:
+            model = build_classifier(
+                model_name_or_path, self.label_names, tok, pretrained, model_config, pooling, weights_dtype
+            )
+        except ConfigError as err:
+            if save_adapter_only:  # most likely rebuilding an adapter-only checkpoint without its base model
+                raise ConfigError(
+                    f"{err} Checkpoints saved with model.save_adapter_only hold only the adapters and the head: "
+                    f"loading one needs the base model {model_name_or_path!r}."
+                ) from err
+            raise
+        if weights_dtype is not None:
+            model.to(weights_dtype)
+        # Decoders pool the last non-pad token: the model must know which id is padding.
+        model.config.pad_token_id = tok.pad_token_id
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_r is not None:
+            model = add_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules, train_last_n_blocks)
+        else:
+            freeze_all_but(model, trainable_names(model, train_last_n_blocks))
+        self.model = model.train()
+        # Positions counted over real tokens only, so that left padding does not shift a text's positions.
+        self._position_ids = takes_position_ids(self.model)
+        if tok.padding_side == "left" and not reads_any_padding(self.model):
+            raise ConfigError(
+                f"The tokenizer {tokenizer or model_name_or_path!r} pads on the left, but this model's head reads a "
+                "fixed position (the first token) or takes no position ids: use a right-padding tokenizer, or "
+                "model.pooling cls, mean or last."
+            )
         if compile:
             # In place: parameter names, and so checkpoints, stay those of the uncompiled model.
             self.model.compile(dynamic=True)
@@ -169,7 +247,8 @@ class TextClassifier(pl.LightningModule):
             raise ConfigError(f"data.max_length={max_length} is more than the model's {limit} positions: lower it.")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
+        extra = {"position_ids": position_ids(attention_mask)} if self._position_ids else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, num_labels)
 
     def _step(
         self,
@@ -256,8 +335,14 @@ class TextClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint carries its weights, so whatever rebuilds it (`--ckpt_path`, load_from_checkpoint) should build
         # the architecture from its config, offline, instead of downloading the pretrained weights again.
-        config = json.loads(self.model.config.to_json_string())
-        checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model_config": config}
+        if self.hparams.save_adapter_only:
+            # Only what was trained; the frozen weights come back from the pretrained model when it is loaded.
+            trained = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+            checkpoint[ADAPTER_ONLY_KEY] = True
+        else:
+            config = json.loads(base_model(self.model).config.to_json_string())
+            checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model_config": config}
         if self.data_reference is not None:
             checkpoint[DATA_REFERENCE_KEY] = self.data_reference
 
@@ -271,3 +356,5 @@ class TextClassifier(pl.LightningModule):
                 f"{self.label_names}: set data.labels (or data.min_count) as in training."
             )
         self.data_reference = checkpoint.get(DATA_REFERENCE_KEY, self.data_reference)
+        if checkpoint.get(ADAPTER_ONLY_KEY):  # the frozen weights are this model's own, loaded from the base model
+            checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

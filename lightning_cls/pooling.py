@@ -40,6 +40,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     raise ValueError(f"Unknown pooling {how!r}: use one of {', '.join(p for p in POOLINGS if p != 'default')}.")
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (B, T): 0, 1, 2... from a text's first real token, whichever side the
+    batch is padded on. With right padding they equal the default 0..T-1 on every real token."""
+    return (attention_mask.to(torch.long).cumsum(-1) - 1).clamp(min=0)
+
+
 class PooledClassifierConfig(PretrainedConfig):
     """The backbone's own config (as a dict), the pooling, and the head's dropout; labels as in any HF config."""
 
@@ -94,11 +100,13 @@ class PooledClassifier(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **kwargs: Any,  # token_type_ids and the like from a tokenizer: single texts need none of them
     ) -> SequenceClassifierOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        extra = {} if position_ids is None else {"position_ids": position_ids}  # only for backbones that take them
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         logits = self.classifier(self.dropout(pool(hidden, attention_mask, self.config.pooling)))  # (B, num_labels)
         loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_cls.errors import ConfigError
+
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 CHUNK_ROWS = 65_536
 
@@ -123,9 +125,9 @@ class PredictionWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="batch")
         if top_k < 1:
-            raise ValueError(f"prediction_writer.top_k must be at least 1, got {top_k}.")
+            raise ConfigError(f"prediction_writer.top_k must be at least 1, got {top_k}.")
         if output_path is not None and Path(output_path).suffix.lower() not in OUTPUT_SUFFIXES:
-            raise ValueError(f"prediction_writer.output_path {output_path!r} must end in .csv or .jsonl.")
+            raise ConfigError(f"prediction_writer.output_path {output_path!r} must end in .csv or .jsonl.")
         self.output_path, self.top_k = output_path, top_k
         self._file = None
 

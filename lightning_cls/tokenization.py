@@ -10,23 +10,23 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_cls.errors import hub_errors
+from lightning_cls.errors import ConfigError, hub_errors
 
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The fast tokenizer for a hub name or local folder, with a pad token and right padding.
+    """The fast tokenizer for a hub name or local folder, with a pad token, padding on its own side.
 
-    GPT-2 has no pad token: it gets its end-of-text token. Padding is on the right because GPT-2 uses absolute
-    positions counted from the left, so left padding would change a text's logits.
+    GPT-2 (and Llama, Qwen...) have no pad token: they get their end-of-sequence token. Many decoder tokenizers pad
+    on the left; the model counts positions over real tokens and pools the last real one, so either side gives the
+    same logits (`TextClassifier` refuses left padding for a head that reads the first token).
     """
     with hub_errors("data.tokenizer", name_or_path):  # a wrong name: one line saying so
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"Tokenizer {name_or_path!r} has neither a pad token nor an end-of-sequence token.")
+            raise ConfigError(f"Tokenizer {name_or_path!r} has neither a pad token nor an end-of-sequence token.")
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
     return tokenizer
 
 
@@ -49,11 +49,14 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
 
 
 class PadCollator:
-    """Pads a list of examples to the longest in the batch (rounded up to a multiple), on the right."""
+    """Pads a list of examples to the longest in the batch (rounded up to a multiple), on the tokenizer's side."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, padding_side: str = "right") -> None:
+        if padding_side not in ("right", "left"):
+            raise ConfigError(f"padding_side={padding_side!r}: use right or left.")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of or 1
+        self.padding_side = padding_side
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in examples]
@@ -62,8 +65,9 @@ class PadCollator:
         input_ids = np.full((len(examples), width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(examples), width), dtype=np.int64)
         for i, (example, n) in enumerate(zip(examples, lengths, strict=True)):
-            input_ids[i, :n] = example["input_ids"]
-            attention_mask[i, :n] = 1
+            where = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            input_ids[i, where] = example["input_ids"]
+            attention_mask[i, where] = 1
         batch = {
             "input_ids": torch.from_numpy(input_ids),  # (B, T)
             "attention_mask": torch.from_numpy(attention_mask),  # (B, T)

@@ -57,7 +57,7 @@ def data_module(spec: dict):
 
 
 def split_texts(spec: dict, dm) -> dict[str, tuple[list[str], list[int]]]:
-    from lightning_cls.sources import read_table
+    from lightning_cls.tables import read_table
 
     table = read_table(spec["data"], "text", "label")
     texts = table["text"].tolist()
@@ -262,7 +262,7 @@ def main() -> None:
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench_train_")
     if model is None:  # no pretrained extra: a MiniLM-shaped model from its config, a tokenizer trained on the data
         from lightning_cls.sample_data import train_wordpiece_tokenizer
-        from lightning_cls.sources import read_table
+        from lightning_cls.tables import read_table
 
         tokenizer = os.path.join(cache_dir, "tokenizer")
         train_wordpiece_tokenizer(read_table(args.data, "text", "label")["text"].tolist()[:20000], tokenizer, 30522)

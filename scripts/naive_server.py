@@ -9,14 +9,12 @@ it in its thread pool, so concurrent requests run concurrent forward passes), no
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import uvicorn
 from fastapi import FastAPI
-from transformers import AutoModelForSequenceClassification
 
+from lightning_cls.export_format import load_classifier, read_export_metadata
 from lightning_cls.tokenization import load_tokenizer
 
 
@@ -24,9 +22,10 @@ def build_app(model_dir: str, top_k: int = 3, num_threads: int | None = None) ->
     """The FastAPI app: POST /predict {"text": ...} and GET /health."""
     if num_threads:
         torch.set_num_threads(num_threads)
-    max_length = json.loads((Path(model_dir) / "lightning_cls.json").read_text())["max_length"]
+    # The same folder reader and model classes as the service: the comparison is of serving, not of loading.
+    max_length = read_export_metadata(model_dir).max_length
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_classifier(model_dir, dtype=torch.float32).eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     app = FastAPI()
 

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import cpu_name
 
 from lightning_cls.data import plan_splits
-from lightning_cls.sources import read_table
+from lightning_cls.tables import read_table
 
 
 def main() -> None:

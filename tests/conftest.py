@@ -43,6 +43,18 @@ def tokenizer_for(sample_dir: Path, family: str) -> str:
     return str(sample_dir / ("bpe" if family == "gpt2" else "wordpiece"))
 
 
+def tiny_classifier(tokenizer: str, model_config: dict, **kwargs):
+    """A TextClassifier with random weights from a tiny config, seeded, in eval mode."""
+    import torch
+
+    from lightning_cls.labels import DEFAULT_LABELS
+    from lightning_cls.model import TextClassifier
+
+    torch.manual_seed(0)
+    name = f"tiny-{model_config['model_type']}"
+    return TextClassifier(name, list(DEFAULT_LABELS), tokenizer=tokenizer, model_config=model_config, **kwargs).eval()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_CLS_CACHE", str(tmp_path / "cache"))

@@ -16,10 +16,11 @@ import httpx
 import numpy as np
 import torch
 
-from lightning_cls.data import TokenizedSplit, split_summary
+from lightning_cls.data import split_summary
 from lightning_cls.labels import DEFAULT_LABELS
 from lightning_cls.model import build_classifier
 from lightning_cls.sample_data import generate_texts
+from lightning_cls.token_cache import TokenizedSplit
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize
 
 TINY_SERVE_CONFIG = {"model_type": "distilbert", "n_layers": 2, "n_heads": 2, "dim": 32, "hidden_dim": 64}

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import lightning_cls.data as data_module
-from lightning_cls.data import ScientificTextDataModule, length_grouped_order
-from lightning_cls.sources import DataError, read_table
+from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.errors import DataError
+from lightning_cls.samplers import length_grouped_order
+from lightning_cls.tables import read_table
 from lightning_cls.tokenization import PadCollator
 
 

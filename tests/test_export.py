@@ -93,14 +93,9 @@ def test_pipeline_loads_the_export_offline_and_agrees_with_predict(tmp_path, sam
         assert not all(p.requires_grad for p in model.model.parameters())
 
 
-@pytest.mark.slow
-def test_onnx_export_agrees_with_pytorch(tmp_path, family, trained):
+def assert_onnx_agrees_with_pytorch(ckpt: Path, out: Path) -> None:
+    """The exported model.onnx against the checkpoint's model, on batch sizes and lengths other than the traced."""
     import onnxruntime
-
-    ckpt = trained(family) / "ckpt" / "last.ckpt"
-    out = tmp_path / "export"
-    export(str(ckpt), str(out), format="onnx")
-    assert (out / "model.onnx").is_file() and (out / "model.safetensors").is_file()
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     texts, _ = generate_texts(rows_per_label=1, seed=3)
@@ -115,8 +110,17 @@ def test_onnx_export_agrees_with_pytorch(tmp_path, family, trained):
         assert (torch.from_numpy(logits).softmax(-1) - expected).abs().max() <= 1e-3
 
 
+@pytest.mark.slow
+def test_onnx_export_agrees_with_pytorch(tmp_path, family, trained):
+    ckpt = trained(family) / "ckpt" / "last.ckpt"
+    out = tmp_path / "export"
+    export(str(ckpt), str(out), format="onnx")
+    assert (out / "model.onnx").is_file() and (out / "model.safetensors").is_file()
+    assert_onnx_agrees_with_pytorch(ckpt, out)
+
+
 def test_export_refuses_a_missing_checkpoint_and_a_used_folder(tmp_path, trained):
-    with pytest.raises(SystemExit, match=r"export: Checkpoint .*nope\.ckpt does not exist"):
+    with pytest.raises(ExportError, match=r"Checkpoint .*nope\.ckpt does not exist"):  # cli.main reports it
         main(["export", f"--ckpt_path={tmp_path / 'nope.ckpt'}", f"--output_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
 

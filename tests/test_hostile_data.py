@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lightning_cls.data import ScientificTextDataModule
-from lightning_cls.sources import DataError, read_table
+from lightning_cls.errors import DataError
+from lightning_cls.tables import read_table
 
 # Texts: any Unicode text (control characters, quotes, commas, line breaks, U+2028, emoji...), numbers, very long.
 TEXT = st.one_of(
@@ -240,3 +241,11 @@ def test_data_module_accounts_for_every_row(sample_dir, rows, drop_label):
         assert meta["rows_read"] == len(rows)
         assert meta["rows_read"] == in_splits + meta["duplicate_rows"] + meta["dropped_rows"]
         assert meta["duplicate_rows"] == len(texts) - len(set(texts))
+
+
+def test_a_lone_surrogate_in_json_is_refused_naming_the_row(tmp_path):
+    """JSON can spell half a UTF-16 pair ("\\udc00"); that is no text (found by the property test above)."""
+    path = tmp_path / "data.json"
+    path.write_text('{"text": ["fine", "a\\udc00b"], "label": ["x", "y"]}')
+    with pytest.raises(DataError, match=r"column 'text' holds a lone surrogate .* \(0-based data rows \[1\]\)"):
+        read_table(path, "text", "label")

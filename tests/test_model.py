@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tokenizer_for
+from conftest import TINY_CONFIGS, tiny_classifier, tokenizer_for
 
 from lightning_cls.finetuning import transformer_blocks
 from lightning_cls.labels import DEFAULT_LABELS
@@ -9,14 +9,7 @@ from lightning_cls.tokenization import PadCollator, load_tokenizer
 
 
 def tiny_model(sample_dir, family, **kwargs) -> TextClassifier:
-    torch.manual_seed(0)
-    return TextClassifier(
-        model_name_or_path=f"tiny-{family}",
-        label_names=list(DEFAULT_LABELS),
-        tokenizer=tokenizer_for(sample_dir, family),
-        model_config=TINY_CONFIGS[family],
-        **kwargs,
-    ).eval()
+    return tiny_classifier(tokenizer_for(sample_dir, family), TINY_CONFIGS[family], **kwargs)
 
 
 def test_logits_do_not_depend_on_padding(sample_dir, family):

@@ -15,19 +15,10 @@ from serving_helpers import fabricate_export
 
 from lightning_cls.cli import main as cli_main
 from lightning_cls.data import TokenizedSplit, split_summary
-from lightning_cls.monitoring import (
-    PSI_EPSILON,
-    PSI_WARNING,
-    DriftWindow,
-    PredictionMetrics,
-    collect_metrics,
-    drift_report,
-    enable_multiprocess_metrics,
-    label_counts,
-    length_bins,
-    psi,
-    read_predictions,
-)
+from lightning_cls.drift import PSI_EPSILON, PSI_WARNING, DriftWindow, drift_report, label_counts, psi
+from lightning_cls.export_format import length_histogram as length_bins
+from lightning_cls.monitor import read_predictions
+from lightning_cls.serving.metrics import PredictionMetrics, collect_metrics, enable_multiprocess_metrics
 
 NAMES = ["a", "b", "c"]
 REFERENCE = {
@@ -133,7 +124,7 @@ def test_prediction_metrics_expose_the_drift_and_log_when_it_crosses_the_thresho
         assert "lightning_cls_drift_label_psi NaN" in text
         assert 'lightning_cls_predictions_total{label="c"} 0.0' in text
         batch = {"requests": 2, "labels": ["a", "b", "c"] * 2, "probabilities": [0.9] * 6, "lengths": [5, 15, 25] * 2}
-        with caplog.at_level("WARNING", logger="lightning_cls.monitoring"):
+        with caplog.at_level("WARNING", logger="lightning_cls.serving.metrics"):
             metrics.observe({**batch, "truncated": [False] * 6})
             assert not caplog.records
             metrics.observe({**batch, "labels": ["a"] * 6, "truncated": [True] * 6})

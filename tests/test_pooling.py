@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tokenizer_for
-from test_export import predict_file
+from conftest import TINY_CONFIGS, tiny_classifier, tokenizer_for
+from test_export import assert_onnx_agrees_with_pytorch, predict_file
 
 from lightning_cls.cli import main
 from lightning_cls.export import export
@@ -36,14 +36,7 @@ def test_pool_takes_the_real_tokens_whichever_side_is_padded():
 
 
 def tiny_pooled(sample_dir, family, pooling) -> TextClassifier:
-    torch.manual_seed(0)
-    return TextClassifier(
-        model_name_or_path=f"tiny-{family}",
-        label_names=list(DEFAULT_LABELS),
-        tokenizer=tokenizer_for(sample_dir, family),
-        model_config=TINY_CONFIGS[family],
-        pooling=pooling,
-    ).eval()
+    return tiny_classifier(tokenizer_for(sample_dir, family), TINY_CONFIGS[family], pooling=pooling)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
@@ -153,22 +146,10 @@ def test_mean_pooled_model_exports_to_a_folder_pipeline_loads_and_agrees_with_pr
 
 @pytest.mark.slow
 def test_mean_pooled_onnx_export_agrees_with_pytorch(tmp_path, trained):
-    import onnxruntime
-
     ckpt = trained("distilbert", "--model.pooling=mean") / "ckpt" / "last.ckpt"
     out = tmp_path / "export"
     export(str(ckpt), str(out), format="onnx")
-    tok = load_tokenizer(str(out))
-    texts, _ = generate_texts(rows_per_label=1, seed=3)
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    model = TextClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
-    for batch in (texts[:1], texts[:5], texts):  # batch sizes and lengths that differ from the traced ones
-        enc = tok(batch, truncation=True, padding=True, return_tensors="pt")
-        inputs = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
-        (logits,) = session.run(["logits"], inputs)
-        with torch.no_grad():
-            expected = model(enc["input_ids"], enc["attention_mask"]).softmax(-1)
-        assert (torch.from_numpy(logits).softmax(-1) - expected).abs().max() <= 1e-3
+    assert_onnx_agrees_with_pytorch(ckpt, out)
 
 
 def test_validate_rebuilds_a_pooled_checkpoint(tmp_path, sample_dir, trained):

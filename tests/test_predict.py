@@ -1,5 +1,6 @@
 """Predictions on any .txt / .csv / .jsonl file: reading, the writer's ordering and checks, and the CLI end to end."""
 
+import codecs
 import json
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import torch
 from test_cli import data_args, trainer_args
 
 from lightning_cls.cli import main
+from lightning_cls.errors import DataError
 from lightning_cls.model import TextClassifier
-from lightning_cls.predict_inputs import read_text_chunks
 from lightning_cls.predictions import (
     PredictionWriter,
     merge_in_input_order,
@@ -22,7 +23,7 @@ from lightning_cls.predictions import (
     top_k_records,
 )
 from lightning_cls.sample_data import generate_texts
-from lightning_cls.sources import DataError
+from lightning_cls.tables import read_table, read_text_chunks
 from lightning_cls.tokenization import load_tokenizer
 
 # ------------------------------------------------------------------------------------------------ reading the inputs
@@ -89,6 +90,28 @@ def test_bad_inputs_name_the_file_column_and_row(tmp_path, name, content, messag
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"missing\.txt does not exist"):
         read_all(tmp_path / "missing.txt")
+
+
+def test_texts_are_decoded_and_checked_as_training_files_are(tmp_path):
+    """One set of reading rules: what a training file may hold, a file to classify may too, and the same faults get
+    the same message (though a file to classify is read as a stream, never whole)."""
+    path = tmp_path / "texts.csv"
+    path.write_bytes("text,label\nünï,x\nzwei,y\n".encode("utf-16"))  # UTF-16 with its byte-order mark
+    assert read_all(path) == ([0, 1], ["ünï", "zwei"])
+    path.write_bytes(codecs.BOM_UTF8 + b"text,label\n" + b"ok,x\n" * 3000 + b"caf\xe9,y\n")
+    with pytest.raises(DataError, match=r"line 3002 \(byte 15017\): not valid UTF-8") as streamed:
+        read_all(path, chunk_rows=100)
+    with pytest.raises(DataError) as whole:
+        read_table(path, "text", "label")
+    assert str(streamed.value) == str(whole.value)
+    jsonl = tmp_path / "texts.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"text": ["a", "list"]}\n')
+    with pytest.raises(DataError, match=r"texts\.jsonl, line 2: field 'text' holds list, not text"):
+        read_all(jsonl)
+    zipped = tmp_path / "texts.txt"
+    zipped.write_bytes(b"PK\x03\x04rest")
+    with pytest.raises(DataError, match=r"texts\.txt is a ZIP archive"):
+        read_all(zipped)
 
 
 # ------------------------------------------------------------------------------------------------ the writer's merge

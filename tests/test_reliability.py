@@ -20,7 +20,6 @@ from test_cli import data_args, trainer_args
 
 from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.cli import main, resolve_ckpt_path
-from lightning_cls.data import LengthGroupedSampler
 from lightning_cls.errors import CheckpointError, ConfigError
 from lightning_cls.predictions import write_rows
 from lightning_cls.resume import (
@@ -30,6 +29,7 @@ from lightning_cls.resume import (
     find_last_checkpoint,
     interruption_message,
 )
+from lightning_cls.samplers import LengthGroupedSampler
 
 TESTS = Path(__file__).parent
 THREADS = 1  # the same in the subprocesses and in-process, so that results can be compared bit for bit
@@ -418,14 +418,15 @@ def test_export_crash_leaves_no_folder(trained, tmp_path, monkeypatch):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_export_refuses_a_tampered_checkpoint_in_one_line(tmp_path):
-    from lightning_cls.export import main as export_main
-
+def test_export_refuses_a_tampered_checkpoint_in_one_line(tmp_path, monkeypatch):
     marker = tmp_path / "code-ran"
     tampered = tmp_path / "tampered.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": Payload(marker)}, tampered)
+    monkeypatch.setattr(
+        sys, "argv", ["lightning_cls", "export", f"--ckpt_path={tampered}", f"--output_dir={tmp_path / 'out'}"]
+    )
     with pytest.raises(SystemExit) as exit_info:
-        export_main([f"--ckpt_path={tampered}", f"--output_dir={tmp_path / 'out'}"])
+        main()  # as from the command line
     message = str(exit_info.value.code)
-    assert message.startswith("export: Checkpoint") and str(tampered) in message and "\n" not in message
+    assert message.startswith("error: Checkpoint") and str(tampered) in message and "\n" not in message
     assert not marker.exists() and not (tmp_path / "out").exists()
