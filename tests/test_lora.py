@@ -273,13 +273,19 @@ def left_padding_copy(tokenizer: str, folder: Path) -> Path:
     return folder
 
 
-def test_predict_gives_the_same_answers_whichever_side_the_tokenizer_pads(tmp_path, sample_dir):
+DECODERS = [family for family in FAMILIES if family not in ENCODERS]
+
+
+@pytest.mark.parametrize(
+    "family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in DECODERS]
+)  # one family in the fast suite, every decoder family in the slow one
+def test_predict_gives_the_same_answers_whichever_side_the_tokenizer_pads(tmp_path, sample_dir, family):
     """A decoder tokenizer that pads on the left (as Llama's and Qwen's may) through `predict`: same probabilities."""
     from lightning_cls.sample_data import generate_texts
 
-    right = tokenizer_path(sample_dir, "llama")
+    right = tokenizer_path(sample_dir, family)
     left = left_padding_copy(right, tmp_path / "left-tokenizer")
-    fit_lora(tmp_path / "run", sample_dir, "llama")
+    fit_lora(tmp_path / "run", sample_dir, family)
     texts, _ = generate_texts(rows_per_label=1, seed=8)
     texts[0] = texts[0][:20]  # short beside long: a lot of padding in its batch
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
