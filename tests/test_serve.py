@@ -280,3 +280,22 @@ def test_a_burst_of_concurrent_requests_is_answered_in_full_and_batched(client, 
     batches = metric(after, "lightning_cls_batch_requests_count") - metric(before, "lightning_cls_batch_requests_count")
     assert batches < len(texts) + 10  # some requests shared a forward pass: the server batched them
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_server_with_an_api_key(model_dir, tmp_path, monkeypatch):
+    """The key comes from the environment (never the command line): /predict needs it, /health does not."""
+    monkeypatch.setenv("MY_KEY", "k3y")
+    port = free_port()
+    args = ["-m", "lightning_cls", "serve", "--model_dir", str(model_dir), "--port", str(port)]
+    args += ["--api_key_env", "MY_KEY", "--metrics_need_key", "true", "--num_threads", "1", "--log_level", "warning"]
+    with ServerProcess(args, port, tmp_path / "server.log") as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/predict", json={"text": "galaxy"}).status_code == 401
+        assert client.get("/metrics").status_code == 401
+        answer = client.post("/predict", json={"text": "galaxy"}, headers={"Authorization": "Bearer k3y"})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in DEFAULT_LABELS
+        metrics = client.get("/metrics", headers={"Authorization": "Bearer k3y"}).text
+        assert metric(metrics, "lightning_cls_http_requests_total", path="/predict", status="401") == 1
+        info = client.get("/info").json()["model"]
+        assert info["api_key"] == {"required_for": ["/predict", "/metrics"]} and "k3y" not in json.dumps(info)

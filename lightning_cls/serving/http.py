@@ -7,6 +7,7 @@ that batch, so one bad request would take well-formed ones down with it.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from typing import Any
@@ -73,9 +74,10 @@ def _kind(value: Any) -> str:
     return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
 
 
-async def _send_json(send: Any, status: int, content: dict) -> None:
+async def _send_json(send: Any, status: int, content: dict, extra_headers: list | None = None) -> None:
     body = json.dumps(content).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra_headers or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -126,6 +128,28 @@ class RequestGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app({**scope, "headers": headers}, replay, send)
+
+
+class ApiKeyGuard:
+    """ASGI middleware: the protected paths need `Authorization: Bearer <key>`; anything else is a 401.
+
+    The key is compared in constant time (hmac.compare_digest), so response times do not tell how much of a guess
+    was right. Other paths (/health, and /info, /metrics unless protected) stay open.
+    """
+
+    def __init__(self, app: Any, key: str, paths: list[str]) -> None:
+        if not key:
+            raise ValueError("ApiKeyGuard needs a non-empty key.")
+        self.app, self.expected, self.paths = app, b"Bearer " + key.encode(), set(paths)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            detail = "Missing or wrong API key: send the header `Authorization: Bearer <key>`."
+            return await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b"Bearer")])
+        return await self.app(scope, receive, send)
 
 
 class MetricsMiddleware:

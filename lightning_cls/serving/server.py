@@ -22,7 +22,7 @@ from lightning_cls.drift import DriftThresholds
 from lightning_cls.errors import InputError
 from lightning_cls.export_format import read_export_metadata
 from lightning_cls.serving.api import ClassifierAPI
-from lightning_cls.serving.http import PREDICT_PATH, MetricsMiddleware, RequestGuard
+from lightning_cls.serving.http import PREDICT_PATH, ApiKeyGuard, MetricsMiddleware, RequestGuard
 from lightning_cls.serving.metrics import MonitoringLogger, StopMonitoring, collect_metrics, enable_multiprocess_metrics
 
 PROG = "python -m lightning_cls serve"
@@ -52,6 +52,10 @@ class ServeSettings:
         timeout: Seconds a request may wait for its answer before a 504.
         metrics_dir: Folder for the multiprocess Prometheus files (emptied at start; default: a temporary folder).
         log_level: Uvicorn log level (info logs every request; warning does not).
+        api_key_env: Name of the environment variable holding the API key. When that variable is set (and not
+            empty), POST /predict needs `Authorization: Bearer <key>` (401 otherwise); /health stays open. The key
+            itself is never a command-line value (command lines are visible to every user of the machine).
+        metrics_need_key: With an API key, GET /metrics needs it too (a Prometheus scrape then sends it).
         drift: When a drift signal of the window is an alert (a warning in the log).
     """
 
@@ -72,6 +76,8 @@ class ServeSettings:
     timeout: float = 30.0
     metrics_dir: str | None = None
     log_level: str = "info"
+    api_key_env: str = "LIGHTNING_CLS_API_KEY"
+    metrics_need_key: bool = False
     drift: DriftThresholds = field(default_factory=DriftThresholds)
 
 
@@ -101,6 +107,12 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
         "default_top_k": s.top_k,
         "path": PREDICT_PATH,
     }
+    key = os.environ.get(s.api_key_env) or None  # read here, in the main process; never logged nor shown
+    protected = [PREDICT_PATH] + (["/metrics"] if s.metrics_need_key else [])
+    # Added in order, each around the previous: the key is checked before the body is read, and the metrics see
+    # both kinds of rejection.
+    middlewares = [(RequestGuard, guard)] + ([(ApiKeyGuard, {"key": key, "paths": protected})] if key else [])
+    middlewares += [(MetricsMiddleware, {"paths": paths})]
     drift = {"window_size": s.window_size, "min_window": s.min_window, **asdict(s.drift)}
     info = {
         "model_dir": str(Path(s.model_dir).resolve()),
@@ -115,6 +127,7 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
         "limits": {"max_texts": s.max_texts, "max_body_bytes": s.max_body_bytes, "default_top_k": s.top_k},
         "batching": {"max_batch_size": s.max_batch_size, "batch_timeout": s.batch_timeout},
         "workers": {"per_device": s.workers_per_device, "torch_threads": num_threads},
+        "api_key": {"required_for": protected} if key else None,
     }
     server = ls.LitServer(
         api,
@@ -122,8 +135,7 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
         workers_per_device=s.workers_per_device,
         timeout=s.timeout,
         model_metadata=info,
-        # Added in order, each around the previous: the metrics see the guard's rejections too.
-        middlewares=[(RequestGuard, guard), (MetricsMiddleware, {"paths": paths})],
+        middlewares=middlewares,
         loggers=MonitoringLogger(names, reference, s.max_batch_size, max_length, s.window_size, s.min_window, s.drift),
         callbacks=[StopMonitoring()],
     )
