@@ -7,8 +7,6 @@ to lose a trained classifier.
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 
@@ -17,8 +15,8 @@ from lightning_cls.finetuning import transformer_blocks
 
 # PEFT knows the attention projections of most families; these it does not (peft 0.21).
 EXTRA_TARGET_MODULES = {"phi3": ["qkv_proj"], "distilbert": ["q_lin", "v_lin"]}
-HEAD_MODULES = ["classifier", "score"]
-_PEFT_AVAILABLE = RequirementCache("peft")  # the head of every HF *ForSequenceClassification we use, and ours
+HEAD_MODULES = ["classifier", "score"]  # the head of every HF *ForSequenceClassification we use, and ours
+_PEFT_AVAILABLE = RequirementCache("peft")
 
 
 def backbone_type(model: nn.Module) -> str:
@@ -92,9 +90,3 @@ def merged(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
-
-
-def trainable_share(model: nn.Module) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total, "share": trainable / total if total else 0.0}

@@ -160,3 +160,18 @@ def test_validate_rebuilds_a_pooled_checkpoint(tmp_path, sample_dir, trained):
     run = main(["validate", *data_args(sample_dir, "gpt2"), *trainer_args(tmp_path), f"--ckpt_path={ckpt}"])
     assert isinstance(run.model.model, PooledClassifier) and run.model.model.config.pooling == "last"
     assert 0 <= float(run.trainer.callback_metrics["val/acc"]) <= 1
+
+
+def test_a_folder_from_a_newer_format_version_is_refused_naming_it(tmp_path):
+    from lightning_cls.errors import InputError
+    from lightning_cls.export_format import FORMAT_VERSION, METADATA_FILE, read_export_metadata
+
+    (tmp_path / METADATA_FILE).write_text(
+        json.dumps({"format_version": FORMAT_VERSION + 1, "labels": ["a"], "max_length": 8})
+    )
+    with pytest.raises(InputError, match=rf"{METADATA_FILE} has format_version {FORMAT_VERSION + 1}, newer than"):
+        read_export_metadata(tmp_path)
+    (tmp_path / METADATA_FILE).write_text(
+        json.dumps({"format_version": FORMAT_VERSION, "labels": ["a"], "max_length": 8})
+    )
+    assert read_export_metadata(tmp_path).labels == ["a"]
