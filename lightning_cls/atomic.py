@@ -1,4 +1,4 @@
-"""Write beside, then rename: a folder appears whole or not at all, never half-written."""
+"""Write beside, then rename: a folder or file appears whole or not at all, never half-written."""
 
 from __future__ import annotations
 
@@ -34,4 +34,21 @@ def atomic_folder(final: str | Path, exist_ok: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)  # another process got there first with the same content
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; when the block succeeds the file written there replaces ``final``.
+
+    ``os.replace`` within one file system is atomic: a reader sees the old file or the new one, never a part; a crash
+    or an error in the block removes the temporary file and leaves ``final`` as it was.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -1,13 +1,16 @@
-"""`python -m lightning_cls fit|validate|test|predict|export|serve|monitor`: LightningCLI with the project's defaults
-and links, the extra subcommands, and the one place where user errors (errors.py) become one `error: ...` line."""
+"""`python -m lightning_cls fit|validate|test|predict|calibrate|export|serve|monitor`: LightningCLI with the project's
+defaults and links, the extra subcommands, and the one place where user errors (errors.py) become one `error: ...`
+line."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -15,10 +18,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cls.arg_parser import OneLineErrorParser
+from lightning_cls.atomic import atomic_file
 from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.data import ScientificTextDataModule
 from lightning_cls.errors import CheckpointError, ConfigError, UserError
-from lightning_cls.model import TextClassifier
+from lightning_cls.model import CALIBRATION_KEY, TEMPERATURE_KEY, TextClassifier
 from lightning_cls.predictions import PredictionWriter
 from lightning_cls.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
 
@@ -53,7 +57,16 @@ def _monitor(argv: list[str]) -> Any:
     return main(argv)
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export, "serve": _serve, "monitor": _monitor}
+def _calibrate(argv: list[str]) -> Any:
+    return calibrate(argv)  # below: a `validate` run with this module's CLI
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "calibrate": _calibrate,
+    "export": _export,
+    "serve": _serve,
+    "monitor": _monitor,
+}
 
 
 class LearningRateLogger(LearningRateMonitor):
@@ -196,17 +209,92 @@ def _run(args: list[str] | None) -> Any:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
-    return ClassifierCLI(
+    description = DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet")
+    return _cli(ClassifierCLI, args, "python -m lightning_cls", description)
+
+
+def _cli(cli_class: type[ClassifierCLI], args: list[str] | None, prog: str, description: str) -> ClassifierCLI:
+    return cli_class(
         TextClassifier,
         ScientificTextDataModule,
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,  # a typo in an option: one line naming it and the closest valid one
-        parser_kwargs={
-            "parser_mode": "omegaconf",
-            "prog": "python -m lightning_cls",
-            "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS) or "none yet"),
-        },
+        parser_kwargs={"parser_mode": "omegaconf", "prog": prog, "description": description},
         # Always present, not configurable: per-batch seeds and the loader position make resuming exact (resume.py).
         trainer_defaults={"callbacks": [ExactResume()]},
         args=args,  # None: LightningCLI reads sys.argv itself (given both, it warns)
     )
+
+
+# ------------------------------------------------------------------------------------------------ calibrate
+CALIBRATE_DESCRIPTION = """Fit the temperature of a checkpoint on the validation split (temperature scaling) and write
+it into a copy of the checkpoint: runs `validate` with the same options (--config with the training's data settings,
+--ckpt_path), fits T there, and writes the validation report with ECE, NLL and Brier before and after.
+
+  python -m lightning_cls calibrate validate --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt"""
+
+
+class CalibrateCLI(ClassifierCLI):
+    """`validate` of a checkpoint that refits its temperature on the validation split; `calibrate` writes it."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"validate": LightningCLI.subcommands()["validate"]}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--output_path",
+            type=str | None,
+            default=None,
+            help="Where to write the calibrated checkpoint (default: calibrated-<name> beside --ckpt_path). The "
+            "checkpoint's own path updates it in place; either way the file is replaced atomically.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)  # resolves `last`; a missing or broken file is a CheckpointError here
+        if not self.config["validate"].get("ckpt_path"):
+            raise ConfigError("calibrate needs --ckpt_path: the checkpoint whose temperature to fit (or `last`).")
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        self.model.refit_temperature = True
+
+
+def calibrate(argv: list[str]) -> Path | None:
+    """`python -m lightning_cls calibrate [validate] --config ... --ckpt_path CKPT [--output_path PATH]`.
+
+    Writes a new checkpoint by default, not the given one: the trained file stays as training left it, and rewriting
+    it would make an old run's last.ckpt the newest one that `--ckpt_path last` resumes. The new name does not match
+    `last*.ckpt` for the same reason. Returns the path written (None on ranks other than 0).
+    """
+    if not argv or argv[0] != "validate":  # `calibrate` runs `validate`; saying so is optional
+        argv = ["validate", *argv]
+    with warnings.catch_warnings():
+        # LightningCLI warns when given `args` while sys.argv has some too: here they are sys.argv's, less the
+        # command's name. (sys.argv itself must stay: DDP starts the other ranks with it.)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _cli(CalibrateCLI, argv, "python -m lightning_cls calibrate", CALIBRATE_DESCRIPTION)
+    model, config = cli.model, cli.config["validate"]
+    if model.refit_temperature:  # still set: no validation epoch ended, so nothing was fitted
+        raise ConfigError(
+            "calibrate: the validation split gave no rows to fit a temperature on: check data.val_fraction and "
+            "--trainer.limit_val_batches."
+        )
+    if not cli.trainer.is_global_zero:
+        return None
+    ckpt = Path(config["ckpt_path"])
+    output = Path(config.get("output_path") or ckpt.with_name(f"calibrated-{ckpt.name}"))
+    checkpoint = load_checkpoint(ckpt)  # the file as it is (optimizer and loop states too): only two keys change
+    checkpoint[TEMPERATURE_KEY] = model.temperature
+    checkpoint[CALIBRATION_KEY] = {**model.calibration, "global_step": checkpoint.get("global_step")}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output) as tmp:
+        torch.save(checkpoint, tmp)
+    before, after = model.calibration["before"], model.calibration["after"]
+    print(
+        f"Calibrated {ckpt} on {model.calibration['rows']} validation rows: temperature {model.temperature:.4f}, "
+        f"ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
+        f"wrote {output}."
+    )
+    return output

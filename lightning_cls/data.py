@@ -31,6 +31,7 @@ from lightning_cls.labels import (
 from lightning_cls.predict_inputs import (
     iter_predict_ids,
     load_predict_inputs,
+    load_window_counts,
     predict_cache_key,
     prepare_predict_inputs,
 )
@@ -39,10 +40,13 @@ from lightning_cls.samplers import LengthGroupedSampler, LengthSortedSampler, Se
 from lightning_cls.tables import HUB_DATASET, read_hub, read_table
 from lightning_cls.token_cache import TokenizedSplit, cache_key, file_fingerprint
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
+from lightning_cls.windows import WindowedTexts, WindowSpec
 
 # Bump when the meaning of the cached splits changes (their file format has its own version, in token_cache).
 CACHE_VERSION = 2  # 2: duplicate texts dropped, labels stripped, stricter file reading
 SPLITS = ("train", "val", "test")
+# Per text of a split read as windows: its row id, windows read, and whether the window cap cut it.
+TEXTS_DTYPE = np.dtype([("row_id", "<i8"), ("windows", "<i4"), ("cut", "?")])
 
 
 def default_cache_dir() -> Path:
@@ -117,6 +121,8 @@ class ScientificTextDataModule(pl.LightningDataModule):
         seed: int = 42,
         split_by: str | None = None,
         max_length: int = 256,
+        max_windows: int = 1,
+        window_stride: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -143,7 +149,12 @@ class ScientificTextDataModule(pl.LightningDataModule):
             split_by: Split by time instead of at random: order the rows by this column (e.g. `arxiv_id`, whose
                 `YYMM` prefix is the month) and put the newest `test_fraction` in test, the next newest
                 `val_fraction` in validation. Values are compared as text, so they must sort by time as text.
-            max_length: Texts are truncated to this many tokens.
+            max_length: Texts are truncated to this many tokens (with `max_windows` > 1: tokens per window).
+            max_windows: Read a text longer than `max_length` as up to this many overlapping windows (1: truncate).
+                Each training window is an example with its text's label; validation, test and predict answer
+                per text with the mean of its windows' logits, so their metrics are per text.
+            window_stride: Text tokens between the starts of consecutive windows (default: three quarters of a
+                window's text tokens).
             batch_size: Training batch size per device.
             eval_batch_size: Batch size for validation, test and predict (default: twice `batch_size`).
             num_workers: DataLoader worker processes.
@@ -161,6 +172,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
         if labels is not None and min_count is not None:
             raise ConfigError("Set either `data.labels` or `data.min_count`, not both.")
         self.save_hyperparameters()
+        self.window_spec  # noqa: B018 (checks max_windows and window_stride now, not after reading the data)
         self.splits: dict[str, TokenizedSplit] = {}
         self._label_names: list[str] | None = None
 
@@ -203,6 +215,11 @@ class ScientificTextDataModule(pl.LightningDataModule):
 
         return datasets.load_dataset(self.hparams.dataset, split="train")._fingerprint
 
+    @property
+    def window_spec(self) -> WindowSpec:
+        h = self.hparams
+        return WindowSpec(h.max_length, h.max_windows, h.window_stride)
+
     # ------------------------------------------------------------------------------------------------ the cache
     def cache_path(self) -> Path:
         """The cache folder for exactly these inputs, settings and tokenizer."""
@@ -219,6 +236,8 @@ class ScientificTextDataModule(pl.LightningDataModule):
             **({"split_by": h.split_by} if h.split_by else {}),  # absent when unset: older caches stay valid
             "tokenizer": tokenizer_fingerprint(load_tokenizer(h.tokenizer)),
             "max_length": h.max_length,
+            # absent when texts are truncated: older caches stay valid
+            **({"windows": [h.max_windows, h.window_stride]} if h.max_windows > 1 else {}),
         }
         return Path(h.cache_dir or default_cache_dir()) / cache_key(spec)
 
@@ -229,7 +248,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
                 self.hparams.predict_path,
                 self.predict_cache_path(),
                 load_tokenizer(self.hparams.tokenizer),
-                self.hparams.max_length,
+                self.window_spec,
                 self.hparams.predict_text_column or self.hparams.text_column,
                 self.hparams.predict_id_column,
             )
@@ -259,9 +278,27 @@ class ScientificTextDataModule(pl.LightningDataModule):
         )
         with atomic_folder(folder, exist_ok=True) as tmp:  # a reader never sees a half-written cache
             for name, rows in split_rows.items():
-                chunks = (tokenize(tokenizer, texts[part].tolist(), h.max_length) for part in _chunks(rows))
-                split = TokenizedSplit.write(tmp, name, chunks, label_ids[rows], source_rows[rows])
-                meta["splits"][name] = split_summary(split, names)
+                text_chunks = (texts[part].tolist() for part in _chunks(rows))
+                if h.max_windows == 1:
+                    chunks = (tokenize(tokenizer, chunk, h.max_length) for chunk in text_chunks)
+                    split = TokenizedSplit.write(tmp, name, chunks, label_ids[rows], source_rows[rows])
+                    meta["splits"][name] = split_summary(split, names)
+                    continue
+                # One row per window, each with its text's label and row id (the row id says which text it is).
+                windowed = WindowedTexts(tokenizer, self.window_spec)
+                TokenizedSplit.write(
+                    tmp,
+                    name,
+                    windowed.chunks(text_chunks),
+                    lambda rows=rows, w=windowed: label_ids[rows][w.text_index],
+                    lambda rows=rows, w=windowed: source_rows[rows][w.text_index],
+                )
+                reference = SplitReference.of(label_ids[rows], windowed.tokens, names, windowed.counts)
+                meta["splits"][name] = {**reference.to_dict(), "windows": int(windowed.counts.sum())}
+                texts_of_split = np.empty(len(rows), dtype=TEXTS_DTYPE)  # what `predict` on the split reports per text
+                texts_of_split["row_id"], texts_of_split["windows"] = source_rows[rows], windowed.counts
+                texts_of_split["cut"] = windowed.cut
+                np.save(tmp / f"{name}.texts.npy", np.sort(texts_of_split, order="row_id"))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         rank_zero_info(
             f"Tokenized splits cached in {folder}: " + ", ".join(f"{k}={len(v)}" for k, v in split_rows.items())
@@ -344,21 +381,28 @@ class ScientificTextDataModule(pl.LightningDataModule):
         if getattr(self, "_predict_folder", None) is None:  # the key hashes the whole file: once is enough
             text_column = h.predict_text_column or h.text_column
             key = predict_cache_key(
-                h.predict_path, load_tokenizer(h.tokenizer), h.max_length, text_column, h.predict_id_column
+                h.predict_path, load_tokenizer(h.tokenizer), self.window_spec, text_column, h.predict_id_column
             )
             self._predict_folder = Path(h.cache_dir or default_cache_dir()) / key
         return self._predict_folder
 
-    def predict_index(self) -> tuple[np.ndarray, Iterator[Any]]:
+    def predict_index(self) -> tuple[np.ndarray, Iterator[Any], tuple[np.ndarray, np.ndarray] | None]:
         """The row ids of the prediction inputs in input order, and their ids as the predictions show them (lazily).
 
         A file (`predict_path`): positions 0..N-1 and the file's ids. The test split: its rows in data file order, each
-        identified by its 0-based row in the data file.
+        identified by its 0-based row in the data file. Third: for texts read as windows, each text's window count
+        and whether the cap cut it (else None).
         """
         if self.hparams.predict_path:
-            return np.arange(len(self.splits["predict"])), iter_predict_ids(self.predict_cache_path())
-        row_ids = np.sort(np.asarray(self.splits["test"].row_ids))
-        return row_ids, iter(row_ids.tolist())
+            folder = self.predict_cache_path()
+            windows = load_window_counts(folder)
+            texts = len(windows[0]) if windows is not None else len(self.splits["predict"])
+            return np.arange(texts), iter_predict_ids(folder), windows
+        if self.hparams.max_windows == 1:
+            row_ids = np.sort(np.asarray(self.splits["test"].row_ids))
+            return row_ids, iter(row_ids.tolist()), None
+        texts = np.load(self.cache_path() / "test.texts.npy")  # per text, in row id order: row id, windows, cut
+        return texts["row_id"], iter(texts["row_id"].tolist()), (texts["windows"], texts["cut"])
 
 
 def split_summary(split: TokenizedSplit, names: list[str]) -> dict:

@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lightning_cls.calibration import format_calibration
+
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, 0 where den is 0 (the convention of torchmetrics and scikit-learn's zero_division=0)."""
@@ -123,23 +125,34 @@ def _ratio_rows(cm: np.ndarray) -> np.ndarray:
 
 
 def write_evaluation(
-    confmat: np.ndarray, label_names: list[str], stage: str, folder: str | Path, context: dict[str, Any] | None = None
+    confmat: np.ndarray,
+    label_names: list[str],
+    stage: str,
+    folder: str | Path,
+    context: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Figure, dict[str, Path]]:
     """Write `<stage>_report.txt`, `<stage>_report.json` and `<stage>_confusion_matrix.png` into `folder`.
 
     Returns the report, the figure (for TensorBoard) and the paths written. `context` (epoch, step, checkpoint, ...)
-    is stored in the JSON beside the metrics.
+    is stored in the JSON beside the metrics; `calibration` (`calibration.calibration_report`: ECE, NLL and Brier
+    before and after temperature scaling) under `calibration`, and as a table below the per-class one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = {"stage": stage, **(context or {}), **classification_report(confmat, label_names)}
+    if calibration is not None:
+        report["calibration"] = calibration
     paths = {
         "text": folder / f"{stage}_report.txt",
         "json": folder / f"{stage}_report.json",
         "figure": folder / f"{stage}_confusion_matrix.png",
     }
     header = f"{stage}: {report['rows']} rows" + "".join(f", {k} {v}" for k, v in (context or {}).items()) + "\n\n"
-    paths["text"].write_text(header + format_report(report))
+    table = format_report(report)
+    if calibration is not None:
+        table += "\n" + format_calibration(calibration, calibration.get("temperature_source", ""))
+    paths["text"].write_text(header + table)
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     title = f"{stage}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, {report['rows']} rows"
     fig = confusion_figure(confmat, label_names, title)

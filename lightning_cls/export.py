@@ -43,10 +43,14 @@ def export_metadata(model: TextClassifier, ckpt_path: str | Path, max_length: in
     return ExportMetadata(
         labels=list(model.label_names),
         max_length=int(max_length),
+        max_windows=int((reference or {}).get("max_windows") or 1),
+        window_stride=(reference or {}).get("window_stride"),
         model_name_or_path=model.hparams.model_name_or_path,
         checkpoint=str(Path(ckpt_path).resolve()),
         exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         lightning_cls_version=__version__,
+        temperature=model.temperature,
+        calibration=model.calibration,
         reference=SplitReference.from_dict(copy.deepcopy(reference["train"])) if reference else None,
     )
 

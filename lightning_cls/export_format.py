@@ -37,6 +37,12 @@ def length_histogram(lengths: Sequence[int], edges: Sequence[int]) -> np.ndarray
     return np.bincount(index, minlength=len(edges) + 1)
 
 
+def window_histogram(windows: Sequence[int]) -> dict[str, int]:
+    """Texts by the number of windows read: {"1": texts read as one window, "2": ..., ...} (JSON keys are text)."""
+    counts = np.bincount(np.asarray(windows, dtype=np.int64))
+    return {str(n): int(c) for n, c in enumerate(counts) if c}
+
+
 @dataclass
 class TokenLengths:
     """Token length statistics of a split (as the model saw them: truncated) and its decile histogram."""
@@ -71,14 +77,21 @@ class SplitReference:
     rows: int
     label_counts: dict[str, int]
     token_length: TokenLengths | None = None
+    # Texts by the number of windows read ({"1": ..., "2": ...}), when texts are read as windows; the token lengths
+    # are then the tokens read per text (all its windows).
+    window_counts: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, label_ids: np.ndarray, lengths: np.ndarray, names: Sequence[str]) -> SplitReference:
+    def of(
+        cls, label_ids: np.ndarray, lengths: np.ndarray, names: Sequence[str], windows: np.ndarray | None = None
+    ) -> SplitReference:
+        """From per-text class ids and token lengths (and window counts, for texts read as windows)."""
         counts = np.bincount(np.asarray(label_ids, dtype=np.int64), minlength=len(names))
         return cls(
             rows=len(lengths),
             label_counts={name: int(c) for name, c in zip(names, counts, strict=True)},
             token_length=TokenLengths.of(np.asarray(lengths)) if len(lengths) else None,
+            window_counts=window_histogram(windows) if windows is not None else None,
         )
 
     @classmethod
@@ -89,6 +102,7 @@ class SplitReference:
             rows=int(data.get("rows", sum(data["label_counts"].values()))),
             label_counts={str(k): int(v) for k, v in data["label_counts"].items()},
             token_length=TokenLengths(**{k: v for k, v in lengths.items() if k in known}) if lengths else None,
+            window_counts=data.get("window_counts"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,11 +116,18 @@ class ExportMetadata:
 
     labels: list[str]
     max_length: int
+    max_windows: int = 1  # as the model was trained: windows per text (1: truncated at max_length)
+    window_stride: int | None = None  # text tokens between window starts (None: the default of `WindowSpec`)
     reference: SplitReference | None = None
     model_name_or_path: str | None = None
     checkpoint: str | None = None
     exported_at: str | None = None
     lightning_cls_version: str | None = None
+    # softmax(logits / temperature) are the calibrated probabilities (`calibration.calibrated_probabilities`); the
+    # exported weights give the raw logits. None: not calibrated (T = 1). `calibration`: ECE, NLL and Brier on the
+    # validation split before and after it.
+    temperature: float | None = None
+    calibration: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
 

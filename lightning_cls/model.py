@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +12,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -22,11 +28,13 @@ from transformers import (
 )
 
 from lightning_cls.adapters import add_lora, is_peft
+from lightning_cls.calibration import EpochLogits, calibration_report, fit_temperature
 from lightning_cls.errors import ConfigError, hub_errors
 from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.labels import label_maps
 from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
 from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.windows import per_text
 
 # Checkpoints and exports of pooled classifiers name their config's model_type: Auto* classes must know it.
 AutoConfig.register(MODEL_TYPE, PooledClassifierConfig, exist_ok=True)
@@ -36,6 +44,11 @@ AutoModelForSequenceClassification.register(PooledClassifierConfig, PooledClassi
 ADAPTER_ONLY_KEY = "lightning_cls_adapter_only"
 # Checkpoint key of the training data's summary (see `data_reference`).
 DATA_REFERENCE_KEY = "lightning_cls_data_reference"
+# Checkpoint keys of the calibration temperature (a float; absent: never calibrated, T = 1) and of its report (the
+# validation scores before and after it). Keys beside the weights rather than a buffer: `save_adapter_only` keeps only
+# trained parameters, and `calibrate` can rewrite them without rebuilding the model.
+TEMPERATURE_KEY = "lightning_cls_temperature"
+CALIBRATION_KEY = "lightning_cls_calibration"
 
 
 def data_reference(datamodule: Any) -> dict:
@@ -43,6 +56,8 @@ def data_reference(datamodule: Any) -> dict:
     return {
         "train": datamodule.meta["splits"]["train"],
         "max_length": datamodule.hparams.max_length,
+        "max_windows": datamodule.hparams.get("max_windows", 1),
+        "window_stride": datamodule.hparams.get("window_stride"),
         "source": datamodule.meta["source"],
     }
 
@@ -142,6 +157,8 @@ class TextClassifier(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         compile: bool = False,
+        calibrate: bool = True,
+        use_temperature: bool = True,
     ) -> None:
         """
         Args:
@@ -174,9 +191,16 @@ class TextClassifier(pl.LightningModule):
             weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
             warmup_ratio: Share of the optimizer steps with a linear warm-up; the rate then decays linearly to 0.
             compile: Compile the network with torch.compile (dynamic shapes; the first steps are slow: it compiles).
+            calibrate: During `fit`, fit a temperature on the validation split after each validation (temperature
+                scaling), so that every checkpoint carries the one of its own weights.
+            use_temperature: `predict` divides the logits by the checkpoint's temperature (calibrated
+                probabilities); false gives the raw softmax. Never changes a predicted label.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # `use_temperature` is an inference switch, not a property of the weights: saved in the checkpoint's
+        # hyperparameters, it would override `--model.use_temperature false` given beside `--ckpt_path`.
+        self.save_hyperparameters(ignore=["use_temperature"])
+        self.use_temperature = use_temperature
         if not label_names:
             raise ValueError("model.label_names is empty: it is normally linked from the data module.")
         tok = load_tokenizer(tokenizer or model_name_or_path)
@@ -226,17 +250,20 @@ class TextClassifier(pl.LightningModule):
             # In place: parameter names, and so checkpoints, stay those of the uncompiled model.
             self.model.compile(dynamic=True)
 
-        def metrics(stage: str) -> MetricCollection:
-            n = len(self.label_names)
-            return MetricCollection(
-                {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")},
-                prefix=f"{stage}/",
-            )
-
-        self.train_metrics, self.val_metrics, self.test_metrics = metrics("train"), metrics("val"), metrics("test")
-        # The reports (per-class scores, confusion matrix figure) are all derived from the epoch's confusion matrix.
         n = len(self.label_names)
-        self.val_confmat, self.test_confmat = MulticlassConfusionMatrix(n), MulticlassConfusionMatrix(n)
+        self.train_metrics = MetricCollection(
+            {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")},
+            prefix="train/",
+        )
+        # Validation and test keep every row's logits and row id (gathered from all ranks): the metrics, the report
+        # (per-class scores, confusion matrix) and the calibration are computed per text at the end of the epoch.
+        self.val_logits, self.test_logits = EpochLogits(), EpochLogits()
+        # softmax(logits / temperature) are the calibrated probabilities; None: never calibrated (T = 1). Saved in
+        # checkpoints with `calibration`, the validation scores before and after it.
+        self.temperature: float | None = None
+        self.calibration: dict | None = None
+        # Set by the `calibrate` command: fit the temperature at the end of the next validation too (then cleared).
+        self.refit_temperature = False
         # What the model was trained on (set at fit start, saved in checkpoints): export and monitoring need it.
         self.data_reference: dict | None = None
 
@@ -254,44 +281,83 @@ class TextClassifier(pl.LightningModule):
         self,
         batch: dict[str, torch.Tensor],
         stage: str,
-        metrics: MetricCollection,
-        confmat: MulticlassConfusionMatrix | None = None,
+        metrics: MetricCollection | None = None,
+        epoch_logits: EpochLogits | None = None,
     ) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()
         loss = nn.functional.cross_entropy(logits, batch["labels"])
-        metrics.update(logits, batch["labels"])
-        if confmat is not None:
-            confmat.update(logits, batch["labels"])
         n = len(batch["labels"])
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
+        if metrics is not None:  # training: per batch (per window, when texts are read as windows)
+            metrics.update(logits, batch["labels"])
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n)
+        if epoch_logits is not None:  # validation and test: per text, at the end of the epoch (`_evaluate`)
+            epoch_logits.update(logits, batch["labels"], batch["row_id"])
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", self.train_metrics)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_metrics, self.val_confmat)
+        self._step(batch, "val", epoch_logits=self.val_logits)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_metrics, self.test_confmat)
+        self._step(batch, "test", epoch_logits=self.test_logits)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # a couple of batches only: not a report of the split
-            self.val_confmat.reset()
-            return
-        self._write_report("val", self.val_confmat)
+        self._evaluate("val", self.val_logits)
 
     def on_test_epoch_end(self) -> None:
-        self._write_report("test", self.test_confmat)
+        self._evaluate("test", self.test_logits)
 
-    def _write_report(self, stage: str, confmat: MulticlassConfusionMatrix) -> None:
-        """Per-class report (text + JSON) and confusion matrix (PNG + TensorBoard) of the epoch, in the log folder."""
+    def _evaluate(self, stage: str, epoch_logits: EpochLogits) -> None:
+        """The epoch's metrics and report, per text: a text read as several windows is answered with the mean of
+        their logits (`windows.per_text`), so validation and test count texts, whatever the reading."""
+        logits, labels, row_ids = (t.cpu() for t in epoch_logits.compute())  # gathered: every rank must call it
+        epoch_logits.reset()
+        logits, labels, _ = per_text(logits, labels, row_ids)
+        if not len(labels):
+            return
+        n = len(self.label_names)
+        predicted = logits.argmax(-1)
+        # Every rank holds the whole split (gathered above): the values are the same everywhere, no sync needed.
+        scores = {
+            f"{stage}/acc": multiclass_accuracy(predicted, labels, n, average="micro"),
+            f"{stage}/f1_macro": multiclass_f1_score(predicted, labels, n, average="macro"),
+        }
+        self.log_dict(scores, prog_bar=True, batch_size=len(labels))
+        if self.trainer.sanity_checking:  # a couple of batches only: not a report of the split
+            return
+        self._write_report(stage, multiclass_confusion_matrix(predicted, labels, n), logits, labels)
+
+    def _calibrate(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> dict | None:
+        """Fit the temperature on this epoch's rows if this is a validation that should (during `fit` with
+        `model.calibrate`, or for the `calibrate` command); then the scores before and after the temperature in use.
+
+        The test split only ever reports with the stored temperature: fitting on it would grade it on its own answers.
+        """
+        if not len(labels):
+            return None
+        fitting = self.trainer.state.fn == "fit" and self.hparams.get("calibrate", True)
+        if stage == "val" and (fitting or self.refit_temperature):
+            # Every rank has the same rows; rank 0's result is broadcast so that no rounding difference can split them.
+            self.temperature = self.trainer.strategy.broadcast(fit_temperature(logits, labels), src=0)
+            report = calibration_report(logits, labels, self.temperature)
+            self.calibration = {**report, "split": "validation", "global_step": self.global_step}
+            self.refit_temperature = False
+            return {**report, "temperature_source": "fitted on this split"}
+        source = "from the checkpoint" if self.temperature is not None else "the checkpoint has none"
+        return {**calibration_report(logits, labels, self.temperature), "temperature_source": source}
+
+    def _write_report(self, stage: str, confmat: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Per-class report (text + JSON), confusion matrix and reliability diagram (PNG + TensorBoard) of the epoch,
+        in the log folder, with the calibration scores before and after temperature scaling."""
         # Imported here: keeps matplotlib off the import path of code that only needs the model.
+        from lightning_cls.calibration import reliability_figure
         from lightning_cls.evaluation import log_figure, write_evaluation
 
-        matrix = confmat.compute().cpu().numpy()  # summed over all ranks: every rank must call compute()
-        confmat.reset()
+        matrix = confmat.numpy()
+        calibration = self._calibrate(stage, logits, labels)
         log_dir = self.trainer.log_dir  # a broadcast: every rank must ask too
         if not self.trainer.is_global_zero or log_dir is None:
             return
@@ -300,19 +366,34 @@ class TextClassifier(pl.LightningModule):
             context = {"epoch": self.current_epoch, "global_step": self.global_step}
         else:
             context = {"checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None}
-        report, fig, paths = write_evaluation(matrix, self.label_names, stage, log_dir, context)
+        report, fig, paths = write_evaluation(matrix, self.label_names, stage, log_dir, context, calibration)
         log_figure(self.trainer.loggers, f"{stage}/confusion_matrix", fig, self.global_step)
-        rank_zero_info(
-            f"{stage} report: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}; wrote "
-            + ", ".join(str(p) for p in paths.values())
-        )
+        message = f"{stage} report: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
+        if calibration is not None:
+            title = f"{stage}: reliability, {calibration['rows']} rows, temperature {calibration['temperature_source']}"
+            fig = reliability_figure(logits, labels, calibration["temperature"], title=title)
+            paths["reliability"] = Path(log_dir) / f"{stage}_reliability.png"
+            fig.savefig(paths["reliability"], dpi=110)
+            log_figure(self.trainer.loggers, f"{stage}/reliability", fig, self.global_step)
+            before, after = calibration["before"], calibration["after"]
+            t = calibration["temperature"]
+            message += (
+                f"; temperature {f'{t:.4f}' if t is not None else 'none'}: ECE {before['ece']:.4f} -> "
+                f"{after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}"
+            )
+        rank_zero_info(f"{message}; wrote " + ", ".join(str(p) for p in paths.values()))
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        probs = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)  # (B, num_labels)
+        logits = self(batch["input_ids"], batch["attention_mask"]).float()  # (B, num_labels)
+        if self.use_temperature and self.temperature is not None:
+            # Calibrated: scaled before the writer averages a text's windows (mean(z / T) is mean(z) / T).
+            logits = logits / self.temperature
+        probs = logits.softmax(-1)
         return {
             "row_id": batch["row_id"].tolist(),
             "label": [self.label_names[i] for i in probs.argmax(-1).tolist()],
             "probs": probs.cpu(),
+            "logits": logits.cpu(),  # the prediction writer averages a long text's windows' logits
         }
 
     def configure_optimizers(self) -> dict:
@@ -345,6 +426,9 @@ class TextClassifier(pl.LightningModule):
             checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model_config": config}
         if self.data_reference is not None:
             checkpoint[DATA_REFERENCE_KEY] = self.data_reference
+        if self.temperature is not None:
+            checkpoint[TEMPERATURE_KEY] = self.temperature
+            checkpoint[CALIBRATION_KEY] = self.calibration
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The label names reach the model from the data module; a data config selecting other labels than the
@@ -356,5 +440,8 @@ class TextClassifier(pl.LightningModule):
                 f"{self.label_names}: set data.labels (or data.min_count) as in training."
             )
         self.data_reference = checkpoint.get(DATA_REFERENCE_KEY, self.data_reference)
+        # Checkpoints from before calibration (or with `model.calibrate` false) have none: T = 1, the raw softmax.
+        self.temperature = checkpoint.get(TEMPERATURE_KEY, self.temperature)
+        self.calibration = checkpoint.get(CALIBRATION_KEY, self.calibration)
         if checkpoint.get(ADAPTER_ONLY_KEY):  # the frozen weights are this model's own, loaded from the base model
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

@@ -1,9 +1,11 @@
 """The prediction writer: one row per input, in input order, to CSV or JSONL, from any number of devices.
 
-Each rank streams its predictions (row id, top-k class ids and probabilities: fixed-size binary records) to its own
-part file while `predict` runs longest-first. At the end rank 0 places every record at its input position in a
-memory-mapped array, checks that each row came exactly once, and writes the file in input order, chunk by chunk,
-with the inputs' ids. Nothing is held in memory for the whole input but one byte and one row id per row.
+Each rank streams its predictions (row id and logits: fixed-size binary records, one per text, or one per window
+of a text read as windows) to its own part file while `predict` runs longest-first. At the end rank 0 adds every
+record into its input position of a memory-mapped array, checks that each row got exactly its number of records,
+takes each row's mean logits (`lightning_cls.windows`: a text's answer is the mean of its windows'), and writes the
+file in input order, chunk by chunk, with the inputs' ids. Nothing is held in memory for the whole input but a
+count and a row id per row.
 """
 
 from __future__ import annotations
@@ -27,33 +29,36 @@ from lightning_cls.errors import ConfigError
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 CHUNK_ROWS = 65_536
+WINDOW_COLUMNS = ("windows", "truncated")
 
 
-def record_dtype(k: int) -> np.dtype:
-    """One prediction: the input's row id, then the k most probable class ids and their probabilities."""
-    return np.dtype([("row_id", "<i8"), ("class_ids", "<i4", (k,)), ("probs", "<f4", (k,))])
+def record_dtype(num_labels: int) -> np.dtype:
+    """One prediction: the input's row id and the logits of one text (or of one window of a long text)."""
+    return np.dtype([("row_id", "<i8"), ("logits", "<f4", (num_labels,))])
 
 
-def top_k_records(row_ids: Sequence[int] | torch.Tensor, probs: torch.Tensor, k: int) -> np.ndarray:
-    """The records of a batch of class probabilities (B, num_labels)."""
-    top_probs, top_ids = probs.float().topk(k, dim=-1)  # (B, k) each, most probable first
-    records = np.empty(len(top_ids), dtype=record_dtype(k))
+def logit_records(row_ids: Sequence[int] | torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    """The records of a batch of logits (B, num_labels)."""
+    records = np.empty(len(logits), dtype=record_dtype(logits.shape[-1]))
     records["row_id"] = torch.as_tensor(row_ids).cpu().numpy()
-    records["class_ids"] = top_ids.cpu().numpy()
-    records["probs"] = top_probs.cpu().numpy()
+    records["logits"] = logits.float().cpu().numpy()
     return records
 
 
-def merge_in_input_order(parts: Iterable[Path], row_ids: np.ndarray, k: int, scratch: Path) -> np.ndarray:
-    """All parts' records at their input position (memory-mapped at ``scratch``), each row checked to come once.
+def merge_in_input_order(
+    parts: Iterable[Path], row_ids: np.ndarray, num_labels: int, scratch: Path, windows: np.ndarray | None = None
+) -> np.ndarray:
+    """Each input's mean logits over its records (its windows; one record for a text read whole), at its input
+    position, memory-mapped at ``scratch``; each row checked to have exactly its number of records.
 
-    ``row_ids``: the inputs' row ids in input order (ascending). Raises ``RuntimeError`` naming lost, duplicated or
-    unknown rows.
+    ``row_ids``: the inputs' row ids in input order (ascending); ``windows``: records expected per row (default 1).
+    The mean does not depend on which device or batch a window was in. Raises ``RuntimeError`` naming lost,
+    duplicated or unknown rows.
     """
-    dtype = record_dtype(k)
+    dtype = record_dtype(num_labels)
     n = len(row_ids)
-    merged = np.lib.format.open_memmap(scratch, mode="w+", dtype=dtype, shape=(n,))
-    seen = np.zeros(n, dtype=np.uint8)
+    sums = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float64, shape=(n, num_labels))
+    seen = np.zeros(n, dtype=np.int64)
     for part in parts:
         records = np.memmap(part, dtype=dtype, mode="r") if part.stat().st_size else np.zeros(0, dtype)
         for start in range(0, len(records), CHUNK_ROWS):
@@ -63,32 +68,47 @@ def merge_in_input_order(parts: Iterable[Path], row_ids: np.ndarray, k: int, scr
             if len(unknown):
                 raise RuntimeError(f"{part}: predictions for rows that are not in the input: {unknown[:10].tolist()}")
             np.add.at(seen, position, 1)
-            merged[position] = chunk
-    lost, duplicated = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
+            np.add.at(sums, position, chunk["logits"].astype(np.float64))
+    expected = np.ones(n, dtype=np.int64) if windows is None else np.asarray(windows, dtype=np.int64)
+    lost, duplicated = np.flatnonzero(seen < expected), np.flatnonzero(seen > expected)
     if len(lost) or len(duplicated):
         raise RuntimeError(
             f"Predictions do not cover the input once: {len(lost)} row(s) lost (row ids {row_ids[lost][:10].tolist()}),"
             f" {len(duplicated)} duplicated (row ids {row_ids[duplicated][:10].tolist()})."
         )
-    merged.flush()
-    return merged
+    for start in range(0, n, CHUNK_ROWS):
+        sums[start : start + CHUNK_ROWS] /= expected[start : start + CHUNK_ROWS, None]
+    sums.flush()
+    return sums
 
 
-def prediction_rows(records: np.ndarray, ids: Iterator[Any], label_names: list[str]) -> Iterator[dict[str, Any]]:
-    """Readable rows (id, label, probability, top_k) of records in input order, read in chunks."""
-    for start in range(0, len(records), CHUNK_ROWS):
-        chunk = records[start : start + CHUNK_ROWS]
-        chunk_ids = list(islice(ids, len(chunk)))
-        if len(chunk_ids) != len(chunk):
+def prediction_rows(
+    mean_logits: np.ndarray,
+    ids: Iterator[Any],
+    label_names: list[str],
+    k: int,
+    windows: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Readable rows (id, label, probability, top_k; with ``windows`` = (counts, cut) also `windows` and
+    `truncated`) of mean logits in input order, read in chunks."""
+    for start in range(0, len(mean_logits), CHUNK_ROWS):
+        probs = torch.from_numpy(np.asarray(mean_logits[start : start + CHUNK_ROWS])).softmax(-1)
+        top_probs, top_ids = probs.topk(k, dim=-1)  # most probable first
+        chunk_ids = list(islice(ids, len(probs)))
+        if len(chunk_ids) != len(probs):
             raise RuntimeError(f"The inputs have fewer ids ({start + len(chunk_ids)}) than predictions.")
-        for id_, class_ids, probs in zip(chunk_ids, chunk["class_ids"].tolist(), chunk["probs"].tolist(), strict=True):
-            top = [{"label": label_names[c], "probability": round(p, 6)} for c, p in zip(class_ids, probs, strict=True)]
-            yield {"id": id_, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+        for i, (id_, class_ids, p) in enumerate(zip(chunk_ids, top_ids.tolist(), top_probs.tolist(), strict=True)):
+            top = [{"label": label_names[c], "probability": round(q, 6)} for c, q in zip(class_ids, p, strict=True)]
+            row = {"id": id_, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+            if windows is not None:
+                row.update(windows=int(windows[0][start + i]), truncated=bool(windows[1][start + i]))
+            yield row
 
 
-def write_rows(rows: Iterable[dict[str, Any]], path: Path, k: int) -> int:
+def write_rows(rows: Iterable[dict[str, Any]], path: Path, k: int, windows: bool = False) -> int:
     """Write rows to ``path`` as JSONL (one object per row) or CSV (``id, label, probability, label_2,
-    probability_2, ...``), atomically; returns the number of rows."""
+    probability_2, ...``, then ``windows, truncated`` when texts were read as windows), atomically; returns the
+    number of rows."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     try:
@@ -99,11 +119,12 @@ def write_rows(rows: Iterable[dict[str, Any]], path: Path, k: int) -> int:
                     count += 1
             else:
                 writer = csv.writer(f)
-                names = (f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability"))
-                writer.writerow(["id", "label", "probability", *names])
+                names = [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
+                extra = WINDOW_COLUMNS if windows else ()
+                writer.writerow(["id", "label", "probability", *names, *extra])
                 for row in rows:
                     rest = [v for t in row["top_k"][1:] for v in (t["label"], t["probability"])]
-                    writer.writerow([row["id"], row["label"], row["probability"], *rest])
+                    writer.writerow([row["id"], row["label"], row["probability"], *rest, *(row[c] for c in extra)])
                     count += 1
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (and never a file under the final name)
@@ -151,7 +172,7 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        self._file.write(top_k_records(prediction["row_id"], prediction["probs"], self.k).tobytes())
+        self._file.write(logit_records(prediction["row_id"], prediction["logits"]).tobytes())
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -160,13 +181,17 @@ class PredictionWriter(BasePredictionWriter):
             return
         index = getattr(trainer.datamodule, "predict_index", None)
         parts = [self.parts / f"rank{r}.bin" for r in range(trainer.world_size)]
+        num_labels, windows = len(pl_module.label_names), None
         if index is not None:
-            row_ids, ids = index()
+            row_ids, ids, windows = index()
         else:  # dataloaders passed by hand: the row ids are all we know
-            row_ids = np.unique(np.concatenate([np.fromfile(p, dtype=record_dtype(self.k))["row_id"] for p in parts]))
+            records = [np.fromfile(p, dtype=record_dtype(num_labels))["row_id"] for p in parts]
+            row_ids = np.unique(np.concatenate(records))
             ids = iter(row_ids.tolist())
-        merged = merge_in_input_order(parts, np.asarray(row_ids), self.k, self.parts / "merged.npy")
-        count = write_rows(prediction_rows(merged, ids, pl_module.label_names), self.path, self.k)
+        counts = windows[0] if windows is not None else None
+        merged = merge_in_input_order(parts, np.asarray(row_ids), num_labels, self.parts / "merged.npy", counts)
+        rows = prediction_rows(merged, ids, pl_module.label_names, self.k, windows)
+        count = write_rows(rows, self.path, self.k, windows is not None)
         del merged
         shutil.rmtree(self.parts, ignore_errors=True)
         rank_zero_info(f"Wrote {count} predictions to {self.path}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,12 +58,13 @@ class TokenizedSplit(Dataset):
         folder: str | Path,
         name: str,
         token_chunks: Iterable[list[list[int]]],
-        labels: np.ndarray | None = None,
-        row_ids: np.ndarray | None = None,
+        labels: np.ndarray | Callable[[], np.ndarray] | None = None,
+        row_ids: np.ndarray | Callable[[], np.ndarray] | None = None,
     ) -> TokenizedSplit:
         """Write the split ``name`` into ``folder`` from chunks of tokenized texts, one chunk in memory at a time, and
         return it memory-mapped from there. Without ``row_ids`` the texts are numbered 0..N-1 in order; without
-        ``labels`` the split has none."""
+        ``labels`` the split has none. ``labels`` and ``row_ids`` may be functions, called once the chunks are written:
+        when texts are cut into windows, how many rows each text gives is known only then."""
         folder, lengths = Path(folder), []
 
         def flat_chunks() -> Iterator[np.ndarray]:
@@ -74,6 +75,7 @@ class TokenizedSplit(Dataset):
         _save_streamed(folder / f"{name}.tokens.npy", flat_chunks(), np.dtype(np.int32))
         offsets = _offsets(lengths)
         n = len(offsets) - 1
+        labels, row_ids = (x() if callable(x) else x for x in (labels, row_ids))
         labels = np.asarray([] if labels is None else labels, dtype=np.int64)
         row_ids = np.arange(n, dtype=np.int64) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
         if len(labels) not in (0, n) or len(row_ids) != n:

@@ -156,6 +156,8 @@ def test_ddp_fit_on_two_cpu_processes(tmp_path, sample_dir):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     # 240 training rows, batch 8 per device, 2 devices: each rank takes half the rows, 15 optimizer steps.
     assert ckpt["global_step"] == 15
+    # The temperature was fitted on the logits of both ranks (15 validation rows each), gathered.
+    assert ckpt["lightning_cls_calibration"]["rows"] == 30 and ckpt["lightning_cls_temperature"] > 0
 
 
 def test_checkpoint_records_the_training_data_reference(tmp_path, sample_dir):

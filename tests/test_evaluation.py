@@ -99,13 +99,23 @@ def test_test_and_validate_write_reports_from_the_checkpoint(tmp_path, sample_di
     text = (log_dir / "test_report.txt").read_text()
     assert all(name in text for name in run.model.label_names)
     assert imread(log_dir / "test_confusion_matrix.png").ndim == 3
+    # Calibration on the test split: scored with the temperature fitted on validation, never refitted on test.
+    temperature = torch.load(ckpt, weights_only=True)["lightning_cls_temperature"]
+    calibration = report["calibration"]
+    assert calibration["temperature"] == temperature and calibration["temperature_source"] == "from the checkpoint"
+    assert calibration["rows"] == 30 and set(calibration["before"]) == set(calibration["after"]) >= {"ece", "nll"}
+    assert "before scaling" in text and "after scaling" in text
+    assert imread(log_dir / "test_reliability.png").ndim == 3
 
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
     events.Reload()
-    assert "test/confusion_matrix" in events.Tags()["images"]
+    assert {"test/confusion_matrix", "test/reliability"} <= set(events.Tags()["images"])
 
     run = main(["validate", *data_args(sample_dir, family), *trainer_args(tmp_path), f"--ckpt_path={ckpt}"])
     report = json.loads((Path(run.trainer.log_dir) / "val_report.json").read_text())
     assert report["rows"] == 30 and report["macro_f1"] == pytest.approx(
         run.trainer.callback_metrics["val/f1_macro"].item(), abs=1e-5
     )
+    # `validate` reports with the checkpoint's temperature; only `fit` and `calibrate` fit one.
+    assert report["calibration"]["temperature_source"] == "from the checkpoint"
+    assert run.model.temperature == temperature

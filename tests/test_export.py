@@ -22,6 +22,10 @@ METADATA_KEYS = {
     "exported_at",
     "lightning_cls_version",
     "reference",
+    "temperature",
+    "calibration",
+    "max_windows",
+    "window_stride",
 }
 
 
@@ -38,6 +42,8 @@ def predict_file(tmp_path, sample_dir, family, ckpt, texts) -> list[dict]:
             f"--ckpt_path={ckpt}",
             f"--data.predict_path={path}",
             "--data.eval_batch_size=4",  # padded batches of different lengths: the pipeline pads nothing
+            # The pipeline gives the raw softmax; the temperature is in lightning_cls.json for the server to apply.
+            "--model.use_temperature=false",
             "--prediction_writer.top_k=100",
             f"--prediction_writer.output_path={out}",
         ]
@@ -68,6 +74,7 @@ def test_pipeline_loads_the_export_offline_and_agrees_with_predict(tmp_path, sam
     metadata = json.loads((out / "lightning_cls.json").read_text())
     assert set(metadata) == METADATA_KEYS and metadata["format_version"] == 1
     assert metadata["labels"] == labels and metadata["max_length"] == 64
+    assert metadata["temperature"] == checkpoint["lightning_cls_temperature"] > 0
     assert metadata["reference"] == checkpoint["lightning_cls_data_reference"]["train"]
     assert metadata["reference"]["rows"] == 240 and sum(metadata["reference"]["label_counts"].values()) == 240
     assert not list(tmp_path.glob(".export.tmp-*"))  # the temporary folder was renamed, not left behind

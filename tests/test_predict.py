@@ -12,15 +12,16 @@ import pytest
 import torch
 from test_cli import data_args, trainer_args
 
+from lightning_cls.calibration import calibrated_probabilities
 from lightning_cls.cli import main
 from lightning_cls.errors import DataError
 from lightning_cls.model import TextClassifier
 from lightning_cls.predictions import (
     PredictionWriter,
+    logit_records,
     merge_in_input_order,
     prediction_rows,
     record_dtype,
-    top_k_records,
 )
 from lightning_cls.sample_data import generate_texts
 from lightning_cls.tables import read_table, read_text_chunks
@@ -119,31 +120,51 @@ def test_texts_are_decoded_and_checked_as_training_files_are(tmp_path):
 
 def test_merge_restores_input_order_from_shuffled_parts(tmp_path):
     row_ids = np.array([3, 8, 10, 11, 40])  # sparse, like the test split's rows in the data file
-    probs = torch.rand(5, 4).softmax(-1)
+    logits = torch.randn(5, 4)
     order = [4, 0, 2, 1, 3]  # longest-first: not the input order
     parts = []
     for rank, rows in enumerate((order[::2], order[1::2])):
         part = tmp_path / f"rank{rank}.bin"
-        part.write_bytes(top_k_records(row_ids[rows].tolist(), probs[rows], k=2).tobytes())
+        part.write_bytes(logit_records(row_ids[rows].tolist(), logits[rows]).tobytes())
         parts.append(part)
-    merged = merge_in_input_order(parts, row_ids, 2, tmp_path / "merged.npy")
-    assert merged["row_id"].tolist() == row_ids.tolist()
-    torch.testing.assert_close(torch.from_numpy(np.array(merged["probs"])), probs.topk(2).values)
-    rows = list(prediction_rows(merged, iter(["a", "b", "c", "d", "e"]), ["w", "x", "y", "z"]))
+    merged = merge_in_input_order(parts, row_ids, 4, tmp_path / "merged.npy")
+    torch.testing.assert_close(torch.from_numpy(np.array(merged)).float(), logits)
+    rows = list(prediction_rows(merged, iter(["a", "b", "c", "d", "e"]), ["w", "x", "y", "z"], k=2))
     assert [r["id"] for r in rows] == ["a", "b", "c", "d", "e"]
-    assert [r["label"] for r in rows] == [["w", "x", "y", "z"][i] for i in probs.argmax(-1).tolist()]
+    assert [r["label"] for r in rows] == [["w", "x", "y", "z"][i] for i in logits.argmax(-1).tolist()]
     assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in rows)
+    assert "windows" not in rows[0]
+
+
+def test_merge_averages_the_windows_of_a_text_wherever_they_were(tmp_path):
+    # Text 0 has three windows, text 1 one, text 2 two; windows spread over two ranks, in any order.
+    text_of_window = np.array([0, 2, 0, 1, 2, 0])
+    logits = torch.randn(6, 3)
+    parts = []
+    for rank, rows in enumerate(([5, 1, 3], [0, 4, 2])):
+        part = tmp_path / f"rank{rank}.bin"
+        part.write_bytes(logit_records(text_of_window[rows].tolist(), logits[rows]).tobytes())
+        parts.append(part)
+    counts = np.array([3, 1, 2])
+    merged = merge_in_input_order(parts, np.arange(3), 3, tmp_path / "merged.npy", counts)
+    expected = torch.stack([logits[text_of_window == t].mean(0) for t in range(3)])
+    torch.testing.assert_close(torch.from_numpy(np.array(merged)).float(), expected)
+    rows = list(prediction_rows(merged, iter("abc"), ["x", "y", "z"], 1, (counts, np.array([True, False, False]))))
+    assert [(r["windows"], r["truncated"]) for r in rows] == [(3, True), (1, False), (2, False)]
+    # A text missing one of its windows is lost, not answered from the others.
+    with pytest.raises(RuntimeError, match=r"1 row\(s\) lost \(row ids \[0\]\)"):
+        merge_in_input_order(parts, np.arange(3), 3, tmp_path / "merged.npy", np.array([4, 1, 2]))
 
 
 def test_merge_refuses_lost_or_duplicated_rows(tmp_path):
     part = tmp_path / "rank0.bin"
-    part.write_bytes(top_k_records([0, 1, 1], torch.rand(3, 3).softmax(-1), k=1).tobytes())
+    part.write_bytes(logit_records([0, 1, 1], torch.randn(3, 3)).tobytes())
     with pytest.raises(RuntimeError, match=r"1 row\(s\) lost \(row ids \[2\]\), 1 duplicated \(row ids \[1\]\)"):
-        merge_in_input_order([part], np.arange(3), 1, tmp_path / "merged.npy")
-    part.write_bytes(top_k_records([0, 7], torch.rand(2, 3).softmax(-1), k=1).tobytes())
+        merge_in_input_order([part], np.arange(3), 3, tmp_path / "merged.npy")
+    part.write_bytes(logit_records([0, 7], torch.randn(2, 3)).tobytes())
     with pytest.raises(RuntimeError, match=r"rows that are not in the input: \[7\]"):
-        merge_in_input_order([part], np.arange(2), 1, tmp_path / "merged.npy")
-    assert record_dtype(3).itemsize == 8 + 3 * 4 + 3 * 4  # fixed-size records: parts are read as arrays
+        merge_in_input_order([part], np.arange(2), 3, tmp_path / "merged.npy")
+    assert record_dtype(3).itemsize == 8 + 3 * 4  # fixed-size records: parts are read as arrays
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -157,7 +178,8 @@ def expected_probs(ckpt: Path, texts: list[str]) -> torch.Tensor:
     with torch.no_grad():
         for text in texts:
             enc = tokenizer(text, truncation=True, max_length=64, return_tensors="pt")
-            rows.append(model(enc["input_ids"], enc["attention_mask"]).softmax(-1)[0])
+            # `predict` gives calibrated probabilities: the logits divided by the checkpoint's temperature.
+            rows.append(calibrated_probabilities(model(enc["input_ids"], enc["attention_mask"]), model.temperature)[0])
     return torch.stack(rows)
 
 
