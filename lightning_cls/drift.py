@@ -6,10 +6,18 @@ counts and its token lengths binned at their deciles. Predictions are compared w
 
 - label PSI: predicted labels vs the training label distribution,
 - length PSI: token lengths (as the model saw them, i.e. truncated) in the reference's bins,
-- low-confidence share: the share of predictions whose top probability is below a threshold.
+- low-confidence share: the share of predictions whose top probability is below a threshold,
+- window PSI (texts read as windows only): texts by the number of windows read vs the training texts'.
 
 A PSI above ``PSI_WARNING`` (0.2, the usual rule of thumb: < 0.1 stable, 0.1-0.2 moderate shift, > 0.2 large
 shift) is an alert, as is a low-confidence share above its own threshold (`DriftThresholds`).
+
+Accuracy, without and with true labels:
+
+- estimated accuracy: the mean probability of the predicted label (confidence-based performance estimation: with
+  calibrated probabilities, the expected share of right answers), in the drift report and its window;
+- realized accuracy, macro-F1 and ECE against true labels (`label_scores`, `top_label_ece`), over the last labelled
+  predictions of the service (`FeedbackWindow`, fed by POST /feedback) or offline (`monitor --labels`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ PSI_EPSILON = 1e-4
 PSI_WARNING = 0.2  # PSI above this is a large shift: an alert
 LOW_CONFIDENCE = 0.5  # a prediction whose top probability is below this counts as low-confidence
 LOW_CONFIDENCE_WARNING = 0.3  # a low-confidence share above this is an alert
+PSI_SIGNALS = ("label_psi", "length_psi", "window_psi")
+# Equal-width confidence bins of the ECE: the same 15 as `lightning_cls.calibration.ECE_BINS` (a test checks), not
+# imported from there because that module loads torchmetrics, seconds of start-up for the service's processes.
+ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -72,13 +84,29 @@ def psi(expected: Sequence[float], actual: Sequence[float], eps: float = PSI_EPS
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def label_counts(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
-    """Counts of each name in ``labels``, in the order of ``names``; an unknown label is an error naming it."""
+def label_positions(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """The position of each label among ``names``; an unknown label is an error naming it."""
     position = {name: i for i, name in enumerate(names)}
     unknown = sorted({label for label in labels if label not in position})
     if unknown:
         raise InputError(f"Labels {unknown} are not among the model's labels {list(names)}.")
-    return np.bincount([position[label] for label in labels], minlength=len(names))
+    return np.asarray([position[label] for label in labels], dtype=np.int64)
+
+
+def label_counts(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """Counts of each name in ``labels``, in the order of ``names``; an unknown label is an error naming it."""
+    return np.bincount(label_positions(labels, names), minlength=len(names))
+
+
+def window_count_bins(windows: Sequence[int], reference: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts by window count, live and reference, in the bins 1, 2, ..., the reference's largest count (open: the
+    window cap may have changed since, so anything above falls in the last bin)."""
+    top = max(int(k) for k in reference)
+    ref = np.zeros(top, dtype=np.int64)
+    for k, count in reference.items():
+        ref[int(k) - 1] += count
+    live = np.bincount(np.clip(np.asarray(windows, dtype=np.int64), 1, top) - 1, minlength=top)
+    return live, ref
 
 
 def drift_report(
@@ -88,9 +116,10 @@ def drift_report(
     probabilities: Sequence[float],
     lengths: Sequence[int] | None,
     thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+    windows: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Drift of a set of predictions against the export's reference (its `to_dict()` form): label PSI, length PSI,
-    low-confidence share.
+    low-confidence share, and window PSI when the reference and the predictions have window counts.
 
     Signals that cannot be computed (no reference, no lengths, no predictions) are None; ``alerts`` lists the
     signals over their threshold.
@@ -110,7 +139,10 @@ def drift_report(
         "psi_epsilon": PSI_EPSILON,
         "label_psi": None,
         "length_psi": None,
+        "window_psi": None,
         "low_confidence_share": float(np.mean(np.asarray(probabilities) < t.low_confidence)) if n else None,
+        # the mean probability of the predicted labels: with calibrated probabilities, the expected accuracy
+        "estimated_accuracy": float(np.mean(np.asarray(probabilities, dtype=float))) if n else None,
         "labels": {"names": list(names), "live": live_labels.tolist(), "reference": None},
         "lengths": None,
         # the top probabilities in tenths, for the plot
@@ -131,7 +163,11 @@ def drift_report(
                 "live": live_bins.tolist(),
                 "reference": token_length["bin_counts"],
             }
-    alerts = [k for k in ("label_psi", "length_psi") if report[k] is not None and report[k] > t.psi_warning]
+        if windows is not None and reference.get("window_counts"):
+            live_windows, ref_windows = window_count_bins(windows, reference["window_counts"])
+            report["window_psi"] = psi(ref_windows, live_windows)
+            report["windows"] = {"live": live_windows.tolist(), "reference": ref_windows.tolist()}
+    alerts = [k for k in PSI_SIGNALS if report[k] is not None and report[k] > t.psi_warning]
     share = report["low_confidence_share"]
     if share is not None and share > t.low_confidence_warning:
         alerts.append("low_confidence_share")
@@ -140,7 +176,8 @@ def drift_report(
 
 
 class DriftWindow:
-    """The last ``size`` predictions of live traffic (label, top probability, token length) and their drift."""
+    """The last ``size`` predictions of live traffic (label, top probability, token length, windows read) and their
+    drift."""
 
     def __init__(
         self,
@@ -157,23 +194,101 @@ class DriftWindow:
             )
         self.names, self.reference, self.min_texts = list(names), reference, min_texts
         self.thresholds = thresholds
-        self.items: deque[tuple[str, float, int]] = deque(maxlen=size)
+        self.items: deque[tuple[str, float, int, int]] = deque(maxlen=size)
 
-    def add(self, labels: Sequence[str], probabilities: Sequence[float], lengths: Sequence[int]) -> None:
-        """Append predictions; the oldest fall out of the window."""
-        self.items.extend(zip(labels, probabilities, lengths, strict=True))
+    def add(
+        self,
+        labels: Sequence[str],
+        probabilities: Sequence[float],
+        lengths: Sequence[int],
+        windows: Sequence[int] | None = None,
+    ) -> None:
+        """Append predictions (``windows``: windows read per text, default 1); the oldest fall out of the window."""
+        windows = [1] * len(labels) if windows is None else windows
+        self.items.extend(zip(labels, probabilities, lengths, windows, strict=True))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def report(self) -> dict[str, Any]:
         """The drift report of the predictions now in the window; no signal while it holds under ``min_texts``."""
-        labels, probabilities, lengths = (
-            (list(c) for c in zip(*self.items, strict=True)) if self.items else ([], [], [])
+        labels, probabilities, lengths, windows = (
+            (list(c) for c in zip(*self.items, strict=True)) if self.items else ([], [], [], [])
         )
-        report = drift_report(self.reference, self.names, labels, probabilities, lengths, self.thresholds)
+        report = drift_report(self.reference, self.names, labels, probabilities, lengths, self.thresholds, windows)
         if len(self) < self.min_texts:
             # A handful of predictions always looks drifted (most bins empty): wait for a meaningful sample.
-            report.update(label_psi=None, length_psi=None, low_confidence_share=None, alerts=[])
+            report.update(
+                label_psi=None,
+                length_psi=None,
+                window_psi=None,
+                low_confidence_share=None,
+                estimated_accuracy=None,
+                alerts=[],
+            )
             report["note"] = f"{len(self)} predictions, fewer than {self.min_texts}: no drift signal yet"
         return report
+
+
+# ------------------------------------------------------------------------------------------------ against true labels
+def label_scores(true: Sequence[str], predicted: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy and macro-F1 of predicted labels against true ones (the model's ``names``; unknown ones are an
+    error naming them). Macro-F1 as `evaluation.classification_report` and torchmetrics compute it: a class that
+    is neither present nor predicted does not count (a window of one subject is not marked down for the nine
+    others). None for both when there are no rows."""
+    if len(true) != len(predicted):
+        raise ValueError(f"{len(true)} true labels but {len(predicted)} predicted ones.")
+    k = len(names)
+    if not len(true):
+        return {"rows": 0, "accuracy": None, "macro_f1": None}
+    t, p = label_positions(true, names), label_positions(predicted, names)
+    confmat = np.bincount(t * k + p, minlength=k * k).reshape(k, k)  # rows: true, columns: predicted
+    tp, support, guessed = np.diag(confmat), confmat.sum(1), confmat.sum(0)
+    precision = np.divide(tp, guessed, out=np.zeros(k), where=guessed > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = (support + guessed) > 0
+    return {"rows": len(true), "accuracy": float(tp.sum() / len(true)), "macro_f1": float(f1[present].mean())}
+
+
+def top_label_ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error from each row's top probability and whether its label was right: the row-weighted
+    mean gap between accuracy and mean confidence over ``bins`` equal-width bins of (0, 1], binned like
+    `calibration.reliability_bins` (so it equals `calibration.expected_calibration_error` of the full
+    probabilities). None without rows."""
+    c = np.asarray(confidence, dtype=np.float64)
+    right = np.asarray(correct, dtype=np.float64)
+    if c.shape != right.shape or c.ndim != 1:
+        raise ValueError(f"ECE needs one confidence per correctness flag, got shapes {c.shape} and {right.shape}.")
+    if not len(c):
+        return None
+    index = np.clip(np.ceil(c * bins).astype(np.int64) - 1, 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    gap = np.bincount(index, weights=right, minlength=bins) - np.bincount(index, weights=c, minlength=bins)
+    return float(np.abs(gap).sum() / counts.sum())
+
+
+class FeedbackWindow:
+    """The last ``size`` labelled predictions of live traffic (predicted label, true label) and their accuracy and
+    macro-F1, None until it holds ``min_labels``."""
+
+    def __init__(self, names: Sequence[str], size: int = 1000, min_labels: int = 50) -> None:
+        if not 1 <= min_labels <= size:
+            raise InputError(
+                f"The feedback window needs 1 <= --min_feedback <= --feedback_window, got {min_labels} and {size}."
+            )
+        self.names, self.min_labels = list(names), min_labels
+        self.items: deque[tuple[str, str]] = deque(maxlen=size)
+
+    def add(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Append (predicted, true) pairs, oldest first; the oldest fall out of the window."""
+        self.items.extend(pairs)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def report(self) -> dict[str, Any]:
+        predicted, true = ([p for p, _ in self.items], [t for _, t in self.items])
+        if len(self) < self.min_labels:
+            return {"rows": len(self), "accuracy": None, "macro_f1": None}
+        return label_scores(true, predicted, self.names)

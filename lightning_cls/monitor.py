@@ -1,6 +1,7 @@
 """`python -m lightning_cls monitor`: the drift report of a predictions file against the reference of an exported
 model, offline (the same report the service computes over its sliding window, see `lightning_cls.drift`), written as
-JSON plus a PNG plot.
+JSON plus a PNG plot. It includes the estimated accuracy (the mean probability of the predicted labels) and, given
+true labels for some of the predictions (`--labels`), the realized accuracy, macro-F1 and calibration (ECE).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_cls.drift import DEFAULT_THRESHOLDS, DriftThresholds, drift_report
+from lightning_cls.drift import DEFAULT_THRESHOLDS, ECE_BINS, DriftThresholds, drift_report, label_scores, top_label_ece
 from lightning_cls.errors import DataError, InputError
 from lightning_cls.export_format import read_export_metadata
 
@@ -32,10 +33,11 @@ def read_predictions(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Predictions file {path} does not exist.")
+    # Ids as written (the service's hex ids are not numbers, "007" is not 7): they are matched with --labels.
     if path.suffix == ".csv":
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={"id": str})
     elif path.suffix in (".jsonl", ".json"):
-        table = pd.read_json(path, lines=True)
+        table = pd.read_json(path, lines=True, dtype={"id": str})
     else:
         raise InputError(f"Predictions file {path}: expected .csv or .jsonl, got {path.suffix!r}.")
     missing = [c for c in ("label", "probability") if c not in table.columns]
@@ -48,6 +50,79 @@ def read_predictions(path: str | Path) -> Any:
     if bad:
         raise InputError(f"Predictions file {path}: column 'probability' is not in [0, 1] at rows {bad[:10]}.")
     return table
+
+
+def read_labels(path: str | Path) -> Any:
+    """A file of true labels (.csv, .jsonl or .json lines) with columns `id` and `label`, as a DataFrame of strings;
+    errors name the file and what is wrong (a missing column, empty labels, an id given twice)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Labels file {path} does not exist.")
+    if path.suffix == ".csv":
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    elif path.suffix in (".jsonl", ".json"):
+        table = pd.read_json(path, lines=True, dtype={"id": str, "label": str})
+    else:
+        raise InputError(f"Labels file {path}: expected .csv or .jsonl, got {path.suffix!r}.")
+    missing = [c for c in ("id", "label") if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"Labels file {path} has no column {missing} (columns: {list(table.columns)}); it needs `id` (the "
+            "predictions' ids) and `label` (the true label)."
+        )
+    table = pd.DataFrame({"id": table["id"].astype(str), "label": table["label"].fillna("").astype(str)})
+    empty = table.index[table["label"].str.strip() == ""].tolist()
+    if empty:
+        raise InputError(f"Labels file {path}: empty label at rows {empty[:10]}.")
+    twice = table["id"][table["id"].duplicated()].unique().tolist()
+    if twice:
+        raise InputError(f"Labels file {path}: ids given more than once: {_few(twice)}.")
+    return table
+
+
+def realized_scores(predictions: Any, labels: Any, names: list[str], labels_path: str | Path) -> dict[str, Any]:
+    """Accuracy, macro-F1 and ECE of the predictions that have a true label in ``labels`` (joined on `id`), beside
+    the accuracy their probabilities estimate. Ids not among the predictions and labels the model does not have
+    are errors naming them."""
+    if "id" not in predictions.columns:
+        raise InputError("--labels needs an `id` column in the predictions file, to match the labels to predictions.")
+    ids = predictions["id"].astype(str)
+    twice = ids[ids.duplicated()].unique().tolist()
+    if twice:
+        raise InputError(f"The predictions file has ids more than once: {_few(twice)}; --labels cannot match them.")
+    unknown = labels["id"][~labels["id"].isin(set(ids))].tolist()
+    if unknown:
+        raise InputError(
+            f"Labels file {labels_path}: {len(unknown)} id(s) not in the predictions file: {_few(unknown)}."
+        )
+    bad = sorted(set(labels["label"]) - set(names))
+    if bad:
+        raise InputError(f"Labels file {labels_path}: label(s) {_few(bad)} are not among the model's labels {names}.")
+    true = dict(zip(labels["id"], labels["label"], strict=True))
+    rows = [i for i, pid in enumerate(ids) if pid in true]
+    predicted = predictions["label"].astype(str).iloc[rows].tolist()
+    truth = [true[ids.iloc[i]] for i in rows]
+    confidence = predictions["probability"].astype(float).iloc[rows].to_numpy()
+    scores = label_scores(truth, predicted, names)
+    correct = [p == t for p, t in zip(predicted, truth, strict=True)]
+    return {
+        "labels": str(labels_path),
+        "rows": len(rows),
+        "of_predictions": len(predictions),
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        # estimated on the same rows, for comparison with the realized accuracy
+        "estimated_accuracy": float(confidence.mean()) if rows else None,
+        "ece": top_label_ece(confidence, correct),
+        "ece_bins": ECE_BINS,
+    }
+
+
+def _few(items: list[Any], limit: int = 10) -> str:
+    shown = repr(list(items[:limit]))
+    return shown if len(items) <= limit else f"{shown} (and {len(items) - limit} more)"
 
 
 def read_input_texts(inputs: str | Path, text_column: str, predictions: Any) -> list[str]:
@@ -154,9 +229,11 @@ def monitor(
     inputs: str | None = None,
     text_column: str = "text",
     out: str | None = None,
+    labels: str | None = None,
     thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
 ) -> dict[str, Any]:
-    """Drift report of a predictions file against the reference of an exported model: JSON plus a PNG plot.
+    """Drift report of a predictions file against the reference of an exported model: JSON plus a PNG plot, with
+    the estimated accuracy (mean probability of the predicted labels) and, with `labels`, the realized one.
 
     Args:
         predictions: CSV or JSONL file with columns `label` (predicted label) and `probability` (its probability),
@@ -167,11 +244,14 @@ def monitor(
             are tokenized with the model's tokenizer for the token-length signal.
         text_column: Column of `inputs` (or of the predictions file) that holds the text.
         out: Output path prefix: writes OUT.json and OUT.png (default: beside the predictions file, `<name>.drift`).
+        labels: CSV or JSONL file of true labels, columns `id` (ids of the predictions file) and `label`, for some
+            or all predictions: adds their accuracy, macro-F1 and calibration error (ECE, 15 bins) to the report.
         thresholds: When a drift signal is an alert.
     """
     meta = read_export_metadata(model_dir)
     reference = meta.reference.to_dict() if meta.reference is not None else None
     table = read_predictions(predictions)
+    truth = read_labels(labels) if labels is not None else None
     texts, lengths = None, None
     if "token_length" in table.columns:
         lengths = table["token_length"].astype(int).tolist()
@@ -179,10 +259,16 @@ def monitor(
         texts = read_input_texts(inputs, text_column, table)
     elif text_column in table.columns:
         texts = table[text_column].fillna("").astype(str).tolist()
+    # Windows read per text: written by `predict` for texts read as windows (the window PSI needs them).
+    windows = table["windows"].astype(int).tolist() if "windows" in table.columns else None
     if texts is not None:
-        from lightning_cls.tokenization import load_tokenizer, tokenize
+        from lightning_cls.tokenization import load_tokenizer
+        from lightning_cls.windows import WindowSpec, window_token_ids
 
-        lengths = [len(ids) for ids in tokenize(load_tokenizer(str(model_dir)), texts, meta.max_length)]
+        tokenizer = load_tokenizer(str(model_dir))
+        read = window_token_ids(tokenizer, texts, WindowSpec(meta.max_length, meta.max_windows, meta.window_stride))
+        lengths = (read.tokens + tokenizer.num_special_tokens_to_add()).tolist()  # as the model read each text
+        windows = read.counts.tolist() if windows is None else windows
     report = drift_report(
         reference,
         meta.labels,
@@ -190,9 +276,11 @@ def monitor(
         table["probability"].astype(float).tolist(),
         lengths,
         thresholds,
+        windows,
     )
     report["predictions"] = str(predictions)
     report["model_dir"] = str(model_dir)
+    report["realized"] = realized_scores(table, truth, list(meta.labels), labels) if truth is not None else None
     if reference is None:
         report["note"] = "the export has no reference: only the low-confidence share is computed"
     elif lengths is None:
@@ -206,10 +294,18 @@ def monitor(
     plot_report(report, png_path, title=Path(predictions).name)
     for signal in report["alerts"]:
         log.warning(f"Drift: {signal} = {report[signal]:.3f} is above its threshold.")
+    realized = report["realized"]
+    scored = (
+        f"; on the {realized['rows']} labelled: accuracy {_fmt(realized['accuracy'])} (estimated "
+        f"{_fmt(realized['estimated_accuracy'])}), macro-F1 {_fmt(realized['macro_f1'])}, ECE {_fmt(realized['ece'])}"
+        if realized
+        else ""
+    )
     print(
         f"{report['texts']} predictions: label PSI {_fmt(report['label_psi'])}, length PSI "
         f"{_fmt(report['length_psi'])}, low-confidence share {_fmt(report['low_confidence_share'])}; "
-        f"alerts: {report['alerts'] or 'none'}\nwrote {json_path} and {png_path}"
+        f"alerts: {report['alerts'] or 'none'}\nestimated accuracy {_fmt(report['estimated_accuracy'])}{scored}\n"
+        f"wrote {json_path} and {png_path}"
     )
     return report
 

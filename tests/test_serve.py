@@ -298,4 +298,5 @@ def test_a_server_with_an_api_key(model_dir, tmp_path, monkeypatch):
         metrics = client.get("/metrics", headers={"Authorization": "Bearer k3y"}).text
         assert metric(metrics, "lightning_cls_http_requests_total", path="/predict", status="401") == 1
         info = client.get("/info").json()["model"]
-        assert info["api_key"] == {"required_for": ["/predict", "/metrics"]} and "k3y" not in json.dumps(info)
+        assert info["api_key"] == {"required_for": ["/predict", "/feedback", "/metrics"]}
+        assert "k3y" not in json.dumps(info)

@@ -167,3 +167,21 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
     assert [a["probability"] for a in flat] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
     messages = [api._logger_queue.get_nowait() for _ in range(api._logger_queue.qsize())]
     assert messages[1][1]["windows"] == windows.counts.tolist()
+
+
+def test_the_drift_report_compares_windows_per_text_with_the_training_texts():
+    from lightning_cls.drift import drift_report, window_count_bins
+
+    reference = {"label_counts": {"a": 50, "b": 50}, "window_counts": {"1": 60, "2": 30, "3": 10}}
+    live, ref = window_count_bins([1, 2, 9], reference["window_counts"])
+    assert ref.tolist() == [60, 30, 10] and live.tolist() == [1, 1, 1]  # above the reference's largest: last bin
+    same = [1] * 60 + [2] * 30 + [3] * 10
+    longer = [3] * 50 + [8] * 50  # documents got longer: more windows per text
+    labels, probs = ["a", "b"] * 50, [0.9] * 100
+    steady = drift_report(reference, ["a", "b"], labels, probs, None, windows=same)
+    drifted = drift_report(reference, ["a", "b"], labels, probs, None, windows=longer)
+    assert steady["window_psi"] == pytest.approx(0.0) and "window_psi" not in steady["alerts"]
+    assert drifted["window_psi"] > 1 and "window_psi" in drifted["alerts"]
+    # A reference without window counts (a model trained on truncated texts): no window signal, no error.
+    plain = drift_report({"label_counts": {"a": 1, "b": 1}}, ["a", "b"], labels, probs, None, windows=longer)
+    assert plain["window_psi"] is None

@@ -5,10 +5,13 @@ Processes (LitServe's), and the module that holds what runs in each:
 - the main process: `server` builds the `LitServer` from `ServeSettings` and runs it;
 - the HTTP server(s) (uvicorn, forked): `http`, the ASGI middlewares that check requests and count responses;
 - the inference worker(s) (spawned, they load the model): `api`, the LitAPI;
-- a logger process (spawned): `metrics.MonitoringLogger`, which holds the prediction metrics and the drift window.
+- a logger process (spawned): `metrics.MonitoringLogger`, which holds the prediction metrics, the drift and
+  feedback windows, and stores every prediction in the feedback database.
 
 `metrics` also holds the Prometheus metric classes and the multiprocess wiring that lets GET /metrics merge what
-every process recorded. The drift maths are in `lightning_cls.drift`, shared with the offline `monitor` command.
+every process recorded. `feedback` is the SQLite database of predictions and true labels (POST /feedback), shared
+by the HTTP server and the logger process. The drift and accuracy maths are in `lightning_cls.drift`, shared with
+the offline `monitor` command.
 
 Nothing is imported here: spawned workers import only the modules their pickled objects need.
 """

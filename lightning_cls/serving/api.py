@@ -2,11 +2,17 @@
 
 Dynamic batching: the worker collects up to `max_batch_size` requests within `batch_timeout` seconds; `batch`
 flattens their texts, `predict` runs them longest-first in chunks of `forward_batch_size`, `unbatch` gives each
-request its answers back. Each batch is sent to the logger process (`metrics.MonitoringLogger`) with `self.log`.
+request its answers back. A text longer than the model's window is read as up to `max_windows` overlapping
+windows (`lightning_cls.windows`; 1: truncated), the windows of all texts batched together, and answered with the
+mean of its windows' logits, divided by the export's temperature when it has one (calibrated probabilities). Each
+answer has a `prediction_id`, the key of POST /feedback. Each batch is sent to the logger process
+(`metrics.MonitoringLogger`) with `self.log`, which stores its predictions and updates the metrics.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +22,7 @@ import torch
 from lightning_cls.export_format import load_classifier
 from lightning_cls.serving.http import PREDICT_PATH
 from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
 
 
 @dataclass
@@ -28,7 +35,11 @@ class TextBatch:
 
 
 class ClassifierAPI(ls.LitAPI):
-    """Tokenizes, runs the exported classifier in fp32 under `torch.inference_mode`, answers top-k."""
+    """Tokenizes, runs the exported classifier in fp32 under `torch.inference_mode`, answers top-k.
+
+    ``temperature``: answer softmax(logits / temperature), the calibrated probabilities (None: the plain softmax).
+    ``min_confidence``: an answer whose probability is below it says ``"abstained": true`` (and keeps its label).
+    """
 
     def __init__(
         self,
@@ -38,12 +49,19 @@ class ClassifierAPI(ls.LitAPI):
         batch_timeout: float = 0.002,
         forward_batch_size: int = 64,
         num_threads: int | None = None,
+        max_windows: int = 1,
+        window_stride: int | None = None,
+        temperature: float | None = None,
+        min_confidence: float | None = None,
     ) -> None:
         with warnings.catch_warnings():  # LitServe warns when batch/unbatch exist but max_batch_size is 1: fine here
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
         self.model_dir, self.max_length = str(model_dir), max_length
         self.forward_batch_size, self.num_threads = forward_batch_size, num_threads
+        self.max_windows, self.window_stride = max_windows, window_stride
+        # softmax(logits / temperature): the calibrated probabilities (None: the plain softmax, T = 1).
+        self.temperature, self.min_confidence = temperature, min_confidence
 
     def setup(self, device: str) -> None:
         if self.num_threads:
@@ -53,7 +71,10 @@ class ClassifierAPI(ls.LitAPI):
         self.model = load_classifier(self.model_dir, dtype=torch.float32)
         self.model.to(device).eval()
         self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self._probabilities(self._tokenize(["warm up"])[0])  # the first forward pass is slow: not a user's
+        self.special_tokens = self.tokenizer.num_special_tokens_to_add()
+        self.windows = WindowSpec(self.max_length, self.max_windows, self.window_stride)
+        self.windows.step(self.tokenizer)  # a stride longer than a window fails here, at start, not per request
+        self._logits(window_token_ids(self.tokenizer, ["warm up"], self.windows).input_ids)  # the slow first pass
         self.log("start", None)  # the monitoring process makes its metrics now, so /metrics lists them from the start
 
     def decode_request(self, request: dict) -> tuple[list[str], int]:
@@ -71,61 +92,76 @@ class ClassifierAPI(ls.LitAPI):
         """Answers per request (a list per request when batched; one request's list when `max_batch_size` is 1)."""
         batched = isinstance(x, TextBatch)
         batch = x if batched else self.batch([x])
-        ids, truncated = self._tokenize(batch.texts)
-        probs = self._probabilities(ids)  # (N, num_labels)
+        windows = window_token_ids(self.tokenizer, batch.texts, self.windows)
+        # The windows of every text of every request are batched together; each text's answer is its windows' mean.
+        logits = mean_logits_per_text(self._logits(windows.input_ids), windows.text_index, windows.num_texts)
+        probs = self.probabilities(logits)  # (N, num_labels)
         order = probs.argsort(dim=-1, descending=True).tolist()
         probs = probs.tolist()
+        top = [p[o[0]] for p, o in zip(probs, order, strict=True)]
+        abstained = [self.min_confidence is not None and p < self.min_confidence for p in top]
+        ids = [uuid.uuid4().hex for _ in top]  # random: an id says nothing about the text or the traffic
+        tokens = (windows.tokens + self.special_tokens).tolist()  # as the model read them, special tokens included
+        counts, cut = windows.counts.tolist(), windows.cut.tolist()
         answers, start = [], 0
         for size, k in zip(batch.sizes, batch.top_ks, strict=True):
             answers.append(
-                [self._answer(probs[i], order[i], k, len(ids[i]), truncated[i]) for i in range(start, start + size)]
+                [
+                    {
+                        **self._answer(probs[i], order[i], k, tokens[i], counts[i], cut[i]),
+                        "abstained": abstained[i],
+                        "prediction_id": ids[i],
+                    }
+                    for i in range(start, start + size)
+                ]
             )
             start += size
+        # One message per batch to the logger process: it stores the predictions and updates the metrics there.
         self.log(
             "batch",
             {
+                "time": time.time(),
                 "requests": len(batch.sizes),
+                "ids": ids,
                 "labels": [self.names[o[0]] for o in order],
-                "probabilities": [p[o[0]] for p, o in zip(probs, order, strict=True)],
-                "lengths": [len(i) for i in ids],
-                "truncated": truncated,
+                "probabilities": top,
+                "all_probabilities": probs,
+                "lengths": tokens,
+                "windows": counts,
+                "truncated": cut,
+                "abstained": abstained,
             },
         )
         return answers if batched else answers[0]
 
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids truncated at max_length, and whether each text was longer than that."""
-        n = self.max_length
-        ids = self.tokenizer(texts, truncation=True, max_length=n, return_attention_mask=False)["input_ids"]
-        # Only a text that fills max_length exactly may have been cut: tokenizing it to n + 1 tells.
-        full = [i for i, x in enumerate(ids) if len(x) >= n]
-        truncated = [False] * len(texts)
-        if full:
-            longer = self.tokenizer([texts[i] for i in full], truncation=True, max_length=n + 1)["input_ids"]
-            for i, x in zip(full, longer, strict=True):
-                truncated[i] = len(x) > n
-        return ids, truncated
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / temperature) over the labels: `lightning_cls.calibration.calibrated_probabilities`
+        (a test checks they agree), written out here because importing that module loads torchmetrics, seconds of
+        start-up for every worker."""
+        t = 1.0 if self.temperature is None else self.temperature
+        return (logits.float() / t).softmax(-1)  # (N, num_labels)
 
-    def _probabilities(self, ids: list[list[int]]) -> torch.Tensor:
-        probs = torch.empty(len(ids), len(self.names))
-        # Longest first, in chunks: texts of similar length share a chunk, so little compute goes to padding.
+    def _logits(self, ids: list[list[int]]) -> torch.Tensor:
+        """Logits (N, num_labels) of token id lists (whole texts or windows), in float32."""
+        logits = torch.empty(len(ids), len(self.names))
+        # Longest first, in chunks: sequences of similar length share a chunk, so little compute goes to padding.
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         with torch.inference_mode():
             for start in range(0, len(order), self.forward_batch_size):
                 rows = order[start : start + self.forward_batch_size]
                 inputs = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
                 inputs = {k: v.to(self.device_name) for k, v in inputs.items()}
-                logits = self.model(**inputs).logits  # (B, num_labels)
-                probs[rows] = logits.float().softmax(-1).cpu()
-        return probs
+                logits[rows] = self.model(**inputs).logits.float().cpu()  # (B, num_labels)
+        return logits
 
-    def _answer(self, probs: list[float], order: list[int], k: int, tokens: int, truncated: bool) -> dict:
+    def _answer(self, probs: list[float], order: list[int], k: int, tokens: int, windows: int, cut: bool) -> dict:
         return {
             "label": self.names[order[0]],
             "probability": probs[order[0]],
             "top_k": [{"label": self.names[j], "probability": probs[j]} for j in order[:k]],
             "num_tokens": tokens,
-            "truncated": truncated,
+            "windows": windows,
+            "truncated": cut,
         }
 
     def unbatch(self, output: list[list[dict]]) -> list[list[dict]]:

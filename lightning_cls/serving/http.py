@@ -1,4 +1,5 @@
-"""The HTTP layer, run in the HTTP server process(es): request checks and the ASGI middlewares around LitServe.
+"""The HTTP layer, run in the HTTP server process(es): request checks, the ASGI middlewares around LitServe, and the
+POST /feedback endpoint.
 
 Requests are checked here, by `RequestGuard`, before they reach LitServe. This is not only for speed: LitServe runs
 `decode_request` in the inference worker over a whole dynamic batch, and an exception there fails every request of
@@ -7,14 +8,26 @@ that batch, so one bad request would take well-formed ones down with it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
+import sqlite3
+import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from lightning_cls.serving.feedback import FeedbackResult, FeedbackStore
 from lightning_cls.serving.metrics import HttpMetrics
 
 PREDICT_PATH = "/predict"
+FEEDBACK_PATH = "/feedback"
+MAX_FEEDBACK_ITEMS = 1000  # true labels per POST /feedback
+FEEDBACK_POLL = 0.05  # seconds between looks for ids still on their way to the database
 
 
 class RequestError(Exception):
@@ -28,14 +41,7 @@ class RequestError(Exception):
 def parse_predict_body(body: bytes, max_texts: int, num_labels: int, default_top_k: int) -> tuple[list[str], int]:
     """The texts and top-k of a /predict body, ``{"text": str}`` or ``{"texts": [str, ...]}`` with an optional
     ``"top_k": int``; anything else raises `RequestError` (400 for malformed JSON, 422 for a bad payload)."""
-    try:
-        payload = json.loads(body)
-    except UnicodeDecodeError as e:
-        raise RequestError(400, f"The body is not UTF-8 text: {e.reason} at byte {e.start}.") from None
-    except json.JSONDecodeError as e:
-        raise RequestError(400, f"Malformed JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
-    except (ValueError, RecursionError) as e:  # too deeply nested, or an integer too long to convert
-        raise RequestError(400, f"Malformed JSON: {str(e) or type(e).__name__}.") from None
+    payload = _json(body)
     if not isinstance(payload, dict):
         raise RequestError(422, f'Expected a JSON object {{"text": ...}} or {{"texts": [...]}}, got {_kind(payload)}.')
     unknown = sorted(set(payload) - {"text", "texts", "top_k"})
@@ -67,6 +73,77 @@ def parse_predict_body(body: bytes, max_texts: int, num_labels: int, default_top
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_labels:
         raise RequestError(422, f'"top_k" must be an integer from 1 to {num_labels}, got {top_k!r}.')
     return texts, top_k
+
+
+def parse_feedback_body(
+    body: bytes, names: Sequence[str], max_items: int = MAX_FEEDBACK_ITEMS
+) -> list[tuple[str, str]]:
+    """The (prediction id, true label) pairs of a /feedback body: ``{"feedback": [{"prediction_id": ..., "label":
+    ...}, ...]}`` (or one such object instead of the list, or the object alone). Anything else raises
+    `RequestError`: 400 for malformed JSON, 422 naming every bad item and every label not among ``names``. An id
+    given twice with the same label counts once; with two labels it is a 422."""
+    payload = _json(body)
+    if isinstance(payload, dict) and "feedback" in payload:
+        unknown = sorted(set(payload) - {"feedback"})
+        if unknown:
+            raise RequestError(422, f'Unknown field(s) {unknown} beside "feedback".')
+        payload = payload["feedback"]
+    items = [payload] if isinstance(payload, dict) else payload
+    if not isinstance(items, list):
+        raise RequestError(
+            422,
+            'Expected {"feedback": [{"prediction_id": "...", "label": "..."}, ...]} or one '
+            f'{{"prediction_id": ..., "label": ...}} object, got {_kind(items)}.',
+        )
+    if not items:
+        raise RequestError(422, '"feedback" is empty: give at least one {"prediction_id", "label"} object.')
+    if len(items) > max_items:
+        raise RequestError(422, f'"feedback" has {len(items)} items; this server takes at most {max_items}.')
+    problems, pairs = [], []
+    for i, item in enumerate(items):
+        where = f"feedback[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{where} must be an object, got {_kind(item)}")
+            continue
+        extra = sorted(set(item) - {"prediction_id", "label"})
+        pid, label = item.get("prediction_id"), item.get("label")
+        if extra:
+            problems.append(f"{where} has unknown field(s) {extra}")
+        elif not isinstance(pid, str) or not pid.strip():
+            problems.append(f'{where}: "prediction_id" must be a non-empty string, got {_kind(pid)}')
+        elif not isinstance(label, str):
+            problems.append(f'{where}: "label" must be a string, got {_kind(label)}')
+        else:
+            pairs.append((pid, label))
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise RequestError(422, "; ".join(problems[:10]) + more + ".")
+    known = set(names)
+    bad_labels = sorted({label for _, label in pairs if label not in known})
+    if bad_labels:
+        raise RequestError(422, f"Unknown label(s) {bad_labels}: the model's labels are {list(names)}.")
+    first: dict[str, str] = {}
+    twice = sorted({pid for pid, label in pairs if first.setdefault(pid, label) != label})
+    if twice:
+        raise RequestError(422, f"prediction_id(s) {_few(twice)} are given twice with different labels.")
+    return list(first.items())
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"The body is not UTF-8 text: {e.reason} at byte {e.start}.") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"Malformed JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
+    except (ValueError, RecursionError) as e:  # too deeply nested, or an integer too long to convert
+        raise RequestError(400, f"Malformed JSON: {str(e) or type(e).__name__}.") from None
+
+
+def _few(items: Sequence[Any], limit: int = 20) -> str:
+    """A list for a message: all of it, or its first ``limit`` and how many more."""
+    shown = repr(list(items[:limit]))
+    return shown if len(items) <= limit else f"{shown} (and {len(items) - limit} more)"
 
 
 def _kind(value: Any) -> str:
@@ -182,3 +259,94 @@ class MetricsMiddleware:
             # Unknown paths are pooled, so that scanning the server cannot create unbounded label values.
             path = scope["path"] if scope["path"] in self.paths else "other"
             self.metrics.observe(path, status, time.perf_counter() - start)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 as soon as it is over ``limit`` bytes (declared or streamed)."""
+    too_large = RequestError(413, f"The body is over this server's limit of {limit} bytes.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class FeedbackEndpoint:
+    """POST /feedback: true labels for served predictions, written to the feedback database (`feedback.py`) from
+    this HTTP server process, all or nothing.
+
+    Answers: 200 ``{"stored": n, "already_stored": m}`` (an id sent again with the label it has counts once); 400
+    malformed JSON; 413 a body over the limit; 422 a bad body or a label not among the model's; 404 prediction ids
+    the database does not hold (never served, or deleted by the retention bound); 409 ids that already have another
+    label (true labels are kept as first sent); 503 the database stayed locked. Only a 200 stores anything.
+
+    The race: an answer reaches its client before the logger process has stored its prediction (the worker sends it
+    the batch on a queue), so feedback can arrive for an id not stored yet. Ids not found are looked for again every
+    50 ms for up to ``wait`` seconds before the 404; the wait is awaited, so the server keeps serving meanwhile.
+    """
+
+    def __init__(
+        self,
+        db_path: str,
+        names: Sequence[str],
+        max_body_bytes: int,
+        wait: float = 2.0,
+        notify: Callable[[int], None] | None = None,
+    ) -> None:
+        self.db_path, self.names, self.max_body_bytes, self.wait = db_path, list(names), max_body_bytes, wait
+        self.notify = notify  # tells the logger process that new feedback is stored (it owns the live gauges)
+        self._store: FeedbackStore | None = None  # opened in the HTTP server process, on first use
+        self._lock = threading.Lock()  # one connection, used from the event loop's worker threads in turn
+
+    def _run(self, method: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            if self._store is None:
+                self._store = FeedbackStore(self.db_path)
+            return method(self._store, *args)
+
+    async def _db(self, method: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(self._run, method, *args)  # SQLite blocks: not on the event loop
+
+    async def record(self, pairs: list[tuple[str, str]]) -> FeedbackResult:
+        """Wait (up to ``wait`` s) for ids still on their way to the database, then write, all or nothing."""
+        ids = [pid for pid, _ in pairs]
+        deadline = time.monotonic() + self.wait
+        missing = set(ids) - await self._db(FeedbackStore.known_ids, ids)
+        while missing and time.monotonic() < deadline:
+            await asyncio.sleep(FEEDBACK_POLL)
+            missing -= await self._db(FeedbackStore.known_ids, sorted(missing))
+        return await self._db(FeedbackStore.record_feedback, pairs)
+
+    async def handle(self, request: Request) -> JSONResponse:
+        try:
+            pairs = parse_feedback_body(await read_body(request, self.max_body_bytes), self.names)
+            result = await self.record(pairs)
+        except RequestError as e:
+            return JSONResponse({"detail": e.message}, status_code=e.status)
+        except (sqlite3.OperationalError, ValueError) as e:  # locked past the busy timeout; the file unusable
+            detail = f"The feedback database is unavailable ({e}); nothing was stored: try again."
+            return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
+        if result.unknown:
+            detail = (
+                f"Unknown prediction_id(s) {_few(result.unknown)}: not served by this server, or deleted by its "
+                "retention bound (serve --feedback_retention). Nothing was stored."
+            )
+            return JSONResponse({"detail": detail, "unknown_ids": result.unknown}, status_code=404)
+        if result.conflicts:
+            shown = ", ".join(f"{pid!r} has {old!r} (sent {new!r})" for pid, old, new in result.conflicts[:20])
+            detail = (
+                f"prediction_id(s) already labelled differently: {shown}. A true label is kept as first sent; "
+                "nothing was stored."
+            )
+            conflicts = [{"prediction_id": p, "stored": o, "sent": n} for p, o, n in result.conflicts]
+            return JSONResponse({"detail": detail, "conflicts": conflicts}, status_code=409)
+        if result.stored and self.notify is not None:
+            # The queue may be gone (shutting down): the logger process also looks for feedback at every batch.
+            with contextlib.suppress(Exception):
+                self.notify(result.stored)
+        return JSONResponse({"stored": result.stored, "already_stored": result.repeated})

@@ -2,8 +2,19 @@
 
 Prometheus multiprocess mode: the service runs in several processes (HTTP server, inference worker, logger
 process); each writes its metrics to files in one folder (`enable_multiprocess_metrics`), and GET /metrics merges
-them (`collect_metrics`). `HttpMetrics` is recorded in the HTTP server process, `PredictionMetrics` (with the drift
-gauges) in the logger process (`MonitoringLogger`), fed one message per server batch by the inference worker.
+them (`collect_metrics`). `HttpMetrics` is recorded in the HTTP server process; `PredictionMetrics` (with the drift
+gauges) and `AccuracyMetrics` (estimated and live accuracy) in the logger process (`MonitoringLogger`), fed one
+message per server batch by the inference worker, and one per POST /feedback that stored labels by the HTTP server.
+
+Why the live accuracy is computed in the logger process, not where the feedback arrives: the true labels are
+written to the feedback database by the HTTP server process(es), but a gauge written by several processes is only
+right if they never interleave, and the logger process already owns every other gauge of the predictions. So the
+HTTP server only says "new feedback" on LitServe's logger queue, and the logger process reads the new rows from the
+database (`FeedbackStore.feedback_since`: by their growing seq, so none is counted twice) into its `FeedbackWindow`.
+It also looks at every batch, so a lost message only delays the gauges.
+
+The metrics are not registered in prometheus-client's default registry (``registry=None``): in multiprocess mode
+their values live in the files that `collect_metrics` reads, and unregistered metrics can be made again (tests).
 """
 
 from __future__ import annotations
@@ -12,17 +23,24 @@ import logging
 import math
 import os
 import signal
+import sqlite3
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
 
-from lightning_cls.drift import DEFAULT_THRESHOLDS, DriftThresholds, DriftWindow
+from lightning_cls.drift import DEFAULT_THRESHOLDS, PSI_SIGNALS, DriftThresholds, DriftWindow, FeedbackWindow
+from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNREGISTERED = {"registry": None}  # see the module's docstring
+GAUGE = {"multiprocess_mode": "mostrecent", **UNREGISTERED}  # gauges with one writer (the logger process)
+PRUNE_EVERY = 60.0  # seconds: the logger process applies the retention bound at least this often under traffic
 
 
 # ------------------------------------------------------------------------------------------------ Prometheus wiring
@@ -64,13 +82,18 @@ class HttpMetrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Histogram
 
-        self.requests = Counter("lightning_cls_http_requests", "HTTP requests by path and status", ["path", "status"])
-        self.errors = Counter("lightning_cls_http_errors", "HTTP responses with status >= 400", ["path", "status"])
+        self.requests = Counter(
+            "lightning_cls_http_requests", "HTTP requests by path and status", ["path", "status"], **UNREGISTERED
+        )
+        self.errors = Counter(
+            "lightning_cls_http_errors", "HTTP responses with status >= 400", ["path", "status"], **UNREGISTERED
+        )
         self.latency = Histogram(
             "lightning_cls_http_request_duration_seconds",
             "Time from request arrival to response, by path",
             ["path"],
             buckets=exponential_buckets(0.001, 2, 30),
+            **UNREGISTERED,
         )
 
     def observe(self, path: str, status: int, seconds: float) -> None:
@@ -91,31 +114,55 @@ class PredictionMetrics:
             "lightning_cls_batch_requests",
             "Requests per server-side batch",
             buckets=exponential_buckets(1, 2, max_batch_size),
+            **UNREGISTERED,
         )
         self.batch_texts = Histogram(
-            "lightning_cls_batch_texts", "Texts per server-side batch", buckets=exponential_buckets(1, 2, 1024)
+            "lightning_cls_batch_texts",
+            "Texts per server-side batch",
+            buckets=exponential_buckets(1, 2, 1024),
+            **UNREGISTERED,
         )
-        self.predictions = Counter("lightning_cls_predictions", "Predicted labels", ["label"])
+        self.predictions = Counter("lightning_cls_predictions", "Predicted labels", ["label"], **UNREGISTERED)
         for name in names:  # every label shows from the start, at 0
             self.predictions.labels(name)
         self.confidence = Histogram(
             "lightning_cls_prediction_confidence",
             "Probability of the predicted label",
             buckets=[round(0.1 * i, 1) for i in range(1, 10)] + [0.95, 0.99, 1.0],
+            **UNREGISTERED,
         )
         self.tokens = Histogram(
             "lightning_cls_input_tokens",
             "Tokens per text as the model saw it (after truncation)",
             buckets=exponential_buckets(4, 2, max_length),
+            **UNREGISTERED,
         )
-        self.truncated = Counter("lightning_cls_truncated_texts", "Texts truncated at the model's max_length")
-        gauge = {"multiprocess_mode": "mostrecent"}  # one process (the logger) writes them
+        self.truncated = Counter(
+            "lightning_cls_truncated_texts",
+            "Texts not read to the end (max_length, or the window cap with windows)",
+            **UNREGISTERED,
+        )
+        self.windows = Histogram(
+            "lightning_cls_windows_per_text",
+            "Windows read per text (1: a text read whole or truncated)",
+            buckets=exponential_buckets(1, 2, 64),
+            **UNREGISTERED,
+        )
+        self.abstentions = Counter(
+            "lightning_cls_abstentions",
+            "Texts answered with abstained: true (top probability below serve --min_confidence)",
+            **UNREGISTERED,
+        )
+        gauge = GAUGE
         self.window_texts = Gauge("lightning_cls_drift_window_texts", "Predictions in the drift window", **gauge)
         self.label_psi = Gauge(
             "lightning_cls_drift_label_psi", "PSI of predicted labels vs the training labels", **gauge
         )
         self.length_psi = Gauge(
             "lightning_cls_drift_length_psi", "PSI of binned token lengths vs the training lengths", **gauge
+        )
+        self.window_psi = Gauge(
+            "lightning_cls_drift_window_psi", "PSI of windows read per text vs the training texts", **gauge
         )
         self.low_confidence = Gauge(
             "lightning_cls_drift_low_confidence_share", "Share of the window below the confidence threshold", **gauge
@@ -124,28 +171,40 @@ class PredictionMetrics:
             "lightning_cls_drift_alert", "1 when a drift signal is over its threshold", ["signal"], **gauge
         )
         self.psi_threshold = Gauge("lightning_cls_drift_psi_threshold", "PSI warning threshold", **gauge)
+        self.estimated_accuracy = Gauge(
+            "lightning_cls_estimated_accuracy",
+            "Mean probability of the predicted label over the drift window (calibrated with the export's "
+            "temperature): the accuracy expected without labels; NaN under --min_window",
+            **gauge,
+        )
         self.psi_threshold.set(window.thresholds.psi_warning)
         self.window_texts.set(0)
-        for gauge in (self.label_psi, self.length_psi, self.low_confidence):
+        for gauge in (self.label_psi, self.length_psi, self.window_psi, self.low_confidence, self.estimated_accuracy):
             gauge.set(math.nan)  # not computed yet (too few predictions, or no reference)
         self._alerts: set[str] = set()
 
     def observe(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Record one server batch (keys requests, labels, probabilities, lengths, truncated); returns the drift."""
+        """Record one server batch (keys requests, labels, probabilities, lengths, windows, truncated, abstained);
+        returns the drift report of the window."""
         self.batch_requests.observe(batch["requests"])
         self.batch_texts.observe(len(batch["labels"]))
-        for label, p, n in zip(batch["labels"], batch["probabilities"], batch["lengths"], strict=True):
+        windows = batch.get("windows") or [1] * len(batch["labels"])
+        for label, p, n, w in zip(batch["labels"], batch["probabilities"], batch["lengths"], windows, strict=True):
             self.predictions.labels(label).inc()
             self.confidence.observe(p)
             self.tokens.observe(n)
+            self.windows.observe(w)
         self.truncated.inc(sum(batch["truncated"]))
-        self.window.add(batch["labels"], batch["probabilities"], batch["lengths"])
+        self.abstentions.inc(sum(batch.get("abstained") or []))
+        self.window.add(batch["labels"], batch["probabilities"], batch["lengths"], windows)
         report = self.window.report()
         self.window_texts.set(report["texts"])
         for key, gauge in (
             ("label_psi", self.label_psi),
             ("length_psi", self.length_psi),
+            ("window_psi", self.window_psi),
             ("low_confidence_share", self.low_confidence),
+            ("estimated_accuracy", self.estimated_accuracy),
         ):
             gauge.set(math.nan if report[key] is None else report[key])
         self._log_alert_changes(report)
@@ -154,7 +213,7 @@ class PredictionMetrics:
     def _log_alert_changes(self, report: dict[str, Any]) -> None:
         # Logged when a signal crosses its threshold, not on every batch it stays over it.
         alerts = set(report["alerts"])
-        for signal_name in ("label_psi", "length_psi", "low_confidence_share"):
+        for signal_name in (*PSI_SIGNALS, "low_confidence_share"):
             self.alert.labels(signal_name).set(float(signal_name in alerts))
         for signal_name in sorted(alerts - self._alerts):
             threshold = report["thresholds"]["psi" if "psi" in signal_name else "low_confidence_share"]
@@ -167,13 +226,169 @@ class PredictionMetrics:
         self._alerts = alerts
 
 
+@dataclass(frozen=True)
+class AccuracySettings:
+    """Accuracy monitoring of the service (pickled to the logger process).
+
+    Args:
+        validation_accuracy: The export's validation accuracy, the baseline of the accuracy alerts (None: not
+            recorded; the gauge is NaN and nothing is compared).
+        margin: A drop of the estimated or live accuracy below the validation accuracy larger than this is an alert.
+        window: Labelled predictions (POST /feedback) the live accuracy is computed over: the last ones received.
+        min_labels: Labelled predictions the window needs before the live gauges are computed (NaN until then).
+    """
+
+    validation_accuracy: float | None = None
+    margin: float = 0.05
+    window: int = 1000
+    min_labels: int = 50
+
+
+DEFAULT_ACCURACY = AccuracySettings()
+
+
+class AccuracyMetrics:
+    """Accuracy without labels (estimated from the confidence) and with them (live, from POST /feedback), the
+    export's validation accuracy they are compared with and the alert margin; logs when a drop crosses the margin."""
+
+    def __init__(self, settings: AccuracySettings) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.settings = settings
+        self.validation = Gauge(
+            "lightning_cls_validation_accuracy",
+            "Accuracy of the exported model on its validation split, from the export (NaN: not recorded)",
+            **GAUGE,
+        )
+        self.margin = Gauge(
+            "lightning_cls_estimated_accuracy_alert_margin",
+            "serve --accuracy_alert_margin: an accuracy this far below the validation accuracy is an alert",
+            **GAUGE,
+        )
+        self.live_accuracy = Gauge(
+            "lightning_cls_live_accuracy",
+            "Accuracy over the last --feedback_window labelled predictions (POST /feedback); NaN under --min_feedback",
+            **GAUGE,
+        )
+        self.live_macro_f1 = Gauge(
+            "lightning_cls_live_macro_f1",
+            "Macro-F1 over the last --feedback_window labelled predictions; NaN under --min_feedback",
+            **GAUGE,
+        )
+        self.window_texts = Gauge(
+            "lightning_cls_feedback_window_texts", "Labelled predictions in the live accuracy window", **GAUGE
+        )
+        self.labels = Counter(
+            "lightning_cls_feedback_labels", "True labels received for this model's predictions", **UNREGISTERED
+        )
+        valid = settings.validation_accuracy
+        self.validation.set(math.nan if valid is None else valid)
+        self.margin.set(settings.margin)
+        self.set_live({"rows": 0, "accuracy": None, "macro_f1": None})
+        self._dropped = {"estimated": False, "live": False}
+
+    def set_live(self, report: dict[str, Any]) -> None:
+        """The live gauges from a `FeedbackWindow` report."""
+        self.window_texts.set(report["rows"])
+        for key, gauge in (("accuracy", self.live_accuracy), ("macro_f1", self.live_macro_f1)):
+            gauge.set(math.nan if report[key] is None else report[key])
+        self.check("live", report["accuracy"], f"over the last {report['rows']} labelled predictions")
+
+    def check(self, kind: str, accuracy: float | None, over: str) -> None:
+        """Log when the ``kind`` accuracy (estimated or live) drops below the validation accuracy by more than the
+        margin, and when it comes back (the alerts of deploy/prometheus/rules.yml, for those who read the log)."""
+        valid, margin = self.settings.validation_accuracy, self.settings.margin
+        if valid is None or accuracy is None:
+            return
+        dropped = valid - accuracy > margin
+        if dropped and not self._dropped[kind]:
+            log.warning(
+                f"Accuracy: {kind} accuracy {accuracy:.3f} {over} is {valid - accuracy:.3f} below the validation "
+                f"accuracy {valid:.3f}, more than the margin {margin:g} (serve --accuracy_alert_margin)."
+            )
+        elif self._dropped[kind] and not dropped:
+            log.warning(
+                f"Accuracy: {kind} accuracy {accuracy:.3f} is back within {margin:g} of the validation accuracy "
+                f"{valid:.3f}."
+            )
+        self._dropped[kind] = dropped
+
+
+class Monitor:
+    """What the logger process holds: the prediction and accuracy metrics, the drift and feedback windows, and its
+    connection to the feedback database, where it stores every prediction (one transaction per batch)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        s = settings
+        self.names = s["names"]
+        window = DriftWindow(s["names"], s["reference"], **s["window"])
+        self.predictions = PredictionMetrics(s["names"], s["max_batch_size"], s["max_length"], window)
+        self.accuracy_settings: AccuracySettings = s["accuracy"]
+        self.accuracy = AccuracyMetrics(self.accuracy_settings)
+        self.feedback = FeedbackWindow(s["names"], self.accuracy_settings.window, self.accuracy_settings.min_labels)
+        self.store_settings: StoreSettings | None = s["store"]
+        self.store: FeedbackStore | None = None
+        self._feedback_seq = 0  # the last feedback row read from the database
+        self._since_prune, self._last_prune = 0, time.monotonic()
+        if self.store_settings is not None:
+            st = self.store_settings
+            self.store = FeedbackStore(st.path)
+            self.store.register_model(st.model_version, s["names"], st.model_dir)
+            self.prune()
+            self.refresh_feedback(count=False)  # after a restart: the stored feedback on this model's predictions
+
+    def on_batch(self, batch: dict[str, Any]) -> None:
+        if self.store is not None:
+            st = self.store_settings
+            try:  # first: POST /feedback may be waiting for these ids
+                self._since_prune += self.store.insert_batch(batch, st.model_version, st.temperature)
+            except sqlite3.Error as err:
+                log.error(f"Could not store {len(batch['ids'])} predictions in {st.path}: {err}")
+        report = self.predictions.observe(batch)
+        self.accuracy.check("estimated", report["estimated_accuracy"], f"over the last {report['texts']} predictions")
+        if self.store is not None:
+            self.refresh_feedback()
+            bound = max(1, self.store_settings.max_rows // 100)  # the table may exceed the bound by 1% between prunes
+            if self._since_prune >= bound or time.monotonic() - self._last_prune >= PRUNE_EVERY:
+                self.prune()
+
+    def refresh_feedback(self, count: bool = True) -> None:
+        """Read the feedback rows stored since the last look (an indexed range: cheap when there are none)."""
+        if self.store is None:
+            return
+        try:
+            pairs, self._feedback_seq = self.store.feedback_since(
+                self._feedback_seq, self.store_settings.model_version, self.accuracy_settings.window
+            )
+        except sqlite3.Error as err:
+            log.error(f"Could not read the feedback from {self.store_settings.path}: {err}")
+            return
+        if pairs or not count:
+            self.feedback.add(pairs)
+            if count:
+                self.accuracy.labels.inc(len(pairs))
+            self.accuracy.set_live(self.feedback.report())
+
+    def prune(self) -> None:
+        st = self.store_settings
+        try:
+            deleted = self.store.prune(st.max_rows, st.max_days)
+        except sqlite3.Error as err:
+            log.error(f"Could not apply the retention bound to {st.path}: {err}")
+            return
+        if deleted:
+            log.info(f"Feedback database: deleted the {deleted} oldest predictions (retention bound).")
+        self._since_prune, self._last_prune = 0, time.monotonic()
+
+
 # ------------------------------------------------------------------------------------------------ the logger process
 class MonitoringLogger(ls.Logger):
-    """LitServe logger: runs in its own process, fed one message per server batch by the inference worker.
+    """LitServe logger: runs in its own process, fed one message per server batch by the inference worker, and one
+    per POST /feedback that stored labels by the HTTP server.
 
-    Keeping the metrics and the drift window here keeps them off the inference path, and gives one window for all
-    inference workers. The instance is pickled to that process: it holds only plain settings, and builds its
-    metrics there on the first message (the worker sends "start" once its model is loaded).
+    Keeping the metrics, the drift window and the database writes here keeps them off the inference path, and gives
+    one window for all inference workers. The instance is pickled to that process: it holds only plain settings,
+    and builds its `Monitor` there on the first message (the worker sends "start" once its model is loaded).
     """
 
     def __init__(
@@ -185,23 +400,29 @@ class MonitoringLogger(ls.Logger):
         window_size: int = 1000,
         min_window: int = 100,
         thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+        store: StoreSettings | None = None,
+        accuracy: AccuracySettings = DEFAULT_ACCURACY,
     ) -> None:
         super().__init__()
         window = {"size": window_size, "min_texts": min_window, "thresholds": thresholds}
-        DriftWindow(names, reference, **window)  # check the settings here, not in the other process
+        # check the settings here, not in the other process
+        DriftWindow(names, reference, **window)
+        FeedbackWindow(names, accuracy.window, accuracy.min_labels)
         self.settings = {
             "names": list(names),
             "reference": reference,
             "max_batch_size": max_batch_size,
             "max_length": max_length,
             "window": window,
+            "store": store,
+            "accuracy": accuracy,
         }
-        self._metrics: PredictionMetrics | None = None
+        self._monitor: Monitor | None = None
 
     def process(self, key: str, value: Any) -> None:
         if key == "stop":  # sent at shutdown by `StopMonitoring`: exit before LitServe closes the queue under us
             os._exit(0)
-        if self._metrics is None:
+        if self._monitor is None:
             # Ctrl+C reaches every process of the terminal; this one stops when the server tells it to.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             if not log.handlers:  # a spawned process: make the drift warnings visible on stderr
@@ -209,11 +430,11 @@ class MonitoringLogger(ls.Logger):
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
                 log.addHandler(handler)
                 log.setLevel(logging.INFO)
-            s = self.settings
-            window = DriftWindow(s["names"], s["reference"], **s["window"])
-            self._metrics = PredictionMetrics(s["names"], s["max_batch_size"], s["max_length"], window)
+            self._monitor = Monitor(self.settings)
         if key == "batch":
-            self._metrics.observe(value)
+            self._monitor.on_batch(value)
+        elif key == "feedback":
+            self._monitor.refresh_feedback()
 
 
 class StopMonitoring(ls.Callback):

@@ -1,13 +1,17 @@
 """The main process of the service: `ServeSettings`, `build_server` (the LitServer with its API, middlewares,
 logger and /metrics) and the `python -m lightning_cls serve` command.
 
-Endpoints: POST /predict, GET /health (LitServe's: 200 once the model is loaded), GET /info (LitServe's, with the
-model's metadata and these settings), GET /metrics (Prometheus, merged over all processes).
+Endpoints: POST /predict, POST /feedback (true labels for served predictions), GET /health (LitServe's: 200 once
+the model is loaded), GET /info (LitServe's, with the model's metadata and these settings), GET /metrics
+(Prometheus, merged over all processes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
+import math
 import os
 import signal
 import tempfile
@@ -19,13 +23,29 @@ import litserve as ls
 
 from lightning_cls import __version__
 from lightning_cls.drift import DriftThresholds
-from lightning_cls.errors import InputError
-from lightning_cls.export_format import read_export_metadata
+from lightning_cls.errors import ConfigError, InputError
+from lightning_cls.export_format import ExportMetadata, read_export_metadata
 from lightning_cls.serving.api import ClassifierAPI
-from lightning_cls.serving.http import PREDICT_PATH, ApiKeyGuard, MetricsMiddleware, RequestGuard
-from lightning_cls.serving.metrics import MonitoringLogger, StopMonitoring, collect_metrics, enable_multiprocess_metrics
+from lightning_cls.serving.feedback import FeedbackStore, StoreSettings, model_version
+from lightning_cls.serving.http import (
+    FEEDBACK_PATH,
+    PREDICT_PATH,
+    ApiKeyGuard,
+    FeedbackEndpoint,
+    MetricsMiddleware,
+    RequestGuard,
+)
+from lightning_cls.serving.metrics import (
+    AccuracySettings,
+    MonitoringLogger,
+    StopMonitoring,
+    collect_metrics,
+    enable_multiprocess_metrics,
+)
+from lightning_cls.windows import WindowSpec
 
 PROG = "python -m lightning_cls serve"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +63,12 @@ class ServeSettings:
         max_texts: Most texts one request may carry in "texts"; more is a 422.
         max_body_bytes: Largest request body accepted; larger is a 413.
         top_k: Labels listed per text unless the request says "top_k".
-        forward_batch_size: Most texts per forward pass (a large batch of requests is cut into chunks).
+        forward_batch_size: Most sequences (texts, or windows of long texts) per forward pass.
+        max_windows: A text longer than the model's window is read as up to this many overlapping windows, and
+            answered with their mean logits (1: truncated at the window; default: as the model was trained, from
+            the export, else 1). Each answer says how many windows were read and whether the cap cut the text.
+        window_stride: Text tokens between the starts of consecutive windows (default: the export's, else three
+            quarters of a window).
         window_size: Predictions in the sliding window compared with the training reference (drift gauges).
         min_window: Predictions the window needs before the drift gauges are computed (NaN until then).
         accelerator: cpu, cuda, mps or auto (LitServe picks).
@@ -52,9 +77,24 @@ class ServeSettings:
         timeout: Seconds a request may wait for its answer before a 504.
         metrics_dir: Folder for the multiprocess Prometheus files (emptied at start; default: a temporary folder).
         log_level: Uvicorn log level (info logs every request; warning does not).
+        use_temperature: Answer with calibrated probabilities, softmax(logits / T), when the export has a
+            temperature T (false: the plain softmax). Labels are the same either way.
+        min_confidence: An answer whose probability is below this keeps its label and probabilities and says
+            "abstained": true (counted in lightning_cls_abstentions_total); default: never abstain.
+        feedback_db: SQLite file where the predictions (never the texts) and the true labels sent to POST /feedback
+            are kept, across restarts (created if needed). Default: a temporary file, deleted when the server stops.
+        feedback_retention: Most predictions kept in --feedback_db; the oldest, with their feedback, are deleted.
+        feedback_retention_days: Also delete predictions older than this many days (default: no age limit).
+        feedback_window: Labelled predictions the live accuracy and macro-F1 are computed over (the last received).
+        min_feedback: Labelled predictions needed before the live accuracy gauges are computed (NaN until then).
+        feedback_wait: Seconds POST /feedback waits for prediction ids not stored yet (they are written by the
+            logger process, a moment after the answer) before answering 404 for them.
+        accuracy_alert_margin: The estimated or live accuracy this far below the export's validation accuracy is an
+            alert (a warning in the log; the Prometheus rules read the same margin from /metrics).
         api_key_env: Name of the environment variable holding the API key. When that variable is set (and not
-            empty), POST /predict needs `Authorization: Bearer <key>` (401 otherwise); /health stays open. The key
-            itself is never a command-line value (command lines are visible to every user of the machine).
+            empty), POST /predict and POST /feedback need `Authorization: Bearer <key>` (401 otherwise); /health
+            stays open. The key itself is never a command-line value (command lines are visible to every user of
+            the machine).
         metrics_need_key: With an API key, GET /metrics needs it too (a Prometheus scrape then sends it).
         drift: When a drift signal of the window is an alert (a warning in the log).
     """
@@ -68,6 +108,8 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000
     top_k: int = 3
     forward_batch_size: int = 64
+    max_windows: int | None = None
+    window_stride: int | None = None
     window_size: int = 1000
     min_window: int = 100
     accelerator: str = "auto"
@@ -76,6 +118,15 @@ class ServeSettings:
     timeout: float = 30.0
     metrics_dir: str | None = None
     log_level: str = "info"
+    use_temperature: bool = True
+    min_confidence: float | None = None
+    feedback_db: str | None = None
+    feedback_retention: int = 1_000_000
+    feedback_retention_days: float | None = None
+    feedback_window: int = 1000
+    min_feedback: int = 50
+    feedback_wait: float = 2.0
+    accuracy_alert_margin: float = 0.05
     api_key_env: str = "LIGHTNING_CLS_API_KEY"
     metrics_need_key: bool = False
     drift: DriftThresholds = field(default_factory=DriftThresholds)
@@ -89,17 +140,86 @@ def default_threads(workers: int) -> int:
     return max(1, cores // (workers + 1))
 
 
-def build_server(settings: ServeSettings) -> ls.LitServer:
-    """The LitServer for an exported model folder; call `.run()` to serve (`serve` does, with host and port)."""
+def export_temperature(meta: ExportMetadata) -> float | None:
+    """The export's temperature (None: not calibrated); a bad value is an error naming the file."""
+    t = getattr(meta, "temperature", None)
+    t = meta.extra.get("temperature") if t is None else t  # read by an older ExportMetadata, it lands in `extra`
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+        raise InputError(f"lightning_cls.json: temperature {t!r} must be a positive finite number (or null).")
+    return float(t)
+
+
+def validation_accuracy(meta: ExportMetadata) -> float | None:
+    """The export's accuracy on its validation split, the baseline of the accuracy alerts: recorded by calibration
+    (`calibration.accuracy`, on the split the temperature was fitted on), else a top-level `validation_accuracy`;
+    None when neither is there."""
+    calibration = getattr(meta, "calibration", None) or meta.extra.get("calibration") or {}
+    if calibration.get("split", "validation") == "validation" and calibration.get("accuracy") is not None:
+        return float(calibration["accuracy"])
+    value = meta.extra.get("validation_accuracy")
+    return float(value) if value is not None else None
+
+
+def check_settings(s: ServeSettings, num_labels: int) -> None:
+    """Every bad setting at once, in one error naming the flags."""
+    problems = []
+    if not 1 <= s.top_k <= num_labels:
+        problems.append(f"--top_k must be from 1 to the number of labels ({num_labels}), got {s.top_k}")
+    if s.min_confidence is not None and not 0 < s.min_confidence <= 1:
+        problems.append(f"--min_confidence must be in (0, 1], got {s.min_confidence}")
+    if s.feedback_retention < 1:
+        problems.append(f"--feedback_retention must be at least 1 prediction, got {s.feedback_retention}")
+    if s.feedback_retention_days is not None and not s.feedback_retention_days > 0:
+        problems.append(f"--feedback_retention_days must be positive, got {s.feedback_retention_days}")
+    if not 1 <= s.min_feedback <= s.feedback_window:
+        problems.append(
+            f"--min_feedback must be from 1 to --feedback_window, got {s.min_feedback} and {s.feedback_window}"
+        )
+    if not s.feedback_wait >= 0:
+        problems.append(f"--feedback_wait must be at least 0 seconds, got {s.feedback_wait}")
+    if not 0 <= s.accuracy_alert_margin <= 1:
+        problems.append(f"--accuracy_alert_margin must be in [0, 1], got {s.accuracy_alert_margin}")
+    if problems:
+        raise InputError("; ".join(problems) + ".")
+
+
+def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitServer:
+    """The LitServer for an exported model folder; call `.run()` to serve (`serve` does, with host and port).
+    ``settings.feedback_db`` must be set (`serve` picks a temporary file when the flag is not given, and says so
+    with ``temporary_db``)."""
     s = settings
+    if s.feedback_db is None:
+        raise ConfigError("build_server needs settings.feedback_db (serve() picks a temporary file without one).")
     meta = read_export_metadata(s.model_dir)
     names, max_length = meta.labels, int(meta.max_length)
     reference = meta.reference.to_dict() if meta.reference is not None else None
-    if not 1 <= s.top_k <= len(names):
-        raise InputError(f"--top_k must be from 1 to the number of labels ({len(names)}), got {s.top_k}.")
+    check_settings(s, len(names))
+    exported_temperature = export_temperature(meta)
+    temperature = exported_temperature if s.use_temperature else None
+    valid_accuracy = validation_accuracy(meta)
+    version = model_version(s.model_dir)
+    FeedbackStore(s.feedback_db).close()  # create it, or check it, now: a bad path fails here, not in a process
     num_threads = s.num_threads or default_threads(s.workers_per_device)
-    api = ClassifierAPI(s.model_dir, max_length, s.max_batch_size, s.batch_timeout, s.forward_batch_size, num_threads)
-    paths = [PREDICT_PATH, "/health", "/info", "/metrics"]
+    windows = WindowSpec(
+        max_length,
+        s.max_windows if s.max_windows is not None else meta.max_windows,
+        s.window_stride if s.window_stride is not None else meta.window_stride,
+    )
+    api = ClassifierAPI(
+        s.model_dir,
+        max_length,
+        s.max_batch_size,
+        s.batch_timeout,
+        s.forward_batch_size,
+        num_threads,
+        windows.max_windows,
+        windows.stride,
+        temperature=temperature,
+        min_confidence=s.min_confidence,
+    )
+    paths = [PREDICT_PATH, FEEDBACK_PATH, "/health", "/info", "/metrics"]
     guard = {
         "max_body_bytes": s.max_body_bytes,
         "max_texts": s.max_texts,
@@ -108,22 +228,58 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
         "path": PREDICT_PATH,
     }
     key = os.environ.get(s.api_key_env) or None  # read here, in the main process; never logged nor shown
-    protected = [PREDICT_PATH] + (["/metrics"] if s.metrics_need_key else [])
+    # /feedback changes state: it needs the key whenever there is one.
+    protected = [PREDICT_PATH, FEEDBACK_PATH] + (["/metrics"] if s.metrics_need_key else [])
     # Added in order, each around the previous: the key is checked before the body is read, and the metrics see
     # both kinds of rejection.
     middlewares = [(RequestGuard, guard)] + ([(ApiKeyGuard, {"key": key, "paths": protected})] if key else [])
     middlewares += [(MetricsMiddleware, {"paths": paths})]
     drift = {"window_size": s.window_size, "min_window": s.min_window, **asdict(s.drift)}
+    accuracy = AccuracySettings(valid_accuracy, s.accuracy_alert_margin, s.feedback_window, s.min_feedback)
+    store = StoreSettings(
+        str(Path(s.feedback_db).resolve()),
+        version,
+        s.feedback_retention,
+        s.feedback_retention_days,
+        temperature,
+        str(Path(s.model_dir).resolve()),
+    )
+    if temperature is None:
+        why = "--use_temperature false" if exported_temperature is not None else "the export has no temperature"
+        log.warning(
+            f"Probabilities are not calibrated ({why}): lightning_cls_estimated_accuracy, their mean, is likely "
+            "above the real accuracy. `python -m lightning_cls calibrate` fits a temperature."
+        )
     info = {
         "model_dir": str(Path(s.model_dir).resolve()),
         "model_name_or_path": meta.model_name_or_path,
+        "model_version": version,
         "labels": names,
         "max_length": max_length,
+        "windows": {"max_windows": windows.max_windows, "stride": windows.stride},
         "exported_at": meta.exported_at,
         "exported_with": meta.lightning_cls_version,
         "version": __version__,
         "reference": reference is not None,
         "drift": drift if reference is not None else "no reference in the export: drift gauges are not computed",
+        "temperature": {
+            "in_use": temperature,
+            "exported": exported_temperature,
+            "answers": "softmax(logits / in_use): calibrated"
+            if temperature is not None
+            else "the plain softmax: "
+            + ("--use_temperature false" if exported_temperature is not None else "the export has no temperature"),
+        },
+        "min_confidence": s.min_confidence,
+        "accuracy": {"validation": valid_accuracy, "alert_margin": s.accuracy_alert_margin},
+        "feedback": {
+            "db": store.path,
+            "kept_after_stop": not temporary_db,
+            "retention": {"predictions": s.feedback_retention, "days": s.feedback_retention_days},
+            "window": s.feedback_window,
+            "min_feedback": s.min_feedback,
+            "wait_seconds": s.feedback_wait,
+        },
         "limits": {"max_texts": s.max_texts, "max_body_bytes": s.max_body_bytes, "default_top_k": s.top_k},
         "batching": {"max_batch_size": s.max_batch_size, "batch_timeout": s.batch_timeout},
         "workers": {"per_device": s.workers_per_device, "torch_threads": num_threads},
@@ -136,9 +292,27 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
         timeout=s.timeout,
         model_metadata=info,
         middlewares=middlewares,
-        loggers=MonitoringLogger(names, reference, s.max_batch_size, max_length, s.window_size, s.min_window, s.drift),
+        loggers=MonitoringLogger(
+            names,
+            reference,
+            s.max_batch_size,
+            max_length * windows.max_windows,
+            s.window_size,
+            s.min_window,
+            s.drift,
+            store=store,
+            accuracy=accuracy,
+        ),
         callbacks=[StopMonitoring()],
     )
+
+    def feedback_arrived(count: int) -> None:
+        # Called in the HTTP server process (forked after `run` made the queue): the logger process owns the gauges.
+        if server.logger_queue is not None:
+            server.logger_queue.put(("feedback", count))
+
+    feedback = FeedbackEndpoint(store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived)
+    server.app.add_api_route(FEEDBACK_PATH, feedback.handle, methods=["POST"], response_model=None)
 
     @server.app.get("/metrics")
     def metrics() -> Any:
@@ -151,12 +325,19 @@ def build_server(settings: ServeSettings) -> ls.LitServer:
 
 
 def serve(settings: ServeSettings) -> None:
-    """Serve an exported model: POST /predict, GET /health, /info and /metrics (Prometheus)."""
+    """Serve an exported model: POST /predict, POST /feedback, GET /health, /info and /metrics (Prometheus)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     temporary = None if settings.metrics_dir else tempfile.TemporaryDirectory(prefix="lightning_cls_metrics_")
+    scratch = None if settings.feedback_db else tempfile.TemporaryDirectory(prefix="lightning_cls_feedback_")
     try:
         enable_multiprocess_metrics(settings.metrics_dir or temporary.name)
-        server = build_server(settings)
+        if scratch is not None:
+            settings = dataclasses.replace(settings, feedback_db=str(Path(scratch.name) / "feedback.sqlite3"))
+            log.warning(
+                f"No --feedback_db: predictions and feedback go to {settings.feedback_db}, deleted when the server "
+                "stops. Give --feedback_db PATH to keep them across restarts."
+            )
+        server = build_server(settings, temporary_db=scratch is not None)
         # SIGTERM (kill, docker stop) takes the graceful path of Ctrl+C: LitServe then stops its worker processes.
         main_pid = os.getpid()
 
@@ -169,8 +350,9 @@ def serve(settings: ServeSettings) -> None:
         signal.signal(signal.SIGTERM, interrupt)
         server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False)
     finally:
-        if temporary is not None:
-            temporary.cleanup()
+        for folder in (temporary, scratch):
+            if folder is not None:
+                folder.cleanup()
 
 
 def main(argv: list[str]) -> None:
@@ -187,5 +369,5 @@ def main(argv: list[str]) -> None:
     settings = ServeSettings(**{name: values[name] for name in fields}, drift=DriftThresholds.pick(values))
     try:
         serve(settings)
-    except InputError as err:
+    except (InputError, ConfigError) as err:
         raise SystemExit(f"serve: {err}") from None

@@ -1,0 +1,261 @@
+"""Ground truth for served predictions: the embedded SQLite database of predictions and of the true labels sent to
+POST /feedback, shared by the service's processes.
+
+Who writes what (one SQLite file in WAL mode: readers never wait for the writer, writers wait for each other up to
+a busy timeout):
+
+- the logger process (`metrics.MonitoringLogger`) inserts every server batch's predictions, one transaction per
+  batch, off the inference path (the inference worker only sends it one message per batch), and deletes the oldest
+  beyond the retention bound;
+- the HTTP server process(es) (`http.FeedbackEndpoint`) insert the true labels, with their own connection, then
+  tell the logger process that feedback arrived (a message on LitServe's logger queue);
+- the logger process then reads the new feedback rows (their `seq` only grows: SQLite has one writer at a time and
+  AUTOINCREMENT never reuses a number) into its window and sets the live accuracy gauges, so that every
+  prediction-side gauge keeps a single writer.
+
+Texts are never stored: a prediction row holds its id, time, label and probabilities, token and window counts, and
+which model made it. Plain `sqlite3` (standard library); nothing here imports the web or torch stacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_cls.errors import InputError
+
+SCHEMA_VERSION = 1  # PRAGMA user_version; a database of a newer version is refused
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another one before "database is locked"
+_CHUNK = 500  # ids per `IN (...)` query, well under SQLite's limit on bound parameters
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    model_version TEXT PRIMARY KEY,
+    labels TEXT NOT NULL,            -- JSON list: the order of each prediction's `probabilities`
+    model_dir TEXT,
+    first_served REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,         -- the answer's prediction_id
+    time REAL NOT NULL,              -- Unix time of the forward pass
+    label TEXT NOT NULL,             -- the predicted label
+    probability REAL NOT NULL,       -- its probability (calibrated when a temperature was in use)
+    probabilities TEXT NOT NULL,     -- JSON list over the model's labels (models.labels)
+    num_tokens INTEGER NOT NULL,
+    windows INTEGER NOT NULL,
+    truncated INTEGER NOT NULL,
+    abstained INTEGER NOT NULL,
+    temperature REAL,                -- the temperature applied (NULL: plain softmax)
+    model_version TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prediction_id TEXT NOT NULL UNIQUE REFERENCES predictions (id) ON DELETE CASCADE,
+    label TEXT NOT NULL,             -- the true label
+    time REAL NOT NULL               -- Unix time it was received
+);
+"""
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A short fingerprint of an exported folder: the first 12 hex digits of the SHA-256 of its `lightning_cls.json`
+    (which records the checkpoint, the export time and the temperature, so another export is another version)."""
+    from lightning_cls.export_format import METADATA_FILE
+
+    return hashlib.sha256((Path(model_dir) / METADATA_FILE).read_bytes()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where the logger process keeps predictions, and for how long (pickled to that process)."""
+
+    path: str
+    model_version: str
+    max_rows: int = 1_000_000  # predictions kept; the oldest (with their feedback) are deleted beyond it
+    max_days: float | None = None  # and those older than this many days
+    temperature: float | None = None  # the temperature the worker applies, recorded with each prediction
+    model_dir: str = ""  # recorded with the model version
+
+
+@dataclass
+class FeedbackResult:
+    """What a feedback write did: ``stored`` new labels, ``repeated`` ones already stored with the same label; or,
+    with nothing stored, the ``unknown`` ids and the ``conflicts`` (id, stored label, sent label)."""
+
+    stored: int = 0
+    repeated: int = 0
+    unknown: list[str] = field(default_factory=list)
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unknown and not self.conflicts
+
+
+class FeedbackStore:
+    """One connection to the database (one per process and thread: SQLite connections do not cross a fork).
+
+    Opening creates the tables if needed and checks the schema version; errors name the file.
+    """
+
+    def __init__(self, path: str | Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode (isolation_level=None): transactions are begun and ended here, explicitly.
+            self.conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"the journal mode stays {mode!r}, not WAL (a network file system?)")
+            # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the last transactions.
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")  # feedback rows go with their prediction
+            with self.transaction():
+                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise InputError(
+                        f"--feedback_db {self.path} has schema version {version}, newer than this lightning_cls "
+                        f"writes ({SCHEMA_VERSION}): upgrade lightning_cls or give another file."
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as err:
+            raise InputError(f"--feedback_db {self.path} cannot be used as a SQLite database: {err}.") from None
+        except OSError as err:
+            raise InputError(f"--feedback_db {self.path}: {err.strerror or err}.") from None
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE (takes the write lock now, so that a check and the write that depends on it see the same
+        rows) or a plain read transaction (one consistent snapshot); COMMIT, or ROLLBACK on any error."""
+        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -------------------------------------------------------------------------------------------- predictions
+    def register_model(self, version: str, labels: Sequence[str], model_dir: str) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO models (model_version, labels, model_dir, first_served) VALUES (?, ?, ?, ?)",
+                (version, json.dumps(list(labels)), model_dir, time.time()),
+            )
+
+    def insert_batch(self, batch: dict[str, Any], version: str, temperature: float | None) -> int:
+        """The predictions of one server batch (the inference worker's message), in one transaction."""
+        rows = [
+            (
+                pid,
+                batch["time"],
+                label,
+                p,
+                json.dumps([round(q, 6) for q in probs]),
+                n,
+                w,
+                int(cut),
+                int(abstained),
+                temperature,
+                version,
+            )
+            for pid, label, p, probs, n, w, cut, abstained in zip(
+                batch["ids"],
+                batch["labels"],
+                batch["probabilities"],
+                batch["all_probabilities"],
+                batch["lengths"],
+                batch["windows"],
+                batch["truncated"],
+                batch["abstained"],
+                strict=True,
+            )
+        ]
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
+                "truncated, abstained, temperature, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return len(rows)
+
+    def prune(self, max_rows: int, max_days: float | None = None, now: float | None = None) -> int:
+        """Delete the predictions beyond the newest ``max_rows`` and those older than ``max_days`` (their feedback
+        goes with them); returns how many. Freed pages are reused, so the file stops growing at the bound."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            # seq grows by one per prediction: the newest max_rows (at most) are those above max(seq) - max_rows,
+            # found through the primary key without stepping over the kept rows (as a count or an OFFSET would).
+            deleted = self.conn.execute(
+                "DELETE FROM predictions WHERE seq <= (SELECT max(seq) FROM predictions) - ?", (max_rows,)
+            ).rowcount
+            if max_days is not None:
+                cutoff = now - max_days * 86400
+                deleted += self.conn.execute("DELETE FROM predictions WHERE time < ?", (cutoff,)).rowcount
+        return deleted
+
+    # -------------------------------------------------------------------------------------------- feedback
+    def known_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored predictions (a read: it never waits for a writer)."""
+        with self.transaction(write=False):
+            return {r[0] for r in self._where_in("SELECT id FROM predictions WHERE id IN ({})", ids)}
+
+    def record_feedback(self, items: Sequence[tuple[str, str]], now: float | None = None) -> FeedbackResult:
+        """Store true labels, (prediction id, label) pairs with distinct ids, all or nothing: nothing is stored if
+        an id is not a stored prediction or already has another label. The same label sent again is not stored
+        twice (`repeated`)."""
+        now = time.time() if now is None else now
+        ids = [pid for pid, _ in items]
+        with self.transaction():
+            known = {r[0] for r in self._where_in("SELECT id FROM predictions WHERE id IN ({})", ids)}
+            stored = dict(self._where_in("SELECT prediction_id, label FROM feedback WHERE prediction_id IN ({})", ids))
+            unknown = [pid for pid in ids if pid not in known]
+            conflicts = [(pid, stored[pid], label) for pid, label in items if pid in stored and stored[pid] != label]
+            if unknown or conflicts:
+                return FeedbackResult(unknown=unknown, conflicts=conflicts)
+            new = [(pid, label, now) for pid, label in items if pid not in stored]
+            self.conn.executemany("INSERT INTO feedback (prediction_id, label, time) VALUES (?, ?, ?)", new)
+        return FeedbackResult(stored=len(new), repeated=len(items) - len(new))
+
+    def feedback_since(self, after_seq: int, version: str, limit: int) -> tuple[list[tuple[str, str]], int]:
+        """The (predicted, true) labels of the feedback rows after ``after_seq`` on predictions of model ``version``,
+        oldest first, at most the newest ``limit``; and the last feedback seq read (of any model)."""
+        with self.transaction(write=False):
+            top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM feedback").fetchone()[0]
+            rows = self.conn.execute(
+                "SELECT p.label, f.label FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
+                "WHERE f.seq > ? AND f.seq <= ? AND p.model_version = ? ORDER BY f.seq DESC LIMIT ?",
+                (after_seq, top, version, limit),
+            ).fetchall()
+        return [(p, t) for p, t in reversed(rows)], max(top, after_seq)
+
+    def _where_in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple]:
+        """The rows of ``sql`` with its ``{}`` filled by placeholders for ``ids``, queried in chunks."""
+        ids = list(ids)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            yield from self.conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
+
+    def counts(self) -> dict[str, int]:
+        """Rows in each table (for /info-like summaries and tests)."""
+        with self.transaction(write=False):
+            return {
+                table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("predictions", "feedback")
+            }
