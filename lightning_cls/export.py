@@ -32,6 +32,7 @@ from lightning_cls.export_format import (
     write_export_metadata,
 )
 from lightning_cls.model import TextClassifier, max_positions
+from lightning_cls.model_card import model_card, read_test_report
 from lightning_cls.tokenization import load_tokenizer
 
 _ONNX_AVAILABLE = RequirementCache("onnxruntime") and RequirementCache("onnxscript") and RequirementCache("onnx")
@@ -131,6 +132,7 @@ def export(
     format: Literal["hf", "onnx"] = "hf",
     max_length: int | None = None,
     opset: int = 18,
+    test_report: str | None = None,
 ) -> Path:
     """Export a checkpoint as a Hugging Face model folder that `transformers.pipeline` loads offline.
 
@@ -142,9 +144,12 @@ def export(
             the same plus model.onnx (dynamic batch and sequence axes), checked against PyTorch with onnxruntime.
         max_length: Truncation length of the exported tokenizer (default: the training data's, from the checkpoint).
         opset: ONNX opset version.
+        test_report: `test_report.json` written by `python -m lightning_cls test` on this checkpoint: the model card
+            (README.md) quotes its metrics.
     """
     ckpt, output = Path(ckpt_path), Path(output_dir)
     _check_paths(ckpt, output)
+    report = read_test_report(test_report) if test_report else None  # a wrong path fails before any work
     if format == "onnx" and not _ONNX_AVAILABLE:
         raise ExportError(
             f"--format onnx needs onnx, onnxruntime and onnxscript: pip install 'lightning_cls[onnx]'. "
@@ -168,6 +173,7 @@ def export(
         tokenizer.save_pretrained(tmp)
         metadata = export_metadata(model, ckpt, length)
         write_export_metadata(tmp, metadata)
+        (tmp / "README.md").write_text(model_card(metadata, dict(model.hparams), report))
         if format == "onnx":
             limit = max_positions(hf_model) or length
             diff = export_onnx(hf_model, tmp / ONNX_FILE, limit, tokenizer.pad_token_id, opset)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_cli import data_args, trainer_args
 from transformers import AutoConfig, AutoTokenizer, pipeline
 
@@ -155,3 +156,26 @@ def test_export_without_a_data_reference(tmp_path, trained, capsys):
     assert metadata["reference"] is None and metadata["max_length"] == 48
     assert '"reference": null' in capsys.readouterr().out
     assert AutoTokenizer.from_pretrained(out).model_max_length == 48
+
+
+def test_export_writes_a_model_card_from_the_checkpoint_and_a_test_report(tmp_path, sample_dir, trained):
+    run_dir = trained("distilbert")
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    main(["test", *data_args(sample_dir, "distilbert"), *trainer_args(tmp_path), f"--ckpt_path={ckpt}"])
+    report_path = next((tmp_path / "runs").rglob("test_report.json"))
+    report = json.loads(report_path.read_text())
+    out = Path(export(str(ckpt), str(tmp_path / "export"), test_report=str(report_path)))
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])  # the Hugging Face metadata block
+    assert front["pipeline_tag"] == "text-classification" and front["library_name"] == "transformers"
+    assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == round(report["macro_f1"], 4)
+    metadata = json.loads((out / "lightning_cls.json").read_text())
+    for label in metadata["labels"]:
+        assert f"`{label}`" in card and f"| {label} | {metadata['reference']['label_counts'][label]} |" in card
+    assert f"T = {metadata['temperature']:.4f}" in card  # calibrated during fit
+    for section in ("## Training data", "## Training configuration", "## Evaluation", "## Intended use and limits"):
+        assert section in card
+    # A wrong report path fails before anything is written.
+    with pytest.raises(ExportError, match=r"--test_report .*nope\.json cannot be read"):
+        export(str(ckpt), str(tmp_path / "export2"), test_report=str(tmp_path / "nope.json"))
+    assert not (tmp_path / "export2").exists()

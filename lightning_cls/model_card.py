@@ -1,0 +1,157 @@
+"""The model card `export` writes as the folder's README.md, in the Hugging Face model-card form (YAML metadata,
+then sections): labels, training data, training configuration, validation and test metrics, calibration, intended
+use and limits. Everything in it comes from the checkpoint, `lightning_cls.json` and, if given, a test report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_cls.errors import ExportError
+from lightning_cls.export_format import ExportMetadata
+
+# Training settings worth a reader's time (the checkpoint's hyperparameters hold more, e.g. the whole HF config).
+TRAINING_KEYS = (
+    "model_name_or_path",
+    "pooling",
+    "train_last_n_blocks",
+    "learning_rate",
+    "weight_decay",
+    "warmup_ratio",
+    "lora_r",
+    "lora_alpha",
+    "gradient_checkpointing",
+    "calibrate",
+)
+
+
+def read_test_report(path: str | Path) -> dict[str, Any]:
+    """A `test_report.json` written by `python -m lightning_cls test`; errors name the file."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"--test_report {path} cannot be read as a test report ({err}).") from None
+    if not isinstance(report, dict) or "macro_f1" not in report:
+        raise ExportError(f"--test_report {path} is not a test report (no macro_f1): use test_report.json of `test`.")
+    return report
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: dict | None = None) -> str:
+    """The README.md of an exported folder."""
+    header = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["lightning_cls", "text-classification", "scientific-text"],
+        "base_model": hparams.get("model_name_or_path"),
+    }
+    if test_report is not None:
+        header["model-index"] = [
+            {
+                "name": "lightning_cls export",
+                "results": [
+                    {
+                        "task": {"type": "text-classification"},
+                        "metrics": [
+                            {"type": "f1", "name": "macro-F1 (test)", "value": round(test_report["macro_f1"], 4)},
+                            {"type": "accuracy", "name": "accuracy (test)", "value": round(test_report["accuracy"], 4)},
+                        ],
+                    }
+                ],
+            }
+        ]
+    out = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", ""]
+    out += [
+        "# Subject classifier for scientific text",
+        "",
+        f"A sequence classifier fine-tuned from `{hparams.get('model_name_or_path')}` with "
+        "[lightning_cls](https://github.com/) to tag papers and articles with one of "
+        f"{len(metadata.labels)} subjects. Exported from `{metadata.checkpoint}` on {metadata.exported_at} "
+        f"(lightning_cls {metadata.lightning_cls_version}).",
+        "",
+        "## Labels",
+        "",
+        ", ".join(f"`{name}`" for name in metadata.labels),
+        "",
+        "## Training data",
+        "",
+    ]
+    reference = metadata.reference
+    if reference is not None:
+        out.append(f"{reference.rows} training texts, by label:")
+        out.append("")
+        out.append("| label | texts |")
+        out.append("|---|---|")
+        out += [f"| {name} | {count} |" for name, count in reference.label_counts.items()]
+        if reference.token_length is not None:
+            t = reference.token_length
+            out += ["", f"Tokens per text as the model read them: median {t.p50:.0f}, 95th percentile {t.p95:.0f}."]
+    else:
+        out.append("The checkpoint records no training data summary.")
+    reading = (
+        f"truncated at {metadata.max_length} tokens"
+        if metadata.max_windows == 1
+        else f"read as up to {metadata.max_windows} windows of {metadata.max_length} tokens (mean of window logits)"
+    )
+    out += ["", "## Training configuration", "", f"- texts {reading}"]
+    out += [f"- {key}: `{hparams[key]}`" for key in TRAINING_KEYS if hparams.get(key) is not None]
+    out += ["", "## Evaluation", ""]
+    calibration = metadata.calibration
+    if calibration and calibration.get("accuracy") is not None:
+        out.append(f"- validation accuracy: {_fmt(calibration['accuracy'])}")
+    if test_report is not None:
+        out.append(
+            f"- test ({test_report['rows']} texts): accuracy {_fmt(test_report['accuracy'])}, macro-F1 "
+            f"{_fmt(test_report['macro_f1'])}, weighted F1 {_fmt(test_report['weighted_f1'])}"
+        )
+        out += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        out += [
+            f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+            for name, m in test_report.get("per_class", {}).items()
+        ]
+    elif not calibration:
+        out.append("No metrics given (export with `--test_report runs/.../test_report.json` to quote the test split).")
+    out += ["", "## Calibration", ""]
+    temperature = metadata.temperature
+    if temperature is not None and calibration:
+        before, after = calibration.get("before", {}), calibration.get("after", {})
+        out.append(
+            f"Temperature scaling fitted on the validation split: T = {temperature:.4f}. Expected calibration error "
+            f"{_fmt(before.get('ece'))} -> {_fmt(after.get('ece'))}, negative log-likelihood {_fmt(before.get('nll'))}"
+            f" -> {_fmt(after.get('nll'))}. `serve` and `predict` answer calibrated probabilities "
+            "(softmax(logits / T)); `transformers.pipeline` on this folder gives the uncalibrated softmax."
+        )
+    else:
+        out.append("Not calibrated: probabilities are the plain softmax (`python -m lightning_cls calibrate`).")
+    out += [
+        "",
+        "## Intended use and limits",
+        "",
+        "- Intended use: suggesting the subject of English scientific abstracts and articles among the labels above,",
+        "  with a person or a downstream rule deciding on low-confidence answers (`serve --min_confidence`).",
+        "- Trained on arXiv abstracts: other kinds of text (news, patents, titles alone) and subjects outside the",
+        "  labels get a confident-looking label all the same. Every text gets one of the labels above.",
+        f"- Texts are {reading}; what lies past that is not read.",
+        "- Papers written after the training data drift in vocabulary and subject mix: watch the drift and",
+        "  accuracy gauges of `serve` (docs/monitoring.md), and send true labels to POST /feedback.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classify = pipeline("text-classification", model="path/to/this/folder", truncation=True)',
+        'classify("We measure the rotation curves of nearby spiral galaxies ...")',
+        "```",
+        "",
+        "or `python -m lightning_cls serve --model_dir path/to/this/folder`.",
+        "",
+    ]
+    return "\n".join(out)
