@@ -20,7 +20,8 @@ start=$(date +%s)
 fit_s=$(( $(date +%s) - start ))
 fit_cpu_s=$(awk '{printf "%d", $1 + $2}' "runs/experiments/$name.cpu")
 
-best=$(ls "$ckpt_dir"/epoch*.ckpt | head -n 1)
+# The best validation macro-F1, read from the file names (epochNN-stepN-f1X.XXXX.ckpt): not the first in name order.
+best=$(ls "$ckpt_dir"/epoch*.ckpt | awk -F'-f1' '{print $NF "\t" $0}' | sort -rn | head -n 1 | cut -f2)
 start=$(date +%s)
 python -m lightning_cls test --config "$config" --ckpt_path "$best"
 test_s=$(( $(date +%s) - start ))
