@@ -44,6 +44,8 @@ def hub_errors(option: str, name: str) -> Iterator[None]:
 
 def _not_found(option: str, name: str, err: BaseException) -> str:
     reason = first_line(err)
+    if not name.strip():  # Path("") is the current folder: it "exists"
+        return f"{option} is empty: give a local folder or a hub name (an unset environment variable in a config?)."
     if Path(name).expanduser().exists():
         return f"{option}={name!r}: the folder exists but cannot be loaded ({reason})."
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:

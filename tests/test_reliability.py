@@ -364,6 +364,14 @@ def test_unknown_model_or_tokenizer_names_the_option(option, expected, sample_di
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_empty_tokenizer_name_is_named_as_empty():
+    """A config's `${oc.env:MINILM_DIR}` with the variable unset gives "": not "the folder exists" (Path("") is ".")."""
+    from lightning_cls.tokenization import load_tokenizer
+
+    with pytest.raises(ConfigError, match=r"^data.tokenizer is empty: give a local folder or a hub name"):
+        load_tokenizer("")
+
+
 # ------------------------------------------------------------------------------------------------ atomic outputs
 def prediction_rows(n: int, fail_at: int | None = None, pause: float = 0.0):
     for i in range(n):
