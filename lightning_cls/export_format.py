@@ -20,6 +20,7 @@ from lightning_cls.errors import InputError
 
 METADATA_FILE = "lightning_cls.json"
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"  # model.onnx with int8 weights (onnxruntime dynamic quantization): --quantize int8
 CONFIG_FILE = "config.json"
 # Bump when a reader of an older version would misread the folder; readers refuse folders of a newer version.
 FORMAT_VERSION = 1
@@ -128,6 +129,11 @@ class ExportMetadata:
     # validation split before and after it.
     temperature: float | None = None
     calibration: dict[str, Any] | None = None
+    # Each way of running the folder (`lightning_cls.inference`: "fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
+    # against torch fp32 on validation texts: {"agreement", "max_prob_diff", "texts", "texts_per_s", "device",
+    # "source"}, or {"skipped": why, ...}. `serve --precision auto` uses a lower precision only if its agreement is
+    # at least the gate. None: not measured (exported before this was recorded).
+    inference: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
 

@@ -22,7 +22,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     same logits (`TextClassifier` refuses left padding for a head that reads the first token).
     """
     with hub_errors("data.tokenizer", name_or_path):  # a wrong name: one line saying so
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        # A folder is data: code it names (`auto_map`, for `trust_remote_code` users) is never run, nor asked about.
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=False)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"Tokenizer {name_or_path!r} has neither a pad token nor an end-of-sequence token.")

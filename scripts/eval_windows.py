@@ -77,7 +77,7 @@ def main() -> None:
         "--config", required=True, type=Path, help="experiment YAML whose `data` section sets the split"
     )
     parser.add_argument("--data-path", help="override data.path of the config")
-    parser.add_argument("--readings", nargs="+", default=["128:1", "256:1", "128:8"], help="max_length:max_windows")
+    parser.add_argument("--readings", nargs="*", default=["128:1", "256:1", "128:8"], help="max_length:max_windows")
     parser.add_argument("--join", type=int, default=8, help="abstracts joined into one long text (0: skip)")
     parser.add_argument("--long-readings", nargs="+", default=["128:1", "256:1", "128:8", "128:32", "128:64"])
     parser.add_argument("--limit", type=int, help="score only the first N test texts")

@@ -27,6 +27,7 @@ METADATA_KEYS = {
     "calibration",
     "max_windows",
     "window_stride",
+    "inference",
 }
 
 

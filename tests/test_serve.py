@@ -17,6 +17,7 @@ from serving_helpers import MAX_LENGTH, ServerProcess, fabricate_export, free_po
 from transformers import AutoModelForSequenceClassification
 
 from lightning_cls.drift import PSI_WARNING
+from lightning_cls.inference import InferenceSettings
 from lightning_cls.labels import DEFAULT_LABELS
 from lightning_cls.sample_data import KEYWORDS, generate_texts
 from lightning_cls.serving.api import ClassifierAPI
@@ -86,7 +87,9 @@ def test_batched_answers_equal_single_text_answers(sample_dir, tmp_path, family)
     """Texts of several requests batched together (and padded to the longest) get the answers they get alone."""
     tokenizer = tokenizer_for(sample_dir, family)
     model_dir = fabricate_export(tokenizer, tmp_path / "model", model_config=TINY_CONFIGS[family])
-    api = ClassifierAPI(str(model_dir), MAX_LENGTH, max_batch_size=4, forward_batch_size=3)
+    api = ClassifierAPI(
+        str(model_dir), MAX_LENGTH, max_batch_size=4, inference=InferenceSettings(max_batch_tokens=3 * MAX_LENGTH)
+    )
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     texts, _ = generate_texts(rows_per_label=1, seed=11, rare_rows=0)

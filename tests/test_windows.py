@@ -142,10 +142,12 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
 
     from serving_helpers import fabricate_export
 
+    from lightning_cls.inference import InferenceSettings
     from lightning_cls.serving.api import ClassifierAPI
 
     model_dir = fabricate_export(sample_dir / "wordpiece", tmp_path / "model", max_length=16)
-    api = ClassifierAPI(str(model_dir), 16, max_batch_size=4, forward_batch_size=5, max_windows=6, window_stride=10)
+    budget = InferenceSettings(max_batch_tokens=40)  # windows of several texts in one pass, and several passes
+    api = ClassifierAPI(str(model_dir), 16, max_batch_size=4, inference=budget, max_windows=6, window_stride=10)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     texts = [long_text(200, 1), "short", long_text(8, 2), long_text(30, 3)]
@@ -162,7 +164,7 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
     # the answer is the mean of the windows' logits, each window run as the model would run it alone
     with torch.inference_mode():
-        per_window = torch.cat([api.model(input_ids=torch.tensor([ids])).logits for ids in windows.input_ids])
+        per_window = torch.cat([api.runner.model(input_ids=torch.tensor([ids])).logits for ids in windows.input_ids])
     expected = mean_logits_per_text(per_window, windows.text_index, len(texts)).softmax(-1)
     assert [a["probability"] for a in flat] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
     messages = [api._logger_queue.get_nowait() for _ in range(api._logger_queue.qsize())]

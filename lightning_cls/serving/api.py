@@ -1,7 +1,8 @@
 """The LitAPI, run in the inference worker process(es): tokenizes, runs the exported model, answers top-k.
 
 Dynamic batching: the worker collects up to `max_batch_size` requests within `batch_timeout` seconds; `batch`
-flattens their texts, `predict` runs them longest-first in chunks of `forward_batch_size`, `unbatch` gives each
+flattens their texts, `predict` runs them (`inference.Runner`: the chosen backend and precision, longest first, at
+most `max_batch_tokens` tokens per forward pass), `unbatch` gives each
 request its answers back. A text longer than the model's window is read as up to `max_windows` overlapping
 windows (`lightning_cls.windows`; 1: truncated), the windows of all texts batched together, and answered with the
 mean of its windows' logits, divided by the export's temperature when it has one (calibrated probabilities). Each
@@ -11,6 +12,7 @@ answer has a `prediction_id`, the key of POST /feedback. Each batch is sent to t
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 import warnings
@@ -19,10 +21,12 @@ from dataclasses import dataclass
 import litserve as ls
 import torch
 
-from lightning_cls.export_format import load_classifier
+from lightning_cls.inference import InferenceSettings, Runner
 from lightning_cls.serving.http import PREDICT_PATH
 from lightning_cls.tokenization import load_tokenizer
 from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ClassifierAPI(ls.LitAPI):
         max_length: int,
         max_batch_size: int = 16,
         batch_timeout: float = 0.002,
-        forward_batch_size: int = 64,
+        inference: InferenceSettings | None = None,
         num_threads: int | None = None,
         max_windows: int = 1,
         window_stride: int | None = None,
@@ -58,7 +62,7 @@ class ClassifierAPI(ls.LitAPI):
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
         self.model_dir, self.max_length = str(model_dir), max_length
-        self.forward_batch_size, self.num_threads = forward_batch_size, num_threads
+        self.inference, self.num_threads = inference or InferenceSettings(), num_threads
         self.max_windows, self.window_stride = max_windows, window_stride
         # softmax(logits / temperature): the calibrated probabilities (None: the plain softmax, T = 1).
         self.temperature, self.min_confidence = temperature, min_confidence
@@ -68,9 +72,10 @@ class ClassifierAPI(ls.LitAPI):
             torch.set_num_threads(self.num_threads)
         self.device_name = device
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_classifier(self.model_dir, dtype=torch.float32)
-        self.model.to(device).eval()
-        self.names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        # The backend (torch or ONNX Runtime) and precision, chosen once (`lightning_cls.inference`).
+        self.runner = Runner(self.model_dir, self.inference, device=device, tokenizer=self.tokenizer)
+        log.info(self.runner.describe())
+        self.names = self.runner.labels
         self.special_tokens = self.tokenizer.num_special_tokens_to_add()
         self.windows = WindowSpec(self.max_length, self.max_windows, self.window_stride)
         self.windows.step(self.tokenizer)  # a stride longer than a window fails here, at start, not per request
@@ -142,17 +147,9 @@ class ClassifierAPI(ls.LitAPI):
         return (logits.float() / t).softmax(-1)  # (N, num_labels)
 
     def _logits(self, ids: list[list[int]]) -> torch.Tensor:
-        """Logits (N, num_labels) of token id lists (whole texts or windows), in float32."""
-        logits = torch.empty(len(ids), len(self.names))
-        # Longest first, in chunks: sequences of similar length share a chunk, so little compute goes to padding.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        with torch.inference_mode():
-            for start in range(0, len(order), self.forward_batch_size):
-                rows = order[start : start + self.forward_batch_size]
-                inputs = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-                inputs = {k: v.to(self.device_name) for k, v in inputs.items()}
-                logits[rows] = self.model(**inputs).logits.float().cpu()  # (B, num_labels)
-        return logits
+        """Logits (N, num_labels) of token id lists (whole texts or windows), float32, in input order: the runner
+        runs them longest first, at most `max_batch_tokens` tokens per forward pass."""
+        return self.runner.logits(ids)
 
     def _answer(self, probs: list[float], order: list[int], k: int, tokens: int, windows: int, cut: bool) -> dict:
         return {

@@ -20,11 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
+import torch
 
 from lightning_cls import __version__
 from lightning_cls.drift import DriftThresholds
 from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export_format import ExportMetadata, read_export_metadata
+from lightning_cls.inference import (
+    DEFAULT_AGREEMENT_GATE,
+    Backend,
+    InferenceSettings,
+    Precision,
+    choose,
+    detect_hardware,
+)
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.feedback import FeedbackStore, StoreSettings, model_version
 from lightning_cls.serving.http import (
@@ -63,7 +72,15 @@ class ServeSettings:
         max_texts: Most texts one request may carry in "texts"; more is a 422.
         max_body_bytes: Largest request body accepted; larger is a 413.
         top_k: Labels listed per text unless the request says "top_k".
-        forward_batch_size: Most sequences (texts, or windows of long texts) per forward pass.
+        precision: auto (the fastest precision this hardware runs well whose agreement with fp32, recorded at
+            export, is at least `agreement_gate`; else fp32), fp32, bf16, fp16 (torch backend) or int8 (onnx
+            backend: model.int8.onnx, from `export --format onnx --quantize int8`). /info says what runs and why.
+        backend: torch (the folder's safetensors weights) or onnx (ONNX Runtime on model.onnx, from
+            `export --format onnx`).
+        max_batch_tokens: Most tokens per forward pass, padding included (rows x padded length); sequences (texts,
+            or windows of long texts) run longest first. Default: 4096 on a CPU, 32768 on a GPU.
+        agreement_gate: Least share of labels identical to fp32's (measured at export) for `auto` to use a lower
+            precision.
         max_windows: A text longer than the model's window is read as up to this many overlapping windows, and
             answered with their mean logits (1: truncated at the window; default: as the model was trained, from
             the export, else 1). Each answer says how many windows were read and whether the cap cut the text.
@@ -107,7 +124,10 @@ class ServeSettings:
     max_texts: int = 64
     max_body_bytes: int = 1_000_000
     top_k: int = 3
-    forward_batch_size: int = 64
+    precision: Precision = "auto"
+    backend: Backend = "torch"
+    max_batch_tokens: int | None = None
+    agreement_gate: float = DEFAULT_AGREEMENT_GATE
     max_windows: int | None = None
     window_stride: int | None = None
     window_size: int = 1000
@@ -202,6 +222,10 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     version = model_version(s.model_dir)
     FeedbackStore(s.feedback_db).close()  # create it, or check it, now: a bad path fails here, not in a process
     num_threads = s.num_threads or default_threads(s.workers_per_device)
+    inference = InferenceSettings(s.precision, s.backend, s.max_batch_tokens, s.agreement_gate)
+    inference.check(s.model_dir, max_length)  # one line naming every bad flag, before any worker starts
+    device = "cuda" if s.accelerator == "cuda" or (s.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    choice = choose(inference, detect_hardware(device), meta.inference, s.model_dir)
     windows = WindowSpec(
         max_length,
         s.max_windows if s.max_windows is not None else meta.max_windows,
@@ -212,7 +236,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         max_length,
         s.max_batch_size,
         s.batch_timeout,
-        s.forward_batch_size,
+        inference,
         num_threads,
         windows.max_windows,
         windows.stride,
@@ -283,6 +307,13 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         "limits": {"max_texts": s.max_texts, "max_body_bytes": s.max_body_bytes, "default_top_k": s.top_k},
         "batching": {"max_batch_size": s.max_batch_size, "batch_timeout": s.batch_timeout},
         "workers": {"per_device": s.workers_per_device, "torch_threads": num_threads},
+        "inference": {
+            "backend": choice.backend,
+            "precision": choice.precision,
+            "reason": choice.reason,
+            "max_batch_tokens": s.max_batch_tokens,
+            "agreement_gate": s.agreement_gate,
+        },
         "api_key": {"required_for": protected} if key else None,
     }
     server = ls.LitServer(
