@@ -89,3 +89,24 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths, strict=True)))
     for r in rows:
         print("  ".join(format(r.get(k, ""), f).ljust(w) for (k, _, f), w in zip(columns, widths, strict=True)))
+
+
+def plan_from_config(data: dict, path: str):
+    """The data module's split (`lightning_cls.data.plan_splits`) from an experiment config's `data` section, read
+    from ``path``: the same labels, subsample, seed and split (random or `split_by`) as the experiment."""
+    from lightning_cls.data import plan_splits
+    from lightning_cls.tables import read_table
+
+    split_by = data.get("split_by")
+    table = read_table(path, data.get("text_column", "text"), data.get("label_column", "label"), order_column=split_by)
+    return plan_splits(
+        table,
+        data.get("labels"),
+        data.get("min_count"),
+        data.get("max_samples", 50_000),
+        data.get("val_fraction", 0.1),
+        data.get("test_fraction", 0.1),
+        data.get("seed", 42),
+        path,
+        split_by=split_by,
+    )

@@ -30,11 +30,9 @@ import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import cpu_name
+from bench_common import cpu_name, plan_from_config
 
-from lightning_cls.data import plan_splits
 from lightning_cls.export_format import load_classifier, read_export_metadata
-from lightning_cls.tables import read_table
 from lightning_cls.tokenization import load_tokenizer
 from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
 
@@ -89,19 +87,7 @@ def main() -> None:
 
     data = yaml.safe_load(args.config.read_text())["data"]
     path = args.data_path or data["path"]
-    split_by = data.get("split_by")
-    table = read_table(path, data.get("text_column", "text"), data.get("label_column", "label"), order_column=split_by)
-    plan = plan_splits(
-        table,
-        data.get("labels"),
-        data.get("min_count"),
-        data.get("max_samples", 50_000),
-        data.get("val_fraction", 0.1),
-        data.get("test_fraction", 0.1),
-        data.get("seed", 42),
-        path,
-        split_by=split_by,
-    )
+    plan = plan_from_config(data, path)
     rows = plan.rows["test"][: args.limit]
     texts, labels = plan.table["text"].to_numpy()[rows].tolist(), plan.label_ids[rows]
     meta = read_export_metadata(args.model_dir)

@@ -22,10 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import cpu_name
-
-from lightning_cls.data import plan_splits
-from lightning_cls.tables import read_table
+from bench_common import cpu_name, plan_from_config
 
 
 def main() -> None:
@@ -41,19 +38,7 @@ def main() -> None:
     data = yaml.safe_load(args.config.read_text())["data"]
     path = args.data_path or data["path"]
     start, cpu_start = time.perf_counter(), time.process_time()
-    split_by = data.get("split_by")
-    table = read_table(path, data.get("text_column", "text"), data.get("label_column", "label"), order_column=split_by)
-    plan = plan_splits(
-        table,
-        data.get("labels"),
-        data.get("min_count"),
-        data.get("max_samples", 50_000),
-        data.get("val_fraction", 0.1),
-        data.get("test_fraction", 0.1),
-        data.get("seed", 42),
-        path,
-        split_by=split_by,
-    )
+    plan = plan_from_config(data, path)
     texts = plan.table["text"].to_numpy()
     x = {name: texts[rows] for name, rows in plan.rows.items()}
     y = {name: plan.label_ids[rows] for name, rows in plan.rows.items()}
