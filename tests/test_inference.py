@@ -175,6 +175,36 @@ def test_onnx_backends_agree_with_pytorch(onnx_export):
     assert (int8.softmax(-1) - torch_logits.softmax(-1)).abs().max() < 0.2  # quantized, not another model
 
 
+def test_the_service_on_the_onnx_backend_answers_as_on_pytorch(onnx_export):
+    """What `serve --backend onnx` runs: the LitAPI with the ONNX runner gives PyTorch's labels and probabilities,
+    whole texts and windows of long ones alike."""
+    import queue
+
+    from lightning_cls.serving.api import ClassifierAPI
+
+    texts, _ = generate_texts(rows_per_label=2, seed=9)
+    texts = [*texts, " ".join(texts)]  # the last one far longer than a window
+    answers = {}
+    for backend in ("torch", "onnx"):
+        api = ClassifierAPI(
+            str(onnx_export),
+            64,
+            max_batch_size=4,
+            inference=InferenceSettings(backend=backend, precision="fp32"),
+            max_windows=4,
+        )
+        api.set_logger_queue(queue.Queue())
+        api.setup("cpu")
+        assert api.runner.backend == backend
+        answers[backend] = api.predict((texts, 3))
+    windows = [answer["windows"] for answer in answers["onnx"]]
+    assert windows[-1] == 4 and min(windows) < 4, windows  # the long text at the cap, others below it
+    for got, want in zip(answers["onnx"], answers["torch"], strict=True):
+        assert got["label"] == want["label"] and got["windows"] == want["windows"]
+        assert [a["label"] for a in got["top_k"]] == [a["label"] for a in want["top_k"]]
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-4)
+
+
 def test_export_records_the_agreement_of_each_way_of_running_the_model(onnx_export):
     assert (onnx_export / ONNX_FILE).is_file() and (onnx_export / INT8_ONNX_FILE).is_file()
     records = json.loads((onnx_export / "lightning_cls.json").read_text())["inference"]
