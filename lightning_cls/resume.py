@@ -11,6 +11,11 @@ What Lightning 2.6 already does, and what this module adds:
 - ``ModelCheckpoint`` writes ``last.ckpt`` only when it also saves a top-k checkpoint (so, with ``save_top_k: 1``,
   only when the monitored metric improves), and with ``every_n_train_steps=N`` nothing before the first validation.
   :class:`ResumableCheckpoint` writes ``last.ckpt`` after every validation, epoch and N steps.
+- With ``every_n_train_steps=N``, ``ModelCheckpoint`` saves its top-k checkpoints every N steps only, each scored
+  with the latest validation's metric: the weights of step N are filed under the score of other, older weights, and
+  the weights that scored best are never saved when no multiple of N coincides with their validation.
+  :class:`ResumableCheckpoint` uses N for ``last.ckpt`` only and saves top-k checkpoints at validations, each
+  scored by the metric of exactly the weights it holds.
 - Lightning restores the loops, optimizer, scheduler and callbacks, and the state of a *stateful* train loader, but
   not the random number generators, and a plain DataLoader restarts its epoch from the first batch.
   :class:`ResumableDataLoader` skips the batches the interrupted epoch already used, and :class:`ExactResume` reseeds
@@ -67,12 +72,17 @@ class ResumableCheckpoint(ModelCheckpoint):
     _last_step_written = -1
     _pending: tuple[int, Any] | None = None  # a signal received, waiting for the next safe point
     _lightning_sigterm: Any = None
-    _last_monitored: torch.Tensor | None = None  # the monitored metric of the latest validation
+    _last_every = 0  # last.ckpt every this many training steps (the `every_n_train_steps` argument)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self._writes_last is None:  # take over `save_last` from the parent, which then never writes last.ckpt
             self._writes_last, self.save_last = bool(self.save_last), False
+            # ... and `every_n_train_steps`, which would make the parent save top-k checkpoints between validations
+            # under the previous validation's score: the parent then saves them after each validation instead.
+            self._last_every, self._every_n_train_steps = self._every_n_train_steps, 0
+            if self._last_every and not self._every_n_epochs and self._train_time_interval is None:
+                self._every_n_epochs = 1
 
     # ------------------------------------------------------------------------------------------------ signals
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -114,15 +124,13 @@ class ResumableCheckpoint(ModelCheckpoint):
             return  # the epoch-end hooks are still to come: on_train_epoch_end saves and releases
         if not _validation_follows(trainer):
             self._release()  # Lightning stops right after this batch
-        every = self._every_n_train_steps  # the `every_n_train_steps` argument
+        every = self._last_every
         if self._writes_last and every and trainer.global_step % every == 0:
             self._write_last_once(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if fitting and self.monitor in trainer.callback_metrics:
-            self._last_monitored = trainer.callback_metrics[self.monitor].detach().clone().cpu()
         if fitting and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # a mid-epoch validation
             self._release()
             if self._writes_last:
@@ -152,20 +160,9 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         super().on_exception(trainer, pl_module, exception)
 
-    def _monitor_candidates(self, trainer: Trainer) -> dict[str, torch.Tensor]:
-        # Top-k checkpoints every N steps are scored with the latest validation's metric. A resumed process has not
-        # validated yet: it uses the value saved in the checkpoint, as the run never stopped would have.
-        candidates = super()._monitor_candidates(trainer)
-        if self.monitor and self.monitor not in candidates and self._last_monitored is not None:
-            candidates[self.monitor] = self._last_monitored
-        return candidates
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_monitored": self._last_monitored}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self._last_monitored = state_dict.pop("last_monitored", None)
+        state_dict.pop("last_monitored", None)  # kept by earlier versions, which scored top-k files between validations
         super().load_state_dict(state_dict)
 
     def _write_last_once(self, trainer: Trainer) -> None:

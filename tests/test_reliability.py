@@ -181,6 +181,21 @@ def test_last_ckpt_is_the_latest_state_not_a_copy_of_the_best(reference):
 
 
 # ------------------------------------------------------------------------------------------------ fast, in-process
+def test_best_checkpoints_hold_the_weights_their_score_was_measured_on(tmp_path, sample_dir):
+    """With `every_n_train_steps`, top-k files are saved at validations (here every 3 steps), each under the score
+    of its own weights; not every 4 steps under an older validation's score (Lightning's own behaviour, which files
+    the weights of step 4 under step 3's score and never saves step 3's). last.ckpt still follows every 4 steps."""
+    run = tmp_path / "run"
+    in_process(fit_args(run, sample_dir, "--trainer.val_check_interval=3", "--checkpoint.save_top_k=-1"))
+    files = {torch.load(f, weights_only=True)["global_step"]: f for f in (run / "ckpt").glob("epoch*.ckpt")}
+    assert sorted(files) == [3, 6, 9, 12]
+    # The score in a file's name is what validating that file gives.
+    step, path = max(files.items(), key=lambda item: float(item[1].stem.rsplit("-f1", 1)[1]))
+    validated = in_process(["validate", *fit_args(run, sample_dir)[1:], f"--ckpt_path={path}"])
+    validated = validated.trainer.callback_metrics["val/f1_macro"].item()
+    assert f"{validated:.4f}" == path.stem.rsplit("-f1", 1)[1], (step, path.name)
+
+
 def test_resumable_loader_skips_what_the_interrupted_epoch_used():
     lengths = np.random.default_rng(0).integers(5, 50, size=37)
 
