@@ -29,12 +29,15 @@ EXPERIMENTS, RUNS = ROOT / "experiments", ROOT / "runs" / "experiments"
 
 
 def curve(name: str) -> list[dict]:
-    """Validation macro-F1 per step of runs/experiments/NAME/ over all its versions; the last value of a step wins
-    (a resumed run validates again only at new steps, so there is one value per step in practice)."""
+    """Validation macro-F1 per step of the fit runs under runs/experiments/NAME/ (all versions: a resumed run goes on
+    in a new one); the last value of a step wins (a resumed run validates only at new steps, so there is one)."""
     batch = yaml.safe_load((EXPERIMENTS / name / "config.yaml").read_text())["data"]["batch_size"]
     points: dict[int, float] = {}
     for version in sorted((RUNS / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
-        for step, _, value in scalars(str(version)).get("val/f1_macro", []):
+        logged = scalars(str(version))
+        if "train/loss_step" not in logged:
+            continue  # a `validate`, `calibrate` or `test` run of a checkpoint: not a point of the training curve
+        for step, _, value in logged.get("val/f1_macro", []):
             points[step + 1] = value  # Lightning logs validation at the global step before the increment
     return [{"step": s, "abstracts_seen": s * batch, "val_f1_macro": round(v, 4)} for s, v in sorted(points.items())]
 
