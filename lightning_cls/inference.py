@@ -46,6 +46,13 @@ DEFAULT_AGREEMENT_GATE = 0.995
 # where MiniLM's throughput levelled off here (8 rows: 0.65x, 16: 0.84x, 64: 0.92x of 32 rows' texts/s; one run on
 # a loaded machine). GPU: a larger budget keeps the device busy; not measured here (no GPU was lent).
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+# Most padding tokens one forward pass may carry. On a CPU compute grows with the tokens of a pass, padding
+# included, and a pass has a fixed cost: about as much as 16-20 more tokens for MiniLM here (a linear fit of the
+# time of passes from 1x8 to 4x128 tokens, torch fp32 and ONNX int8, one thread). A short text joins a pass of
+# long ones only while the pass's padding stays under that, so a burst of short queries and long abstracts runs
+# as a long pass and a short one instead of every query padded to the longest abstract. GPU: padding is nearly
+# free next to a kernel launch; no bound (not measured here: no GPU was lent).
+DEFAULT_MAX_PADDING = {"cpu": 24, "cuda": None}
 # The agreement record's names: torch precisions by their own name, ONNX ones prefixed.
 VARIANTS: tuple[str, ...] = ("fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -236,15 +243,24 @@ def padded_width(length: int, multiple: int = 1) -> int:
     return max(1, -(-length // multiple) * multiple)
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, multiple: int = 1) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], max_batch_tokens: int, multiple: int = 1, max_padding: int | None = None
+) -> list[list[int]]:
     """Positions of the sequences per forward pass: longest first, each pass at most `max_batch_tokens` tokens
-    (rows x the pass's padded length). A sequence longer than the budget on its own runs alone."""
+    (rows x the pass's padded length) and at most `max_padding` padding tokens (None: no bound). A sequence longer
+    than the budget on its own runs alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    widths = [padded_width(lengths[i], multiple) for i in order]
     batches, start = [], 0
     while start < len(order):
-        rows = max(1, max_batch_tokens // padded_width(lengths[order[start]], multiple))
-        batches.append(order[start : start + rows])
-        start += rows
+        rows, end, padding = max(1, max_batch_tokens // widths[start]), start + 1, 0
+        while end < len(order) and end - start < rows:
+            padding += widths[start] - widths[end]  # what the next, shorter sequence adds, padded to the pass
+            if max_padding is not None and padding > max_padding:
+                break
+            end += 1
+        batches.append(order[start:end])
+        start = end
     return batches
 
 
@@ -296,6 +312,7 @@ class Runner:
         self.max_batch_tokens = self.settings.max_batch_tokens or max(
             DEFAULT_MAX_BATCH_TOKENS[kind], padded_width(int(self.metadata.max_length), self.pad_multiple)
         )
+        self.max_padding = DEFAULT_MAX_PADDING[kind]
         self._dtype = _DTYPES.get(self.choice.precision)
         if self.choice.backend == "torch":
             self._load_torch()
@@ -363,10 +380,12 @@ class Runner:
     def logits(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits (N, num_labels) float32 of token id lists (whole texts or windows), in the order given.
 
-        Longest first, in passes of at most `max_batch_tokens` tokens: sequences of similar length share a pass, so
-        little compute goes to padding; the answers do not depend on the budget (tested)."""
+        Longest first, in passes of at most `max_batch_tokens` tokens and (on a CPU) `max_padding` padding tokens:
+        sequences of similar length share a pass, so little compute goes to padding; the answers do not depend on
+        either bound (tested)."""
         out = torch.empty(len(ids), self.num_labels, dtype=torch.float32)
-        for rows in plan_batches([len(row) for row in ids], self.max_batch_tokens, self.pad_multiple):
+        lengths = [len(row) for row in ids]
+        for rows in plan_batches(lengths, self.max_batch_tokens, self.pad_multiple, self.max_padding):
             input_ids, mask = pad_batch([ids[i] for i in rows], self.pad_token_id, self.pad_left, self.pad_multiple)
             out[rows] = self._forward(input_ids, mask)
         return out

@@ -134,6 +134,23 @@ def test_plan_batches_keeps_every_pass_within_the_budget():
     assert plan_batches([], 100) == []
 
 
+def test_plan_batches_bounds_the_padding_of_each_pass():
+    # Long abstracts and short queries mixed: without a bound all share the long pass, padded to 128 tokens.
+    lengths = [128, 9, 126, 12, 128, 8, 120, 10]
+    assert plan_batches(lengths, 4096) == [[0, 4, 2, 6, 3, 7, 1, 5]]
+    assert plan_batches(lengths, 4096, max_padding=24) == [[0, 4, 2, 6], [3, 7, 1, 5]]  # padding 0+2+8, then 2+3+4
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 129, size=300).tolist()
+    for bound in (0, 5, 24, 200):
+        batches = plan_batches(lengths, 2048, max_padding=bound)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for rows in batches:
+            width = max(lengths[i] for i in rows)
+            assert sum(width - lengths[i] for i in rows) <= bound
+            assert len(rows) * width <= 2048
+    assert all(len({lengths[i] for i in rows}) == 1 for rows in plan_batches(lengths, 2048, max_padding=0))
+
+
 def test_pad_batch_pads_on_the_tokenizer_side():
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -146,8 +163,9 @@ def test_no_forward_pass_exceeds_the_budget_and_answers_do_not_depend_on_it(onnx
     ids = token_ids(onnx_export, rows=30)
     alone = Runner(onnx_export, InferenceSettings(precision="fp32", max_batch_tokens=64))
     expected = torch.cat([alone.logits([row]) for row in ids])  # each text on its own: no padding at all
-    for budget in (64, 150, 10_000):
+    for budget, max_padding in ((64, None), (150, None), (10_000, 24), (10_000, None)):
         runner = Runner(onnx_export, InferenceSettings(precision="fp32", max_batch_tokens=budget))
+        runner.max_padding = max_padding
         shapes = []
         forward = runner._forward
 
@@ -159,8 +177,9 @@ def test_no_forward_pass_exceeds_the_budget_and_answers_do_not_depend_on_it(onnx
         logits = runner.logits(ids)
         assert all(rows * width <= budget for rows, width in shapes)
         assert sum(rows for rows, _ in shapes) == len(ids)
+        assert (len(shapes) > 1) == (max_padding is not None or budget < 10_000)  # these texts differ in length
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
-    assert len(shapes) == 1  # the largest budget: one pass
+    assert len(shapes) == 1  # the largest budget and no padding bound: one pass
     assert Runner(onnx_export).logits([]).shape == (0, len(read_export_metadata(onnx_export).labels))
 
 

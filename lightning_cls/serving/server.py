@@ -78,7 +78,8 @@ class ServeSettings:
         backend: torch (the folder's safetensors weights) or onnx (ONNX Runtime on model.onnx, from
             `export --format onnx`).
         max_batch_tokens: Most tokens per forward pass, padding included (rows x padded length); sequences (texts,
-            or windows of long texts) run longest first. Default: 4096 on a CPU, 32768 on a GPU.
+            or windows of long texts) run longest first, and on a CPU a pass carries at most 24 padding tokens (a
+            burst of short queries and long abstracts runs as two passes). Default: 4096 on a CPU, 32768 on a GPU.
         agreement_gate: Least share of labels identical to fp32's (measured at export) for `auto` to use a lower
             precision.
         max_windows: A text longer than the model's window is read as up to this many overlapping windows, and
