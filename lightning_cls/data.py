@@ -200,6 +200,18 @@ class ScientificTextDataModule(pl.LightningDataModule):
     def id2label(self) -> dict[int, str]:
         return label_maps(self.label_names)[0]
 
+    def plan(self) -> SplitPlan:
+        """The splits these settings give (labels selected, subsampled, split; `plan_splits`), without tokenizing:
+        what `export` and the experiment scripts rebuild the validation or test texts from."""
+        return self._split(self._read_source())
+
+    def _split(self, source: pd.DataFrame) -> SplitPlan:
+        h = self.hparams
+        fractions = h.val_fraction, h.test_fraction
+        return plan_splits(
+            source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source, split_by=h.split_by
+        )
+
     def _read_source(self) -> pd.DataFrame:
         h = self.hparams
         if h.path:
@@ -259,13 +271,10 @@ class ScientificTextDataModule(pl.LightningDataModule):
             rank_zero_info(f"Reusing tokenized splits from {folder}")
             return
         h = self.hparams
-        fractions = h.val_fraction, h.test_fraction
         source = self._read_source()
         if source.attrs.get("duplicates"):
             rank_zero_info(f"{self.source}: {source.attrs['duplicates']}")
-        plan = plan_splits(
-            source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source, split_by=h.split_by
-        )
+        plan = self._split(source)
         names, table, label_ids, split_rows, keep = plan.names, plan.table, plan.label_ids, plan.rows, plan.kept
 
         tokenizer = load_tokenizer(h.tokenizer)

@@ -38,7 +38,7 @@ from lightning_cls.export_format import (
 from lightning_cls.inference import measure_agreement
 from lightning_cls.model import TextClassifier, max_positions
 from lightning_cls.model_card import model_card, read_test_report
-from lightning_cls.tables import read_hub, read_table, read_text_chunks
+from lightning_cls.tables import read_text_chunks
 from lightning_cls.tokenization import load_tokenizer
 
 _ONNX_AVAILABLE = RequirementCache("onnxruntime") and RequirementCache("onnxscript") and RequirementCache("onnx")
@@ -86,20 +86,14 @@ def _sample(texts: list[str], limit: int, seed: int = 0) -> list[str]:
 def validation_texts(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], str]:
     """Up to `limit` texts of the validation split the checkpoint was trained beside (a seeded sample), rebuilt from
     the data settings it records, and a phrase saying where they are from. Raises when the data cannot be read."""
-    from lightning_cls.data import ScientificTextDataModule, plan_splits
+    from lightning_cls.data import ScientificTextDataModule
 
     saved = checkpoint.get("datamodule_hyper_parameters")
     if not saved:
         raise DataError("the checkpoint records no data settings")
     known = inspect.signature(ScientificTextDataModule.__init__).parameters
-    h = ScientificTextDataModule(**{k: v for k, v in saved.items() if k in known and k != "self"}).hparams
-    if h.path:
-        table, source = read_table(h.path, h.text_column, h.label_column, order_column=h.split_by), str(h.path)
-    else:
-        table = read_hub(h.dataset, h.text_column, h.label_column, order_column=h.split_by)
-        source = f"hub dataset {h.dataset!r}"
-    fractions = h.val_fraction, h.test_fraction
-    plan = plan_splits(table, h.labels, h.min_count, h.max_samples, *fractions, h.seed, source, split_by=h.split_by)
+    data = ScientificTextDataModule(**{k: v for k, v in saved.items() if k in known and k != "self"})
+    plan, source = data.plan(), data.source
     texts = plan.table["text"].to_numpy()[plan.rows["val"]].tolist()
     if not texts:
         raise DataError(f"the validation split of {source} is empty")

@@ -92,21 +92,9 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 
 
 def plan_from_config(data: dict, path: str):
-    """The data module's split (`lightning_cls.data.plan_splits`) from an experiment config's `data` section, read
-    from ``path``: the same labels, subsample, seed and split (random or `split_by`) as the experiment."""
-    from lightning_cls.data import plan_splits
-    from lightning_cls.tables import read_table
+    """The data module's split (`ScientificTextDataModule.plan`) from an experiment config's `data` section, read
+    from ``path``: the same labels, subsample, seed and split (random or `split_by`) as the experiment, with the
+    module's own defaults for what the section leaves out."""
+    from lightning_cls.data import ScientificTextDataModule
 
-    split_by = data.get("split_by")
-    table = read_table(path, data.get("text_column", "text"), data.get("label_column", "label"), order_column=split_by)
-    return plan_splits(
-        table,
-        data.get("labels"),
-        data.get("min_count"),
-        data.get("max_samples", 50_000),
-        data.get("val_fraction", 0.1),
-        data.get("test_fraction", 0.1),
-        data.get("seed", 42),
-        path,
-        split_by=split_by,
-    )
+    return ScientificTextDataModule(**{**data, "path": path}).plan()
