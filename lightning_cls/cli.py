@@ -22,7 +22,7 @@ from lightning_cls.atomic import atomic_file
 from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.data import ScientificTextDataModule
 from lightning_cls.errors import CheckpointError, ConfigError, UserError
-from lightning_cls.model import CALIBRATION_KEY, TEMPERATURE_KEY, TextClassifier
+from lightning_cls.model import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, TEMPERATURE_KEY, TextClassifier
 from lightning_cls.predictions import PredictionWriter
 from lightning_cls.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
 
@@ -231,6 +231,10 @@ CALIBRATE_DESCRIPTION = """Fit the temperature of a checkpoint on the validation
 it into a copy of the checkpoint: runs `validate` with the same options (--config with the training's data settings,
 --ckpt_path), fits T there, and writes the validation report with ECE, NLL and Brier before and after.
 
+With --model.lexical true on a checkpoint without a lexical expert, it first fits one on the training split, then
+fits its fusion weight beside the temperature (`lightning_cls.fusion`); a checkpoint that has one gets its weight
+refitted.
+
   python -m lightning_cls calibrate validate --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt"""
 
 
@@ -288,12 +292,16 @@ def calibrate(argv: list[str]) -> Path | None:
     checkpoint = load_checkpoint(ckpt)  # the file as it is (optimizer and loop states too): only two keys change
     checkpoint[TEMPERATURE_KEY] = model.temperature
     checkpoint[CALIBRATION_KEY] = {**model.calibration, "global_step": checkpoint.get("global_step")}
+    if model.lexical is not None:
+        checkpoint[LEXICAL_KEY], checkpoint[LEXICAL_WEIGHT_KEY] = model.lexical.state(), model.lexical_weight
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output) as tmp:
         torch.save(checkpoint, tmp)
     before, after = model.calibration["before"], model.calibration["after"]
+    fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
     print(
-        f"Calibrated {ckpt} on {model.calibration['rows']} validation rows: temperature {model.temperature:.4f}, "
+        f"Calibrated {ckpt} on {model.calibration['rows']} validation rows: {fused}"
+        f"temperature {model.temperature:.4f}, "
         f"ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
         f"wrote {output}."
     )

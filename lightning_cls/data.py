@@ -37,7 +37,7 @@ from lightning_cls.predict_inputs import (
 )
 from lightning_cls.resume import ResumableDataLoader
 from lightning_cls.samplers import LengthGroupedSampler, LengthSortedSampler, SeededShuffleSampler
-from lightning_cls.tables import HUB_DATASET, read_hub, read_table
+from lightning_cls.tables import HUB_DATASET, read_hub, read_table, read_text_chunks
 from lightning_cls.token_cache import TokenizedSplit, cache_key, file_fingerprint
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
 from lightning_cls.windows import WindowedTexts, WindowSpec
@@ -202,8 +202,23 @@ class ScientificTextDataModule(pl.LightningDataModule):
 
     def plan(self) -> SplitPlan:
         """The splits these settings give (labels selected, subsampled, split; `plan_splits`), without tokenizing:
-        what `export` and the experiment scripts rebuild the validation or test texts from."""
-        return self._split(self._read_source())
+        what `export` and the experiment scripts rebuild the validation or test texts from. Read once per module."""
+        if getattr(self, "_plan", None) is None:
+            self._plan = self._split(self._read_source())
+        return self._plan
+
+    def split_texts(self, split: str) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+        """A split's row ids (as its batches carry them), raw texts and class ids, for what reads text rather than
+        tokens (the lexical expert, `model.lexical`). `predict` of a `predict_path`: the file's texts, their row ids
+        their positions, no class ids."""
+        if split == "predict" and self.hparams.predict_path:
+            h = self.hparams
+            column = h.predict_text_column or h.text_column
+            texts = [t for _, chunk in read_text_chunks(h.predict_path, column, h.predict_id_column) for t in chunk]
+            return np.arange(len(texts)), texts, None
+        plan = self.plan()
+        rows = plan.rows["test" if split == "predict" else split]
+        return plan.table["row_id"].to_numpy()[rows], plan.table["text"].to_numpy()[rows].tolist(), plan.label_ids[rows]
 
     def _split(self, source: pd.DataFrame) -> SplitPlan:
         h = self.hparams

@@ -131,18 +131,23 @@ def write_evaluation(
     folder: str | Path,
     context: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
+    components: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Figure, dict[str, Path]]:
     """Write `<stage>_report.txt`, `<stage>_report.json` and `<stage>_confusion_matrix.png` into `folder`.
 
     Returns the report, the figure (for TensorBoard) and the paths written. `context` (epoch, step, checkpoint, ...)
     is stored in the JSON beside the metrics; `calibration` (`calibration.calibration_report`: ECE, NLL and Brier
-    before and after temperature scaling) under `calibration`, and as a table below the per-class one.
+    before and after temperature scaling) under `calibration`, and as a table below the per-class one. `components`
+    (a fused model's: the neural head alone, the lexical expert alone and the fusion, `fusion.component_scores`)
+    under `components`, and as a table; the per-class report is the fused model's.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     report = {"stage": stage, **(context or {}), **classification_report(confmat, label_names)}
     if calibration is not None:
         report["calibration"] = calibration
+    if components is not None:
+        report["components"] = components
     paths = {
         "text": folder / f"{stage}_report.txt",
         "json": folder / f"{stage}_report.json",
@@ -150,6 +155,8 @@ def write_evaluation(
     }
     header = f"{stage}: {report['rows']} rows" + "".join(f", {k} {v}" for k, v in (context or {}).items()) + "\n\n"
     table = format_report(report)
+    if components is not None:
+        table += "\n" + format_components(components)
     if calibration is not None:
         table += "\n" + format_calibration(calibration, calibration.get("temperature_source", ""))
     paths["text"].write_text(header + table)
@@ -167,3 +174,13 @@ def log_figure(loggers: list[Any], tag: str, fig: Figure, step: int) -> None:
         if hasattr(experiment, "add_figure"):
             # close=False: the figure is not pyplot's, there is nothing to close.
             experiment.add_figure(tag, fig, global_step=step, close=False)
+
+
+def format_components(components: dict[str, Any]) -> str:
+    """The fused model's parts side by side: accuracy and macro-F1 of the neural head alone, the lexical expert alone
+    and the fusion (the answer the model gives)."""
+    lines = [f"fusion: neural logits + {components['lexical_weight']:.4f} x lexical logits", ""]
+    lines.append(f"{'':>10s} {'accuracy':>9s} {'macro-F1':>9s}")
+    for name in ("neural", "lexical", "fused"):
+        lines.append(f"{name:>10s} {components[name]['accuracy']:9.4f} {components[name]['macro_f1']:9.4f}")
+    return "\n".join(lines) + "\n"

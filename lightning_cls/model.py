@@ -31,7 +31,9 @@ from lightning_cls.adapters import add_lora, is_peft
 from lightning_cls.calibration import EpochLogits, calibration_report, fit_temperature
 from lightning_cls.errors import ConfigError, hub_errors
 from lightning_cls.finetuning import freeze_all_but, trainable_names
+from lightning_cls.fusion import SplitScores, component_scores, fit_fusion_weight, fuse
 from lightning_cls.labels import label_maps
+from lightning_cls.lexical import LexicalExpert, LexicalSettings
 from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
 from lightning_cls.tokenization import load_tokenizer
 from lightning_cls.windows import per_text
@@ -49,6 +51,9 @@ DATA_REFERENCE_KEY = "lightning_cls_data_reference"
 # trained parameters, and `calibrate` can rewrite them without rebuilding the model.
 TEMPERATURE_KEY = "lightning_cls_temperature"
 CALIBRATION_KEY = "lightning_cls_calibration"
+# Checkpoint keys of the lexical expert (`LexicalExpert.state()`: tensors only) and of its fusion weight (a float).
+LEXICAL_KEY = "lightning_cls_lexical"
+LEXICAL_WEIGHT_KEY = "lightning_cls_lexical_weight"
 
 
 def data_reference(datamodule: Any) -> dict:
@@ -159,6 +164,9 @@ class TextClassifier(pl.LightningModule):
         compile: bool = False,
         calibrate: bool = True,
         use_temperature: bool = True,
+        lexical: bool = False,
+        lexical_c: float = 16.0,
+        lexical_max_features: int = 300_000,
     ) -> None:
         """
         Args:
@@ -195,6 +203,12 @@ class TextClassifier(pl.LightningModule):
                 scaling), so that every checkpoint carries the one of its own weights.
             use_temperature: `predict` divides the logits by the checkpoint's temperature (calibrated
                 probabilities); false gives the raw softmax. Never changes a predicted label.
+            lexical: Fuse a lexical expert with the network (`lightning_cls.fusion`): TF-IDF over word 1-2 grams and a
+                logistic regression, fitted on the training split at the start of `fit` (or by `calibrate` on a
+                checkpoint that has none); its logits, times a weight fitted on the validation split, are added to
+                the network's. Every answer (validate, test, predict, export, serve) is then the fused one.
+            lexical_c: Inverse regularisation strength of the lexical expert's logistic regression.
+            lexical_max_features: Most n-grams the lexical expert keeps (the most frequent ones).
         """
         super().__init__()
         # `use_temperature` is an inference switch, not a property of the weights: saved in the checkpoint's
@@ -266,6 +280,11 @@ class TextClassifier(pl.LightningModule):
         self.refit_temperature = False
         # What the model was trained on (set at fit start, saved in checkpoints): export and monitoring need it.
         self.data_reference: dict | None = None
+        # The lexical expert and its fusion weight (`model.lexical`; saved in checkpoints), and its scores of the
+        # splits read so far (row id -> logits).
+        self.lexical: LexicalExpert | None = None
+        self.lexical_weight: float | None = None
+        self._lexical_scores: dict[str, SplitScores] = {}
 
     def setup(self, stage: str) -> None:
         limit = max_positions(self.model)
@@ -315,9 +334,10 @@ class TextClassifier(pl.LightningModule):
         their logits (`windows.per_text`), so validation and test count texts, whatever the reading."""
         logits, labels, row_ids = (t.cpu() for t in epoch_logits.compute())  # gathered: every rank must call it
         epoch_logits.reset()
-        logits, labels, _ = per_text(logits, labels, row_ids)
+        logits, labels, row_ids = per_text(logits, labels, row_ids)
         if not len(labels):
             return
+        logits, components = self._fuse_epoch(stage, logits, labels, row_ids)
         n = len(self.label_names)
         predicted = logits.argmax(-1)
         # Every rank holds the whole split (gathered above): the values are the same everywhere, no sync needed.
@@ -325,10 +345,57 @@ class TextClassifier(pl.LightningModule):
             f"{stage}/acc": multiclass_accuracy(predicted, labels, n, average="micro"),
             f"{stage}/f1_macro": multiclass_f1_score(predicted, labels, n, average="macro"),
         }
+        for part in ("neural", "lexical") if components else ():
+            scores[f"{stage}/f1_macro_{part}"] = torch.tensor(components[part]["macro_f1"])
         self.log_dict(scores, prog_bar=True, batch_size=len(labels))
         if self.trainer.sanity_checking:  # a couple of batches only: not a report of the split
             return
-        self._write_report(stage, multiclass_confusion_matrix(predicted, labels, n), logits, labels)
+        self._write_report(stage, multiclass_confusion_matrix(predicted, labels, n), logits, labels, components)
+
+    # ------------------------------------------------------------------------------------------------ lexical fusion
+    def _fitting_on(self, stage: str) -> bool:
+        """Whether this epoch's rows are the ones to fit on: validation during `fit` (with `model.calibrate`), or
+        for the `calibrate` command. Test never is."""
+        fitting = self.trainer.state.fn == "fit" and self.hparams.get("calibrate", True)
+        return stage == "val" and (fitting or self.refit_temperature)
+
+    def _fit_lexical(self) -> None:
+        """Fit the lexical expert on the training split, if `model.lexical` asks for one and there is none yet."""
+        if not self.hparams.get("lexical") or self.lexical is not None:
+            return
+        _, texts, labels = self.trainer.datamodule.split_texts("train")
+        settings = LexicalSettings(max_features=self.hparams.lexical_max_features, C=self.hparams.lexical_c)
+        self.lexical = LexicalExpert.fit(texts, labels, len(self.label_names), settings)
+        self.lexical_weight, self._lexical_scores = None, {}
+        rank_zero_info(f"Lexical expert: {len(self.lexical.idf)} n-grams, fitted on {len(texts)} training texts.")
+
+    def _lexical_logits(self, stage: str, row_ids: torch.Tensor) -> torch.Tensor:
+        """The lexical expert's logits of these rows of the stage's split (the split is scored once)."""
+        if stage not in self._lexical_scores:
+            ids, texts, _ = self.trainer.datamodule.split_texts(stage)
+            self._lexical_scores[stage] = SplitScores(ids, self.lexical.scores(texts))
+        return self._lexical_scores[stage][row_ids]
+
+    def _fuse_epoch(
+        self, stage: str, logits: torch.Tensor, labels: torch.Tensor, row_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The fused per-text logits (fitting the weight first on the rows to fit on) and the scores of the neural
+        head, the lexical expert and the fusion; the logits as they are when there is no lexical expert."""
+        if self.lexical is None:
+            return logits, None
+        lexical = self._lexical_logits(stage, row_ids)
+        if self._fitting_on(stage) and not self.trainer.sanity_checking:
+            self.lexical_weight = self.trainer.strategy.broadcast(fit_fusion_weight(logits, lexical, labels), src=0)
+        if self.lexical_weight is None:
+            if not self.trainer.sanity_checking:
+                raise ConfigError(
+                    "The model has a lexical expert but no fusion weight: run `calibrate` on the checkpoint (the "
+                    "weight is fitted on the validation split)."
+                )
+            return logits, None
+        components = component_scores(logits, lexical, labels, self.lexical_weight)
+        components["lexical_weight"] = self.lexical_weight
+        return fuse(logits, lexical, self.lexical_weight), components
 
     def _calibrate(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> dict | None:
         """Fit the temperature on this epoch's rows if this is a validation that should (during `fit` with
@@ -338,8 +405,7 @@ class TextClassifier(pl.LightningModule):
         """
         if not len(labels):
             return None
-        fitting = self.trainer.state.fn == "fit" and self.hparams.get("calibrate", True)
-        if stage == "val" and (fitting or self.refit_temperature):
+        if self._fitting_on(stage):
             # Every rank has the same rows; rank 0's result is broadcast so that no rounding difference can split them.
             self.temperature = self.trainer.strategy.broadcast(fit_temperature(logits, labels), src=0)
             report = calibration_report(logits, labels, self.temperature)
@@ -349,7 +415,14 @@ class TextClassifier(pl.LightningModule):
         source = "from the checkpoint" if self.temperature is not None else "the checkpoint has none"
         return {**calibration_report(logits, labels, self.temperature), "temperature_source": source}
 
-    def _write_report(self, stage: str, confmat: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def _write_report(
+        self,
+        stage: str,
+        confmat: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        components: dict | None = None,
+    ) -> None:
         """Per-class report (text + JSON), confusion matrix and reliability diagram (PNG + TensorBoard) of the epoch,
         in the log folder, with the calibration scores before and after temperature scaling."""
         # Imported here: keeps matplotlib off the import path of code that only needs the model.
@@ -366,7 +439,9 @@ class TextClassifier(pl.LightningModule):
             context = {"epoch": self.current_epoch, "global_step": self.global_step}
         else:
             context = {"checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None}
-        report, fig, paths = write_evaluation(matrix, self.label_names, stage, log_dir, context, calibration)
+        report, fig, paths = write_evaluation(
+            matrix, self.label_names, stage, log_dir, context, calibration, components
+        )
         log_figure(self.trainer.loggers, f"{stage}/confusion_matrix", fig, self.global_step)
         message = f"{stage} report: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
         if calibration is not None:
@@ -385,6 +460,8 @@ class TextClassifier(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()  # (B, num_labels)
+        if self.lexical is not None:  # linear: fusing each window and then averaging = averaging and then fusing
+            logits = fuse(logits, self._lexical_logits("predict", batch["row_id"]), self.lexical_weight)
         if self.use_temperature and self.temperature is not None:
             # Calibrated: scaled before the writer averages a text's windows (mean(z / T) is mean(z) / T).
             logits = logits / self.temperature
@@ -412,6 +489,11 @@ class TextClassifier(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "meta", None):
             self.data_reference = data_reference(datamodule)
+        self._fit_lexical()
+
+    def on_validation_start(self) -> None:
+        if self.refit_temperature:  # `calibrate` on a checkpoint without a lexical expert, with `model.lexical`
+            self._fit_lexical()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint carries its weights, so whatever rebuilds it (`--ckpt_path`, load_from_checkpoint) should build
@@ -429,6 +511,9 @@ class TextClassifier(pl.LightningModule):
         if self.temperature is not None:
             checkpoint[TEMPERATURE_KEY] = self.temperature
             checkpoint[CALIBRATION_KEY] = self.calibration
+        if self.lexical is not None:
+            checkpoint[LEXICAL_KEY] = self.lexical.state()
+            checkpoint[LEXICAL_WEIGHT_KEY] = self.lexical_weight
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The label names reach the model from the data module; a data config selecting other labels than the
@@ -443,5 +528,8 @@ class TextClassifier(pl.LightningModule):
         # Checkpoints from before calibration (or with `model.calibrate` false) have none: T = 1, the raw softmax.
         self.temperature = checkpoint.get(TEMPERATURE_KEY, self.temperature)
         self.calibration = checkpoint.get(CALIBRATION_KEY, self.calibration)
+        if LEXICAL_KEY in checkpoint:
+            self.lexical = LexicalExpert.from_state(checkpoint[LEXICAL_KEY])
+            self.lexical_weight, self._lexical_scores = checkpoint.get(LEXICAL_WEIGHT_KEY), {}
         if checkpoint.get(ADAPTER_ONLY_KEY):  # the frozen weights are this model's own, loaded from the base model
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

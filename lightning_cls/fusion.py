@@ -1,0 +1,78 @@
+"""Fusing the neural head with the lexical expert (`lightning_cls.lexical`): one weight, fitted on validation.
+
+The fused logits are ``z + w * s``: the neural logits `z` plus `w` times the lexical expert's logits `s`. The
+weight `w` is fitted together with a scale on the validation split by minimising the negative log-likelihood of
+``a * z + b * s`` (so ``w = b / a``); the temperature of the fused logits is then fitted by the usual temperature
+scaling (`lightning_cls.calibration`), so every later step (calibrated probabilities, abstention, estimated accuracy,
+drift) reads the fused output as it read the neural one. Two numbers fitted on thousands of rows: nothing to
+overfit, and never fitted on test. Fusing is linear in `z`, so fusing each window of a long text and then averaging
+gives what averaging and then fusing gives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+
+def fuse(neural: torch.Tensor, lexical: torch.Tensor | np.ndarray, weight: float) -> torch.Tensor:
+    """The fused logits (N, num_labels): ``neural + weight * lexical``."""
+    lexical = torch.as_tensor(lexical, dtype=torch.float32, device=neural.device)
+    return neural.float() + weight * lexical
+
+
+def fit_fusion_weight(neural: torch.Tensor, lexical: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
+    """The lexical weight `w` minimising the NLL of ``a * neural + b * lexical`` over (a, b), as ``w = b / a``."""
+    z, s, y = neural.detach().double().cpu(), torch.as_tensor(lexical).double().cpu(), labels.cpu()
+    params = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(params[0] * z + params[1] * s, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a, b = params.detach().tolist()
+    if not a > 0:  # the neural head anti-correlated with the labels: no fusion makes sense of that
+        raise ValueError(f"fusion: the fitted neural scale is {a:.3g}, not positive: is the neural head trained?")
+    return max(b, 0.0) / a  # a lexical expert that only hurts gets weight 0: the neural answer alone
+
+
+def component_scores(
+    neural: torch.Tensor, lexical: torch.Tensor, labels: torch.Tensor, weight: float
+) -> dict[str, dict[str, float]]:
+    """Accuracy and macro-F1 of the neural head alone, the lexical expert alone and the fusion (the test report
+    shows all three)."""
+    n = neural.shape[-1]
+    out = {}
+    for name, logits in (
+        ("neural", neural),
+        ("lexical", torch.as_tensor(lexical)),
+        ("fused", fuse(neural, lexical, weight)),
+    ):
+        predicted = logits.argmax(-1).cpu()
+        out[name] = {
+            "accuracy": round(float(multiclass_accuracy(predicted, labels.cpu(), n, average="micro")), 4),
+            "macro_f1": round(float(multiclass_f1_score(predicted, labels.cpu(), n, average="macro")), 4),
+        }
+    return out
+
+
+class SplitScores:
+    """The lexical expert's logits of one split's texts, scored once and looked up by row id (batches carry row ids,
+    not texts: the lexical expert reads the raw text, the network its tokens)."""
+
+    def __init__(self, row_ids: np.ndarray, scores: np.ndarray) -> None:
+        order = np.argsort(row_ids, kind="stable")
+        self.row_ids, self.scores = np.asarray(row_ids)[order], torch.from_numpy(np.asarray(scores)[order])
+
+    def __getitem__(self, row_ids: torch.Tensor) -> torch.Tensor:
+        wanted = row_ids.detach().cpu().numpy()
+        at = np.searchsorted(self.row_ids, wanted).clip(max=max(len(self.row_ids) - 1, 0))
+        if not len(self.row_ids) or (self.row_ids[at] != wanted).any():
+            missing = wanted[self.row_ids[at] != wanted] if len(self.row_ids) else wanted
+            raise KeyError(f"the lexical expert has no scores for row ids {missing[:5].tolist()}")
+        return self.scores[at].to(row_ids.device)
