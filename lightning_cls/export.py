@@ -274,6 +274,10 @@ def export(
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         metadata = export_metadata(model, ckpt, length)
+        if model.lexical is not None:  # arrays in safetensors, checked by SHA-256 on load (`lightning_cls.lexical`)
+            if model.lexical_weight is None:
+                raise ExportError(f"{ckpt} has a lexical expert but no fusion weight: run `calibrate` on it first.")
+            metadata.lexical = {**model.lexical.save(tmp, metadata.labels), "weight": model.lexical_weight}
         write_export_metadata(tmp, metadata)
         (tmp / "README.md").write_text(model_card(metadata, dict(model.hparams), report))
         if format == "onnx":

@@ -23,7 +23,8 @@ ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"  # model.onnx with int8 weights (onnxruntime dynamic quantization): --quantize int8
 CONFIG_FILE = "config.json"
 # Bump when a reader of an older version would misread the folder; readers refuse folders of a newer version.
-FORMAT_VERSION = 1
+# 2: the folder may fuse a lexical expert (`lexical`): a reader of version 1 would answer with the network alone.
+FORMAT_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------------ token lengths
@@ -134,12 +135,19 @@ class ExportMetadata:
     # "source"}, or {"skipped": why, ...}. `serve --precision auto` uses a lower precision only if its agreement is
     # at least the gate. None: not measured (exported before this was recorded).
     inference: dict[str, Any] | None = None
+    # The lexical expert fused with the network (`lightning_cls.fusion`): {"file": "lexical.safetensors", "sha256",
+    # "labels", "features", "weight"}; the answer is softmax((logits + weight * lexical logits) / temperature), and
+    # `temperature` is the fused logits'. None: the network alone.
+    lexical: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(data.pop("extra"))
+        if self.lexical is None:  # readable by version-1 readers, which answer as this reader does
+            data.pop("lexical")
+            data["format_version"] = min(self.format_version, 1)
         return data
 
 

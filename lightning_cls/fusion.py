@@ -11,9 +11,14 @@ gives what averaging and then fusing gives.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from lightning_cls.errors import InputError
+from lightning_cls.lexical import LexicalExpert
 
 
 def fuse(neural: torch.Tensor, lexical: torch.Tensor | np.ndarray, weight: float) -> torch.Tensor:
@@ -46,6 +51,9 @@ def component_scores(
 ) -> dict[str, dict[str, float]]:
     """Accuracy and macro-F1 of the neural head alone, the lexical expert alone and the fusion (the test report
     shows all three)."""
+    # Imported here: the serving workers import this module, and torchmetrics takes seconds to import.
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
     n = neural.shape[-1]
     out = {}
     for name, logits in (
@@ -76,3 +84,25 @@ class SplitScores:
             missing = wanted[self.row_ids[at] != wanted] if len(self.row_ids) else wanted
             raise KeyError(f"the lexical expert has no scores for row ids {missing[:5].tolist()}")
         return self.scores[at].to(row_ids.device)
+
+
+class FolderFusion:
+    """An exported folder's lexical expert and weight: `fused(logits, texts)` gives the fused per-text logits from
+    the network's (any backend: PyTorch, ONNX Runtime). `from_folder` is None for a folder without one."""
+
+    def __init__(self, expert: LexicalExpert, weight: float) -> None:
+        self.expert, self.weight = expert, float(weight)
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path, metadata: Any) -> FolderFusion | None:
+        record = getattr(metadata, "lexical", None)
+        if record is None:
+            return None
+        weight = record.get("weight") if isinstance(record, dict) else None
+        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight < 0:
+            where = Path(model_dir) / "lightning_cls.json"
+            raise InputError(f"{where}: lexical.weight {weight!r} must be a number >= 0.")
+        return cls(LexicalExpert.load(model_dir, record, list(metadata.labels)), weight)
+
+    def fused(self, logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return fuse(logits, self.expert.scores(texts), self.weight)

@@ -118,6 +118,18 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
         ]
     elif not calibration:
         out.append("No metrics given (export with `--test_report runs/.../test_report.json` to quote the test split).")
+    lexical = metadata.lexical
+    if lexical:
+        out += [
+            "",
+            "## Lexical fusion",
+            "",
+            f"The answer fuses the network with a lexical expert ({lexical.get('file')}: TF-IDF over word 1-2 grams, "
+            f"{lexical.get('features')} n-grams, and a logistic regression fitted on the training split): logits + "
+            f"{_fmt(lexical.get('weight'))} x the expert's logits, the weight fitted on the validation split. "
+            "`serve` and `predict` give the fused answer (any backend); `transformers.pipeline` on this folder runs "
+            "the network alone, and so gives the network's own (unfused, uncalibrated) answer.",
+        ]
     out += ["", "## Calibration", ""]
     temperature = metadata.temperature
     if temperature is not None and calibration:
