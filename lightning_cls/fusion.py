@@ -29,21 +29,25 @@ def fuse(neural: torch.Tensor, lexical: torch.Tensor | np.ndarray, weight: float
 
 def fit_fusion_weight(neural: torch.Tensor, lexical: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
     """The lexical weight `w` minimising the NLL of ``a * neural + b * lexical`` over (a, b), as ``w = b / a``."""
-    z, s, y = neural.detach().double().cpu(), torch.as_tensor(lexical).double().cpu(), labels.cpu()
-    params = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+    # Lightning's `validate` runs its hooks in inference mode, where nothing can be differentiated: leave it.
+    with torch.inference_mode(False), torch.enable_grad():
+        z = torch.tensor(np.asarray(neural.detach().cpu(), dtype=np.float64))  # (N, C)
+        s = torch.tensor(np.asarray(torch.as_tensor(lexical).cpu(), dtype=np.float64))  # (N, C)
+        y = torch.tensor(np.asarray(labels.cpu(), dtype=np.int64))  # (N,)
+        params = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(params[0] * z + params[1] * s, y)
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(params[0] * z + params[1] * s, y)
+            loss.backward()
+            return loss
 
-    optimizer.step(closure)
-    a, b = params.detach().tolist()
-    if not a > 0:  # the neural head anti-correlated with the labels: no fusion makes sense of that
-        raise ValueError(f"fusion: the fitted neural scale is {a:.3g}, not positive: is the neural head trained?")
-    return max(b, 0.0) / a  # a lexical expert that only hurts gets weight 0: the neural answer alone
+        optimizer.step(closure)
+        a, b = params.detach().tolist()
+    # An expert that only hurts gets weight 0 (the network's answer alone); a network that knows nothing yet (a <= 0,
+    # early in training) a large one, bounded: the expert's answer, nearly alone. The temperature then rescales.
+    return max(b, 0.0) / max(a, 1e-3)
 
 
 def component_scores(

@@ -212,9 +212,12 @@ class TextClassifier(pl.LightningModule):
         """
         super().__init__()
         # `use_temperature` is an inference switch, not a property of the weights: saved in the checkpoint's
-        # hyperparameters, it would override `--model.use_temperature false` given beside `--ckpt_path`.
-        self.save_hyperparameters(ignore=["use_temperature"])
+        # hyperparameters, it would override `--model.use_temperature false` given beside `--ckpt_path`. The same
+        # for the lexical settings: they say whether to fit an expert where there is none (the checkpoint keeps the
+        # expert itself), so `calibrate --model.lexical true` can add one to a checkpoint trained without.
+        self.save_hyperparameters(ignore=["use_temperature", "lexical", "lexical_c", "lexical_max_features"])
         self.use_temperature = use_temperature
+        self.lexical_settings = LexicalSettings(max_features=lexical_max_features, C=lexical_c) if lexical else None
         if not label_names:
             raise ValueError("model.label_names is empty: it is normally linked from the data module.")
         tok = load_tokenizer(tokenizer or model_name_or_path)
@@ -361,11 +364,10 @@ class TextClassifier(pl.LightningModule):
 
     def _fit_lexical(self) -> None:
         """Fit the lexical expert on the training split, if `model.lexical` asks for one and there is none yet."""
-        if not self.hparams.get("lexical") or self.lexical is not None:
+        if self.lexical_settings is None or self.lexical is not None:
             return
         _, texts, labels = self.trainer.datamodule.split_texts("train")
-        settings = LexicalSettings(max_features=self.hparams.lexical_max_features, C=self.hparams.lexical_c)
-        self.lexical = LexicalExpert.fit(texts, labels, len(self.label_names), settings)
+        self.lexical = LexicalExpert.fit(texts, labels, len(self.label_names), self.lexical_settings)
         self.lexical_weight, self._lexical_scores = None, {}
         rank_zero_info(f"Lexical expert: {len(self.lexical.idf)} n-grams, fitted on {len(texts)} training texts.")
 

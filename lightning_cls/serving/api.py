@@ -5,7 +5,8 @@ flattens their texts, `predict` runs them (`inference.Runner`: the chosen backen
 most `max_batch_tokens` tokens per forward pass), `unbatch` gives each
 request its answers back. A text longer than the model's window is read as up to `max_windows` overlapping
 windows (`lightning_cls.windows`; 1: truncated), the windows of all texts batched together, and answered with the
-mean of its windows' logits, divided by the export's temperature when it has one (calibrated probabilities). Each
+mean of its windows' logits (plus the lexical expert's, times its weight, when the export fuses one:
+`lightning_cls.fusion`), divided by the export's temperature when it has one (calibrated probabilities). Each
 answer has a `prediction_id`, the key of POST /feedback. Each batch is sent to the logger process
 (`metrics.MonitoringLogger`) with `self.log`, which stores its predictions and updates the metrics.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import litserve as ls
 import torch
 
+from lightning_cls.fusion import FolderFusion
 from lightning_cls.inference import InferenceSettings, Runner
 from lightning_cls.serving.http import PREDICT_PATH
 from lightning_cls.tokenization import load_tokenizer
@@ -75,6 +77,8 @@ class ClassifierAPI(ls.LitAPI):
         # The backend (torch or ONNX Runtime) and precision, chosen once (`lightning_cls.inference`).
         self.runner = Runner(self.model_dir, self.inference, device=device, tokenizer=self.tokenizer)
         log.info(self.runner.describe())
+        # A folder that fuses a lexical expert (lightning_cls.json `lexical`): checked and loaded here, or refused.
+        self.fusion = FolderFusion.from_folder(self.model_dir, self.runner.metadata)
         self.names = self.runner.labels
         self.special_tokens = self.tokenizer.num_special_tokens_to_add()
         self.windows = WindowSpec(self.max_length, self.max_windows, self.window_stride)
@@ -100,6 +104,8 @@ class ClassifierAPI(ls.LitAPI):
         windows = window_token_ids(self.tokenizer, batch.texts, self.windows)
         # The windows of every text of every request are batched together; each text's answer is its windows' mean.
         logits = mean_logits_per_text(self._logits(windows.input_ids), windows.text_index, windows.num_texts)
+        if self.fusion is not None:  # plus the lexical expert's logits of the whole texts, times its weight
+            logits = self.fusion.fused(logits, batch.texts)
         probs = self.probabilities(logits)  # (N, num_labels)
         order = probs.argsort(dim=-1, descending=True).tolist()
         probs = probs.tolist()
