@@ -338,6 +338,7 @@ def monitor_settings(db, validation: float | None = 0.9, version: str = VERSION)
 
 def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tmp_path, multiprocess_metrics, caplog):
     db = tmp_path / "f.sqlite3"
+    FeedbackStore(db).close()  # `serve` makes the tables before the logger process starts
     monitor = Monitor(monitor_settings(db))
     page = multiprocess_metrics()
     assert value(page, "lightning_cls_validation_accuracy") == 0.9
@@ -351,7 +352,10 @@ def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tm
     with caplog.at_level(logging.WARNING, logger="lightning_cls.serving.metrics"):
         monitor.on_batch(sure)
         monitor.on_batch(unsure)
+        assert monitor.log.flush(10)  # stored by the prediction log's writer thread
         page = multiprocess_metrics()
+        assert value(page, "lightning_cls_prediction_log_stored_total") == 12
+        assert value(page, "lightning_cls_prediction_log_pending") == 0
         assert value(page, "lightning_cls_abstentions_total") == 6
         assert value(page, "lightning_cls_estimated_accuracy") == pytest.approx((6 * 0.95 + 6 * 0.4) / 12)
         assert "Accuracy: estimated accuracy 0.675 over the last 12 predictions" in caplog.text
@@ -371,6 +375,7 @@ def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tm
         assert "Accuracy: live accuracy 0.667 over the last 6 labelled predictions is 0.233 below" in caplog.text
 
     # A restart: the new logger process reads this model's stored feedback back; the stored predictions stay.
+    monitor.close()
     restarted = Monitor(monitor_settings(db))
     restarted.refresh_feedback(count=False)
     page = multiprocess_metrics()
@@ -383,6 +388,7 @@ def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tm
 
 
 def test_without_a_validation_accuracy_the_gauge_is_nan_and_nothing_is_compared(tmp_path, multiprocess_metrics, caplog):
+    FeedbackStore(tmp_path / "f.sqlite3").close()
     monitor = Monitor(monitor_settings(tmp_path / "f.sqlite3", validation=None))
     with caplog.at_level(logging.WARNING, logger="lightning_cls.serving.metrics"):
         monitor.on_batch(batch(12, probability=0.2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch
 from lightning_cls.fusion import FolderFusion
 from lightning_cls.inference import InferenceSettings, Runner
 from lightning_cls.serving.http import PREDICT_PATH
+from lightning_cls.serving.prediction_log import IdIssuer
 from lightning_cls.tokenization import load_tokenizer
 from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
 
@@ -45,6 +45,7 @@ class ClassifierAPI(ls.LitAPI):
 
     ``temperature``: answer softmax(logits / temperature), the calibrated probabilities (None: the plain softmax).
     ``min_confidence``: an answer whose probability is below it says ``"abstained": true`` (and keeps its label).
+    ``id_key``: the feedback database's key for prediction ids (`FeedbackStore.id_key`).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class ClassifierAPI(ls.LitAPI):
         window_stride: int | None = None,
         temperature: float | None = None,
         min_confidence: float | None = None,
+        id_key: bytes | None = None,
     ) -> None:
         with warnings.catch_warnings():  # LitServe warns when batch/unbatch exist but max_batch_size is 1: fine here
             warnings.simplefilter("ignore", UserWarning)
@@ -68,11 +70,18 @@ class ClassifierAPI(ls.LitAPI):
         self.max_windows, self.window_stride = max_windows, window_stride
         # softmax(logits / temperature): the calibrated probabilities (None: the plain softmax, T = 1).
         self.temperature, self.min_confidence = temperature, min_confidence
+        # Ids POST /feedback can recognise as this database's (`prediction_log.IdIssuer`; None: a key of its own).
+        self.ids = IdIssuer(id_key)
 
     def setup(self, device: str) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         self.device_name = device
+        # transformers' loading bar (tqdm) makes a multiprocessing lock in this process, which LitServe ends with
+        # SIGTERM at a stop: the lock is never released, and Python warns of a leaked semaphore. No bar, no lock.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         self.tokenizer = load_tokenizer(self.model_dir)
         # The backend (torch or ONNX Runtime) and precision, chosen once (`lightning_cls.inference`).
         self.runner = Runner(self.model_dir, self.inference, device=device, tokenizer=self.tokenizer)
@@ -111,7 +120,9 @@ class ClassifierAPI(ls.LitAPI):
         probs = probs.tolist()
         top = [p[o[0]] for p, o in zip(probs, order, strict=True)]
         abstained = [self.min_confidence is not None and p < self.min_confidence for p in top]
-        ids = [uuid.uuid4().hex for _ in top]  # random: an id says nothing about the text or the traffic
+        now = time.time()
+        # The issue time, random digits and a tag: an id says nothing about the text or the traffic.
+        ids = [self.ids.new(now) for _ in top]
         tokens = (windows.tokens + self.special_tokens).tolist()  # as the model read them, special tokens included
         counts, cut = windows.counts.tolist(), windows.cut.tolist()
         answers, start = [], 0
@@ -131,7 +142,7 @@ class ClassifierAPI(ls.LitAPI):
         self.log(
             "batch",
             {
-                "time": time.time(),
+                "time": now,
                 "requests": len(batch.sizes),
                 "ids": ids,
                 "labels": [self.names[o[0]] for o in order],

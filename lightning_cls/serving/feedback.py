@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS predictions (
     model_version TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL              -- hex. prediction_ids: the key that tags the ids this database's servers issue
+);
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     prediction_id TEXT NOT NULL UNIQUE REFERENCES predictions (id) ON DELETE CASCADE,
@@ -104,10 +109,12 @@ class FeedbackResult:
 class FeedbackStore:
     """One connection to the database (one per process and thread: SQLite connections do not cross a fork).
 
-    Opening creates the tables if needed and checks the schema version; errors name the file.
+    Opening creates the tables if needed and checks the schema version (a write: it waits for the lock); errors name
+    the file. ``setup=False`` skips that, for the service's processes once the main process has done it (they must
+    open the database even while another writer holds it).
     """
 
-    def __init__(self, path: str | Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    def __init__(self, path: str | Path, busy_timeout: float = BUSY_TIMEOUT, setup: bool = True) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +127,8 @@ class FeedbackStore:
             # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the last transactions.
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self.conn.execute("PRAGMA foreign_keys = ON")  # feedback rows go with their prediction
+            if not setup:
+                return
             with self.transaction():
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
@@ -159,9 +168,21 @@ class FeedbackStore:
                 (version, json.dumps(list(labels)), model_dir, time.time()),
             )
 
-    def insert_batch(self, batch: dict[str, Any], version: str, temperature: float | None) -> int:
-        """The predictions of one server batch (the inference worker's message), in one transaction."""
-        rows = [
+    def id_key(self) -> bytes:
+        """The key that tags the prediction ids issued by servers on this database (`prediction_log.IdIssuer`),
+        made once, at the first start, and kept: ids issued before a restart stay recognisable after it."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO secrets (name, value) VALUES ('prediction_ids', ?)", (secrets.token_hex(32),)
+            )
+            return bytes.fromhex(
+                self.conn.execute("SELECT value FROM secrets WHERE name = 'prediction_ids'").fetchone()[0]
+            )
+
+    @staticmethod
+    def rows_of(batch: dict[str, Any], version: str, temperature: float | None) -> list[tuple]:
+        """The `predictions` rows of one server batch (the inference worker's message): plain JSON-able values."""
+        return [
             (
                 pid,
                 batch["time"],
@@ -187,13 +208,27 @@ class FeedbackStore:
                 strict=True,
             )
         ]
+
+    def insert_rows(self, rows: Sequence[Sequence[Any]]) -> int:
+        """Insert `rows_of` rows inside the caller's transaction; a row whose id is stored already is skipped (a
+        spill file replayed twice stores each row once). Returns how many were new."""
+        before = self.conn.total_changes
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
+            "truncated, abstained, temperature, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [tuple(r) for r in rows],
+        )
+        return self.conn.total_changes - before
+
+    def insert_batch(self, batch: dict[str, Any], version: str, temperature: float | None) -> int:
+        """The predictions of one server batch, in one transaction (the service goes through `PredictionLog`)."""
         with self.transaction():
-            self.conn.executemany(
-                "INSERT INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
-                "truncated, abstained, temperature, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        return len(rows)
+            return self.insert_rows(self.rows_of(batch, version, temperature))
+
+    def oldest_time(self) -> float | None:
+        """The time of the oldest stored prediction (the retention front; None: none stored). Indexed: cheap."""
+        with self.transaction(write=False):
+            return self.conn.execute("SELECT min(time) FROM predictions").fetchone()[0]
 
     def prune(self, max_rows: int, max_days: float | None = None, now: float | None = None) -> int:
         """Delete the predictions beyond the newest ``max_rows`` and those older than ``max_days`` (their feedback

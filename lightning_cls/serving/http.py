@@ -23,11 +23,21 @@ from starlette.responses import JSONResponse
 
 from lightning_cls.serving.feedback import FeedbackResult, FeedbackStore
 from lightning_cls.serving.metrics import HttpMetrics
+from lightning_cls.serving.prediction_log import IdIssuer
 
 PREDICT_PATH = "/predict"
 FEEDBACK_PATH = "/feedback"
 MAX_FEEDBACK_ITEMS = 1000  # true labels per POST /feedback
 FEEDBACK_POLL = 0.05  # seconds between looks for ids still on their way to the database
+PENDING_RETRY_AFTER = 2  # seconds: the Retry-After of a 503 for ids served but not stored yet
+
+
+class PendingIds(Exception):
+    """Prediction ids this database's servers issued that are not stored yet: a 503 the client retries."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(f"{len(ids)} prediction ids not stored yet")
+        self.ids = ids
 
 
 class RequestError(Exception):
@@ -283,11 +293,17 @@ class FeedbackEndpoint:
     Answers: 200 ``{"stored": n, "already_stored": m}`` (an id sent again with the label it has counts once); 400
     malformed JSON; 413 a body over the limit; 422 a bad body or a label not among the model's; 404 prediction ids
     the database does not hold (never served, or deleted by the retention bound); 409 ids that already have another
-    label (true labels are kept as first sent); 503 the database stayed locked. Only a 200 stores anything.
+    label (true labels are kept as first sent); 503 (with Retry-After) ids served but not stored yet, or the
+    database stayed locked. Only a 200 stores anything.
 
     The race: an answer reaches its client before the logger process has stored its prediction (the worker sends it
-    the batch on a queue), so feedback can arrive for an id not stored yet. Ids not found are looked for again every
-    50 ms for up to ``wait`` seconds before the 404; the wait is awaited, so the server keeps serving meanwhile.
+    the batch on a queue, and a busy database may hold it back for as long as it is busy: `prediction_log`), so
+    feedback can arrive for an id not stored yet. Ids not found are looked for again every 50 ms for up to ``wait``
+    seconds (awaited: the server keeps serving meanwhile). Then an id still missing is told apart without asking the
+    logger process: one whose tag shows a server on this database issued it (`prediction_log.IdIssuer`, with
+    ``id_key``) and whose issue time is not older than the oldest stored prediction (the retention front: the
+    retention bound is only applied when nothing waits to be stored) is on its way, a 503 to retry; any other is a
+    404.
     """
 
     def __init__(
@@ -297,8 +313,10 @@ class FeedbackEndpoint:
         max_body_bytes: int,
         wait: float = 2.0,
         notify: Callable[[int], None] | None = None,
+        id_key: bytes | None = None,
     ) -> None:
         self.db_path, self.names, self.max_body_bytes, self.wait = db_path, list(names), max_body_bytes, wait
+        self.issuer = IdIssuer(id_key) if id_key is not None else None  # None: every missing id is a 404
         self.notify = notify  # tells the logger process that new feedback is stored (it owns the live gauges)
         self._store: FeedbackStore | None = None  # opened in the HTTP server process, on first use
         self._lock = threading.Lock()  # one connection, used from the event loop's worker threads in turn
@@ -306,7 +324,7 @@ class FeedbackEndpoint:
     def _run(self, method: Callable[..., Any], *args: Any) -> Any:
         with self._lock:
             if self._store is None:
-                self._store = FeedbackStore(self.db_path)
+                self._store = FeedbackStore(self.db_path, setup=False)  # `serve` made the tables; never a write
             return method(self._store, *args)
 
     async def _db(self, method: Callable[..., Any], *args: Any) -> Any:
@@ -320,6 +338,12 @@ class FeedbackEndpoint:
         while missing and time.monotonic() < deadline:
             await asyncio.sleep(FEEDBACK_POLL)
             missing -= await self._db(FeedbackStore.known_ids, sorted(missing))
+        ours = [pid for pid in ids if pid in missing and self.issuer is not None and self.issuer.issued(pid)]
+        if ours:
+            front = await self._db(FeedbackStore.oldest_time)
+            pending = [pid for pid in ours if front is None or IdIssuer.issued_at(pid) >= int(front) - 1]
+            if pending:
+                raise PendingIds(pending)
         return await self._db(FeedbackStore.record_feedback, pairs)
 
     async def handle(self, request: Request) -> JSONResponse:
@@ -328,13 +352,20 @@ class FeedbackEndpoint:
             result = await self.record(pairs)
         except RequestError as e:
             return JSONResponse({"detail": e.message}, status_code=e.status)
+        except PendingIds as e:
+            detail = (
+                f"prediction_id(s) {_few(e.ids)} were served but are not stored yet (the database is busy; they wait "
+                f"in the prediction log). Nothing was stored: send the request again after {PENDING_RETRY_AFTER} s."
+            )
+            headers = {"Retry-After": str(PENDING_RETRY_AFTER)}
+            return JSONResponse({"detail": detail, "pending_ids": e.ids}, status_code=503, headers=headers)
         except (sqlite3.OperationalError, ValueError) as e:  # locked past the busy timeout; the file unusable
             detail = f"The feedback database is unavailable ({e}); nothing was stored: try again."
             return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
         if result.unknown:
             detail = (
-                f"Unknown prediction_id(s) {_few(result.unknown)}: not served by this server, or deleted by its "
-                "retention bound (serve --feedback_retention). Nothing was stored."
+                f"Unknown prediction_id(s) {_few(result.unknown)}: never issued by a server on this database, or "
+                "deleted by its retention bound (serve --feedback_retention). Nothing was stored."
             )
             return JSONResponse({"detail": detail, "unknown_ids": result.unknown}, status_code=404)
         if result.conflicts:

@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sqlite3
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import litserve as ls
 
 from lightning_cls.drift import DEFAULT_THRESHOLDS, PSI_SIGNALS, DriftThresholds, DriftWindow, FeedbackWindow
 from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
+from lightning_cls.serving.prediction_log import LogSettings, PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -314,9 +316,30 @@ class AccuracyMetrics:
         self._dropped[kind] = dropped
 
 
+class LogMetrics:
+    """The prediction log's counts (`prediction_log.PredictionLog`): what was stored, what waits, what was lost."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(f"lightning_cls_prediction_log_{name}", doc, **UNREGISTERED)
+
+        self.stored = counter("stored", "Predictions stored in --feedback_db")
+        self.failures = counter("write_failures", "Write attempts that failed (database locked or unwritable)")
+        self.spilled = counter("spilled", "Predictions written to the spill file while the database refused writes")
+        self.dropped = counter(
+            "dropped", "Predictions neither stored nor kept in the spill file (full or unwritable): lost, ids logged"
+        )
+        self.pending = Gauge(
+            "lightning_cls_prediction_log_pending", "Served predictions not stored yet (memory and spill file)", **GAUGE
+        )
+
+
 class Monitor:
-    """What the logger process holds: the prediction and accuracy metrics, the drift and feedback windows, and its
-    connection to the feedback database, where it stores every prediction (one transaction per batch)."""
+    """What the logger process holds: the prediction and accuracy metrics, the drift and feedback windows, and the
+    prediction log (`PredictionLog`: a writer thread that stores every prediction, retrying when the database is
+    busy). The logger process's own connection only reads (the new feedback)."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
         s = settings
@@ -328,29 +351,29 @@ class Monitor:
         self.feedback = FeedbackWindow(s["names"], self.accuracy_settings.window, self.accuracy_settings.min_labels)
         self.store_settings: StoreSettings | None = s["store"]
         self.store: FeedbackStore | None = None
+        self.log: PredictionLog | None = None
         self._feedback_seq = 0  # the last feedback row read from the database
-        self._since_prune, self._last_prune = 0, time.monotonic()
+        self._since_prune, self._last_prune = 0, -math.inf  # the first write applies the bound
         if self.store_settings is not None:
             st = self.store_settings
-            self.store = FeedbackStore(st.path)
-            self.store.register_model(st.model_version, s["names"], st.model_dir)
-            self.prune()
+            self.store = FeedbackStore(st.path, setup=False)  # reads only; `serve` made the tables
+            self.log = PredictionLog(st.path, s.get("log") or LogSettings(), LogMetrics(), self._after_write)
             self.refresh_feedback(count=False)  # after a restart: the stored feedback on this model's predictions
 
     def on_batch(self, batch: dict[str, Any]) -> None:
-        if self.store is not None:
+        if self.log is not None:  # first: POST /feedback may be waiting for these ids
             st = self.store_settings
-            try:  # first: POST /feedback may be waiting for these ids
-                self._since_prune += self.store.insert_batch(batch, st.model_version, st.temperature)
-            except sqlite3.Error as err:
-                log.error(f"Could not store {len(batch['ids'])} predictions in {st.path}: {err}")
+            self.log.add(FeedbackStore.rows_of(batch, st.model_version, st.temperature))
         report = self.predictions.observe(batch)
         self.accuracy.check("estimated", report["estimated_accuracy"], f"over the last {report['texts']} predictions")
+        self.refresh_feedback()
+
+    def close(self) -> None:
+        """At a stop: the prediction log stores what it holds (or spills it for the next start)."""
+        if self.log is not None:
+            self.log.close()
         if self.store is not None:
-            self.refresh_feedback()
-            bound = max(1, self.store_settings.max_rows // 100)  # the table may exceed the bound by 1% between prunes
-            if self._since_prune >= bound or time.monotonic() - self._last_prune >= PRUNE_EVERY:
-                self.prune()
+            self.store.close()
 
     def refresh_feedback(self, count: bool = True) -> None:
         """Read the feedback rows stored since the last look (an indexed range: cheap when there are none)."""
@@ -369,13 +392,16 @@ class Monitor:
                 self.accuracy.labels.inc(len(pairs))
             self.accuracy.set_live(self.feedback.report())
 
-    def prune(self) -> None:
+    def _after_write(self, store: FeedbackStore, stored: int) -> None:
+        """In the prediction log's writer thread, after each write: the retention bound, every 1% of it (the table
+        may exceed it by that much between prunes) and at least every minute, and only when nothing waits (a
+        prediction waiting to be stored must not be older than the retention front, see `http.FeedbackEndpoint`)."""
         st = self.store_settings
-        try:
-            deleted = self.store.prune(st.max_rows, st.max_days)
-        except sqlite3.Error as err:
-            log.error(f"Could not apply the retention bound to {st.path}: {err}")
+        self._since_prune += stored
+        due = self._since_prune >= max(1, st.max_rows // 100) or time.monotonic() - self._last_prune >= PRUNE_EVERY
+        if not due or self.log.pending():
             return
+        deleted = store.prune(st.max_rows, st.max_days)
         if deleted:
             log.info(f"Feedback database: deleted the {deleted} oldest predictions (retention bound).")
         self._since_prune, self._last_prune = 0, time.monotonic()
@@ -402,6 +428,7 @@ class MonitoringLogger(ls.Logger):
         thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
         store: StoreSettings | None = None,
         accuracy: AccuracySettings = DEFAULT_ACCURACY,
+        prediction_log: LogSettings | None = None,
     ) -> None:
         super().__init__()
         window = {"size": window_size, "min_texts": min_window, "thresholds": thresholds}
@@ -416,32 +443,29 @@ class MonitoringLogger(ls.Logger):
             "window": window,
             "store": store,
             "accuracy": accuracy,
+            "log": prediction_log,
         }
         self._monitor: Monitor | None = None
 
     def process(self, key: str, value: Any) -> None:
-        if key == "stop":  # sent at shutdown by `StopMonitoring`: exit before LitServe closes the queue under us
-            os._exit(0)
+        if key == "stop":  # sent by the main process at a stop, after the last batch (`server.Server`)
+            if self._monitor is not None:
+                self._monitor.close()  # the prediction log stores what it holds
+            sys.exit(0)  # out of LitServe's loop (it catches Exception only): exit status 0, no traceback
         if self._monitor is None:
-            # Ctrl+C reaches every process of the terminal; this one stops when the server tells it to.
+            # Ctrl+C reaches every process of the terminal, and some supervisors send SIGTERM to every process of
+            # the service: this one stops when the main process tells it to, after the last batch (its prediction
+            # log must be flushed), or is killed by it.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            if not log.handlers:  # a spawned process: make the drift warnings visible on stderr
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            parent = logging.getLogger("lightning_cls.serving")
+            if not parent.handlers:  # a spawned process: make the drift and prediction log warnings visible
                 handler = logging.StreamHandler()
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-                log.addHandler(handler)
-                log.setLevel(logging.INFO)
+                parent.addHandler(handler)
+                parent.setLevel(logging.INFO)
             self._monitor = Monitor(self.settings)
         if key == "batch":
             self._monitor.on_batch(value)
         elif key == "feedback":
             self._monitor.refresh_feedback()
-
-
-class StopMonitoring(ls.Callback):
-    """Tells the logger process to exit when the HTTP server stops (LitServe would otherwise leave it to die on a
-    closed queue, with a traceback)."""
-
-    def on_server_end(self, litserver: Any = None, **kwargs: Any) -> None:
-        queue = getattr(litserver, "logger_queue", None)
-        if queue is not None:
-            queue.put(("stop", None))

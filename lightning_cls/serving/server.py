@@ -12,9 +12,11 @@ import dataclasses
 import inspect
 import logging
 import math
+import multiprocessing as mp
 import os
 import signal
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,14 @@ from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export_format import ExportMetadata, read_export_metadata
 from lightning_cls.inference import (
     DEFAULT_AGREEMENT_GATE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_PADDING,
     Backend,
     InferenceSettings,
     Precision,
     choose,
     detect_hardware,
+    padded_width,
 )
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.feedback import FeedbackStore, StoreSettings, model_version
@@ -47,10 +52,10 @@ from lightning_cls.serving.http import (
 from lightning_cls.serving.metrics import (
     AccuracySettings,
     MonitoringLogger,
-    StopMonitoring,
     collect_metrics,
     enable_multiprocess_metrics,
 )
+from lightning_cls.serving.prediction_log import LogSettings
 from lightning_cls.windows import WindowSpec
 
 PROG = "python -m lightning_cls serve"
@@ -114,6 +119,8 @@ class ServeSettings:
             stays open. The key itself is never a command-line value (command lines are visible to every user of
             the machine).
         metrics_need_key: With an API key, GET /metrics needs it too (a Prometheus scrape then sends it).
+        drain_timeout: At a stop (SIGTERM or Ctrl+C), seconds the HTTP server waits for the requests in flight to be
+            answered (it takes no new ones meanwhile); the prediction log then gets up to 5 s to store what it holds.
         drift: When a drift signal of the window is an alert (a warning in the log).
     """
 
@@ -150,6 +157,7 @@ class ServeSettings:
     accuracy_alert_margin: float = 0.05
     api_key_env: str = "LIGHTNING_CLS_API_KEY"
     metrics_need_key: bool = False
+    drain_timeout: float = 20.0
     drift: DriftThresholds = field(default_factory=DriftThresholds)
 
 
@@ -200,12 +208,104 @@ def check_settings(s: ServeSettings, num_labels: int) -> None:
         problems.append(
             f"--min_feedback must be from 1 to --feedback_window, got {s.min_feedback} and {s.feedback_window}"
         )
+    if not s.drain_timeout > 0:
+        problems.append(f"--drain_timeout must be positive, got {s.drain_timeout}")
     if not s.feedback_wait >= 0:
         problems.append(f"--feedback_wait must be at least 0 seconds, got {s.feedback_wait}")
     if not 0 <= s.accuracy_alert_margin <= 1:
         problems.append(f"--accuracy_alert_margin must be in [0, 1], got {s.accuracy_alert_margin}")
     if problems:
         raise InputError("; ".join(problems) + ".")
+
+
+def effective_batching(s: ServeSettings, device: str, max_length: int) -> dict[str, Any]:
+    """The batching values the workers use, defaults resolved as `inference.Runner` resolves them (for /info)."""
+    kind = "cuda" if device == "cuda" else "cpu"
+    default = max(DEFAULT_MAX_BATCH_TOKENS[kind], padded_width(max_length, 8 if kind == "cuda" else 1))
+    return {
+        "max_batch_size": s.max_batch_size,  # requests per server batch
+        "batch_timeout": s.batch_timeout,
+        "max_batch_tokens": s.max_batch_tokens or default,  # tokens per forward pass, padding included
+        "max_batch_tokens_from": "--max_batch_tokens" if s.max_batch_tokens else f"the {kind} default",
+        "max_padding_tokens": DEFAULT_MAX_PADDING[kind],  # per forward pass (None: no bound)
+    }
+
+
+class Server(ls.LitServer):
+    """A LitServer whose stop loses nothing served: in order, the HTTP servers stop taking requests and answer those in
+    flight (up to ``drain_timeout`` s), the inference workers end, the logger process stores the predictions it
+    holds (`prediction_log`) and exits, and only then does the multiprocessing manager (which holds the queues) go.
+
+    LitServe 0.2.19's own stop ends the processes in another order and shuts the manager down under its monitoring
+    thread (a `BrokenPipeError` traceback one stop in two) and under the logger process (which lost its queue).
+    """
+
+    def __init__(self, *args: Any, drain_timeout: float = 20.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.uvicorn_graceful_timeout = drain_timeout  # uvicorn's timeout_graceful_shutdown
+        self.monitor_internal = 0.5  # how often LitServe's monitoring thread looks: it must end before the manager
+        self._stop_lock, self._stopped = threading.Lock(), False
+        self._monitoring: threading.Thread | None = None
+        self._loggers: list = []
+
+    def _init_manager(self, num_api_servers: int) -> Any:
+        # LitServe starts the manager and its logger process here without keeping the latter: find it.
+        before = set(mp.active_children())
+        manager = super()._init_manager(num_api_servers)
+        self._loggers = [p for p in mp.active_children() if p not in before and p is not manager._process]
+        return manager
+
+    def _start_worker_monitoring(self, manager: Any, uvicorn_workers: dict) -> None:
+        super()._start_worker_monitoring(manager, uvicorn_workers)
+        self._monitoring = next((t for t in threading.enumerate() if t.name == "litserve-monitoring"), None)
+
+    def _perform_graceful_shutdown(self, manager: Any, uvicorn_workers: dict, shutdown_reason: str = "normal") -> None:
+        with self._stop_lock:  # the monitoring thread may call it too (a worker died)
+            if self._stopped:
+                return
+            self._stopped = True
+            log.info(f"Stopping ({shutdown_reason}): answering the requests in flight, then storing the predictions.")
+            # The main thread's connection to the manager may have been cut mid-call by the signal: set the event
+            # from a fresh thread (a connection of its own), so the monitoring thread ends its loop.
+            setter = threading.Thread(target=self._shutdown_event.set, daemon=True)
+            setter.start()
+            setter.join(2)
+            if self._monitoring is not None and self._monitoring is not threading.current_thread():
+                self._monitoring.join(self.monitor_internal + 2)
+            for worker in uvicorn_workers.values():  # SIGTERM: uvicorn closes its socket, answers what is in flight
+                if worker.is_alive():
+                    worker.terminate()
+            for worker in uvicorn_workers.values():
+                _end(worker, self.uvicorn_graceful_timeout + 5, "HTTP server")
+            for worker in self.inference_workers:  # idle now: every request was answered or timed out
+                if worker.is_alive():
+                    worker.terminate()
+                _end(worker, 5, "inference worker")
+            self._stop_logger()
+            self._transport.close(send_sentinel=False)
+            manager.shutdown()
+
+    def _stop_logger(self) -> None:
+        """Every batch's message is on the logger queue by now (a worker sends it before the answers): "stop" goes
+        after them, and the logger process stores what it holds before it exits."""
+        loggers = [p for p in self._loggers if p.is_alive()]
+        if not loggers or self.logger_queue is None:
+            return
+        try:
+            self.logger_queue.put(("stop", None))
+        except Exception as err:  # the manager is gone: nothing more can reach the logger process
+            log.error(f"Could not tell the logger process to stop: {err}")
+        for process in loggers:
+            _end(process, LogSettings().stop_timeout + LogSettings().write_timeout + 10, "logger process")
+
+
+def _end(process: Any, timeout: float, what: str) -> None:
+    """Join a process; kill it if it is still there after ``timeout`` s (logged: it was told to stop and did not)."""
+    process.join(timeout)
+    if process.is_alive():
+        log.warning(f"The {what} (PID {process.pid}) did not stop within {timeout:.0f} s: killed.")
+        process.kill()
+        process.join(5)
 
 
 def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitServer:
@@ -223,7 +323,14 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     temperature = exported_temperature if s.use_temperature else None
     valid_accuracy = validation_accuracy(meta)
     version = model_version(s.model_dir)
-    FeedbackStore(s.feedback_db).close()  # create it, or check it, now: a bad path fails here, not in a process
+    # Create or check the database now (a bad path fails here, not in a process), record the model, and read the key
+    # of the prediction ids (`prediction_log.IdIssuer`): the worker tags ids with it, POST /feedback checks them.
+    db = FeedbackStore(s.feedback_db)
+    try:
+        db.register_model(version, names, str(Path(s.model_dir).resolve()))
+        id_key = db.id_key()
+    finally:
+        db.close()
     num_threads = s.num_threads or default_threads(s.workers_per_device)
     inference = InferenceSettings(s.precision, s.backend, s.max_batch_tokens, s.agreement_gate)
     inference.check(s.model_dir, max_length)  # one line naming every bad flag, before any worker starts
@@ -245,6 +352,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         windows.stride,
         temperature=temperature,
         min_confidence=s.min_confidence,
+        id_key=id_key,
     )
     paths = [PREDICT_PATH, FEEDBACK_PATH, "/health", "/info", "/metrics"]
     guard = {
@@ -277,6 +385,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             f"Probabilities are not calibrated ({why}): lightning_cls_estimated_accuracy, their mean, is likely "
             "above the real accuracy. `python -m lightning_cls calibrate` fits a temperature."
         )
+    batching = effective_batching(s, device, max_length)
     info = {
         "model_dir": str(Path(s.model_dir).resolve()),
         "model_name_or_path": meta.model_name_or_path,
@@ -308,19 +417,20 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             "wait_seconds": s.feedback_wait,
         },
         "limits": {"max_texts": s.max_texts, "max_body_bytes": s.max_body_bytes, "default_top_k": s.top_k},
-        "batching": {"max_batch_size": s.max_batch_size, "batch_timeout": s.batch_timeout},
+        "batching": batching,
         "workers": {"per_device": s.workers_per_device, "torch_threads": num_threads},
         "inference": {
             "backend": choice.backend,
             "precision": choice.precision,
             "reason": choice.reason,
-            "max_batch_tokens": s.max_batch_tokens,
+            "max_batch_tokens": batching["max_batch_tokens"],
             "agreement_gate": s.agreement_gate,
         },
         "api_key": {"required_for": protected} if key else None,
     }
-    server = ls.LitServer(
+    server = Server(
         api,
+        drain_timeout=s.drain_timeout,
         accelerator=s.accelerator,
         workers_per_device=s.workers_per_device,
         timeout=s.timeout,
@@ -336,8 +446,8 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             s.drift,
             store=store,
             accuracy=accuracy,
+            prediction_log=LogSettings(),
         ),
-        callbacks=[StopMonitoring()],
     )
 
     def feedback_arrived(count: int) -> None:
@@ -345,7 +455,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         if server.logger_queue is not None:
             server.logger_queue.put(("feedback", count))
 
-    feedback = FeedbackEndpoint(store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived)
+    feedback = FeedbackEndpoint(store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived, id_key)
     server.app.add_api_route(FEEDBACK_PATH, feedback.handle, methods=["POST"], response_model=None)
 
     @server.app.get("/metrics")
@@ -372,16 +482,21 @@ def serve(settings: ServeSettings) -> None:
                 "stops. Give --feedback_db PATH to keep them across restarts."
             )
         server = build_server(settings, temporary_db=scratch is not None)
-        # SIGTERM (kill, docker stop) takes the graceful path of Ctrl+C: LitServe then stops its worker processes.
-        main_pid = os.getpid()
+        # SIGTERM (kill, docker stop) takes the graceful path of Ctrl+C (`Server`'s stop); a second signal while it
+        # runs is ignored (it would interrupt the stop halfway, with a traceback).
+        main_pid, stopping = os.getpid(), []
 
         def interrupt(signum: int, frame: Any) -> None:
-            if os.getpid() == main_pid:
+            if os.getpid() != main_pid:  # a forked HTTP server inherited this handler: end as by default
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+                return
+            if not stopping:
+                stopping.append(signum)
                 raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)  # a forked HTTP server inherited this handler: end as by default
-            signal.raise_signal(signum)
 
         signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
         server.run(host=settings.host, port=settings.port, log_level=settings.log_level, generate_client_file=False)
     finally:
         for folder in (temporary, scratch):
