@@ -4,9 +4,10 @@ POST /feedback, shared by the service's processes.
 Who writes what (one SQLite file in WAL mode: readers never wait for the writer, writers wait for each other up to
 a busy timeout):
 
-- the logger process (`metrics.MonitoringLogger`) inserts every server batch's predictions, one transaction per
-  batch, off the inference path (the inference worker only sends it one message per batch), and deletes the oldest
-  beyond the retention bound;
+- the logger process (`metrics.MonitoringLogger`) inserts every server batch's predictions off the inference path
+  (the inference worker only sends it one message per batch), from the writer thread of its `prediction_log`
+  (retried, spilled to a file, never dropped silently when the database is busy), and deletes the oldest beyond the
+  retention bound;
 - the HTTP server process(es) (`http.FeedbackEndpoint`) insert the true labels, with their own connection, then
   tell the logger process that feedback arrived (a message on LitServe's logger queue);
 - the logger process then reads the new feedback rows (their `seq` only grows: SQLite has one writer at a time and
