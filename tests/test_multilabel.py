@@ -1,0 +1,95 @@
+"""Multi-label pure functions: label sets, arXiv subjects, iterative stratification, thresholds and metrics."""
+
+import numpy as np
+import pytest
+
+from lightning_cls.errors import DataError
+from lightning_cls.multilabel import (
+    arxiv_subject,
+    decide,
+    fit_thresholds,
+    iterative_split,
+    label_counts,
+    multi_hot,
+    multilabel_scores,
+    parse_label_sets,
+)
+
+
+def test_label_sets_split_on_whitespace_or_commas_keep_order_and_drop_repeats():
+    assert parse_label_sets(["cs.LG stat.ML cs.LG", " hep-th "], None, "f.csv", "cats") == [
+        ["cs.LG", "stat.ML"],
+        ["hep-th"],
+    ]
+    assert parse_label_sets(["computer science, statistics"], ",", "f.csv", "cats") == [
+        ["computer science", "statistics"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "separator", "message"),
+    [
+        (["cs.LG", "", "  ", "math.AG"], None, r"f\.csv: column 'cats' has no labels in 2 row\(s\) \(rows 1, 2;"),
+        (["a, b", None], ",", r"no labels in 1 row\(s\) \(rows 1;"),
+        (["a,,b", "c,"], ",", r"a malformed label set in 2 row\(s\) \(rows 0, 1;"),
+        (["a", 3.5], None, r"a malformed label set in 1 row\(s\) \(rows 1;"),
+    ],
+)
+def test_empty_and_malformed_label_sets_name_the_file_column_and_rows(values, separator, message):
+    with pytest.raises(DataError, match=message):
+        parse_label_sets(values, separator, "f.csv", "cats")
+
+
+def test_arxiv_categories_map_to_the_subjects_of_the_label_column():
+    assert arxiv_subject("cs.LG") == "computer science"
+    assert arxiv_subject("hep-th") == "high energy physics theory"
+    assert arxiv_subject("cond-mat.str-el") == "condensed matter"
+    with pytest.raises(KeyError):
+        arxiv_subject("bogus.XY")
+
+
+def test_multi_hot_leaves_out_filtered_labels():
+    y = multi_hot([["a", "c"], ["b"], ["z"]], ["a", "b", "c"])
+    np.testing.assert_array_equal(y, [[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    assert label_counts([["a", "c"], ["a"]]) == {"a": 2, "c": 1}
+
+
+def test_iterative_split_keeps_rare_labels_in_every_split_and_is_seeded():
+    rng = np.random.default_rng(0)
+    y = (rng.random((2000, 12)) < np.linspace(0.4, 0.006, 12)).astype(np.uint8)  # the last labels are rare
+    parts = iterative_split(y, 0.1, 0.1, seed=3)
+    rows = np.concatenate(list(parts.values()))
+    assert sorted(rows.tolist()) == list(range(2000))  # every row once
+    assert abs(len(parts["val"]) - 200) <= 10 and abs(len(parts["test"]) - 200) <= 10
+    for j in range(12):
+        total = y[:, j].sum()
+        for name, share in (("val", 0.1), ("test", 0.1)):
+            got = y[parts[name], j].sum()
+            # Each label in proportion: the rare ones (dealt out first) within a row or two, the frequent ones (whose
+            # rows were partly placed with rarer labels first) within 8%.
+            assert abs(got - share * total) <= max(1.5, 0.08 * share * total), (j, name, got, total)
+            assert got >= 1
+    again = iterative_split(y, 0.1, 0.1, seed=3)
+    assert all(np.array_equal(parts[k], again[k]) for k in parts)
+
+
+def test_thresholds_are_fitted_per_label_and_decisions_tag_at_least_one_label():
+    y = np.array([[1, 0], [1, 0], [0, 1], [0, 0]])
+    probs = np.array([[0.3, 0.1], [0.35, 0.2], [0.1, 0.9], [0.05, 0.6]])
+    thresholds = fit_thresholds(probs, y)
+    assert thresholds[0] <= 0.3 and 0.6 < thresholds[1] <= 0.9  # label 0 needs a low bar, label 1 a high one
+    decided = decide(probs, thresholds)
+    np.testing.assert_array_equal(decided, [[1, 0], [1, 0], [0, 1], [0, 1]])  # the last: its most probable label
+
+
+def test_scores_by_hand():
+    truth = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    predicted = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+    s = multilabel_scores(predicted, truth, ["a", "b", "c"])
+    # tp = 1, 1, 1; fp = 0, 0, 1; fn = 0, 1, 0
+    assert s["micro_f1"] == pytest.approx(6 / 8)
+    assert s["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert s["subset_accuracy"] == pytest.approx(1 / 3)
+    assert s["hamming_loss"] == pytest.approx(2 / 9)
+    assert s["cardinality"] == {"predicted": pytest.approx(4 / 3), "true": pytest.approx(4 / 3)}
+    assert s["per_label"]["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
