@@ -339,11 +339,15 @@ class FeedbackEndpoint:
             await asyncio.sleep(FEEDBACK_POLL)
             missing -= await self._db(FeedbackStore.known_ids, sorted(missing))
         ours = [pid for pid in ids if pid in missing and self.issuer is not None and self.issuer.issued(pid)]
+        pending = []
         if ours:
             front = await self._db(FeedbackStore.oldest_time)
             pending = [pid for pid in ours if front is None or IdIssuer.issued_at(pid) >= int(front) - 1]
-            if pending:
-                raise PendingIds(pending)
+        unknown = [pid for pid in ids if pid in missing and pid not in pending]
+        if unknown:  # nothing would be stored: answered without waiting for the write lock
+            return FeedbackResult(unknown=unknown)
+        if pending:
+            raise PendingIds(pending)
         return await self._db(FeedbackStore.record_feedback, pairs)
 
     async def handle(self, request: Request) -> JSONResponse:
