@@ -35,9 +35,16 @@ from lightning_cls.export_format import (
     SplitReference,
     write_export_metadata,
 )
-from lightning_cls.inference import measure_agreement
+from lightning_cls.inference import measure_variants
 from lightning_cls.model import TextClassifier, max_positions
 from lightning_cls.model_card import model_card, read_test_report
+from lightning_cls.onnx_optimize import (
+    OPTIMIZED_ONNX_FILE,
+    int8_sensitivity,
+    optimized_onnx,
+    quantizable_nodes,
+    quantize_int8,
+)
 from lightning_cls.tables import read_text_chunks
 from lightning_cls.tokenization import load_tokenizer
 
@@ -75,17 +82,17 @@ def _check_paths(ckpt_path: Path, output_dir: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _sample(texts: list[str], limit: int, seed: int = 0) -> list[str]:
-    """At most `limit` of the texts, a seeded random sample in their original order."""
-    if len(texts) <= limit:
-        return texts
-    keep = np.sort(np.random.default_rng(seed).permutation(len(texts))[:limit])
-    return [texts[i] for i in keep]
+def _sample(count: int, limit: int, seed: int = 0) -> np.ndarray:
+    """Positions of at most `limit` of `count` items, a seeded random sample in their original order."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).permutation(count)[:limit])
 
 
-def validation_texts(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], str]:
-    """Up to `limit` texts of the validation split the checkpoint was trained beside (a seeded sample), rebuilt from
-    the data settings it records, and a phrase saying where they are from. Raises when the data cannot be read."""
+def validation_split(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], list[str], str]:
+    """Up to `limit` texts of the validation split the checkpoint was trained beside (a seeded sample) and their
+    label names, rebuilt from the data settings it records, and a phrase saying where they are from. Raises when the
+    data cannot be read."""
     from lightning_cls.data import ScientificTextDataModule
 
     saved = checkpoint.get("datamodule_hyper_parameters")
@@ -94,56 +101,88 @@ def validation_texts(checkpoint: dict[str, Any], limit: int) -> tuple[list[str],
     known = inspect.signature(ScientificTextDataModule.__init__).parameters
     data = ScientificTextDataModule(**{k: v for k, v in saved.items() if k in known and k != "self"})
     plan, source = data.plan(), data.source
-    texts = plan.table["text"].to_numpy()[plan.rows["val"]].tolist()
-    if not texts:
+    rows = plan.rows["val"]
+    if not len(rows):
         raise DataError(f"the validation split of {source} is empty")
-    picked = _sample(texts, limit)
-    return picked, f"validation split of {source} ({len(picked)} of its {len(texts)} texts)"
+    picked = rows[_sample(len(rows), limit)]
+    texts = plan.table["text"].to_numpy()[picked].tolist()
+    labels = [plan.names[i] for i in plan.label_ids[picked]]
+    return texts, labels, f"validation split of {source} ({len(picked)} of its {len(rows)} texts)"
 
 
-def agreement_inputs(checkpoint: dict[str, Any], path: str | None, limit: int) -> tuple[list[str], str]:
-    """The texts to measure agreement on: `path`'s when given, else the checkpoint's validation split; no texts
-    (and the reason, recorded in lightning_cls.json) when neither can be read."""
+def validation_texts(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], str]:
+    """`validation_split` without the labels."""
+    texts, _, source = validation_split(checkpoint, limit)
+    return texts, source
+
+
+def agreement_inputs(
+    checkpoint: dict[str, Any], path: str | None, limit: int
+) -> tuple[list[str], list[str] | None, str]:
+    """The texts to measure each variant on, their label names (None: unknown) and where they are from: `path`'s
+    texts when given (no labels), else the checkpoint's validation split; no texts (and the reason, recorded in
+    lightning_cls.json) when neither can be read."""
     if path is not None:  # read errors here are the user's to fix: they reach cli.main as one line
         if not Path(path).is_file():
             raise ExportError(f"--agreement_data {path} does not exist (or is not a file).")
         texts = [t for _, chunk in read_text_chunks(path, id_column=None) for t in chunk]
-        picked = _sample(texts, limit)
-        return picked, f"{path} ({len(picked)} of its {len(texts)} texts)"
+        picked = [texts[i] for i in _sample(len(texts), limit)]
+        return picked, None, f"{path} ({len(picked)} of its {len(texts)} texts)"
     try:
-        return validation_texts(checkpoint, limit)
+        return validation_split(checkpoint, limit)
     except Exception as err:  # optional evidence: a moved data file, the hub offline, an old checkpoint...
-        return [], f"the validation split could not be read ({type(err).__name__}: {err}); give --agreement_data"
+        why = f"the validation split could not be read ({type(err).__name__}: {err}); give --agreement_data"
+        return [], None, why
 
 
-def quantize_int8(model: Path, output: Path) -> None:
-    """`model` (ONNX) with the weights of its matrix products in int8, one scale per output channel, activations
-    quantized on the fly (onnxruntime dynamic quantization). Per channel: on the fine-tuned MiniLM here, 97.3% of
-    labels agreed with fp32 against 94.1% with one scale per matrix (256 abstracts)."""
-    import logging
+def label_ids(names: list[str] | None, labels: list[str]) -> tuple[list[int] | None, str]:
+    """Label names as the model's class ids, or None and why not (no labels, or labels the model does not have)."""
+    if names is None:
+        return None, "the texts have no labels (--agreement_data); --gate agreement judges by labels alone"
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        return None, f"the validation labels {unknown[:3]} are not the model's"
+    return [index[n] for n in names], ""
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # not its advice to run shape-inference pre-processing first (a logging warning)
-    try:
-        quantize_dynamic(str(model), str(output), weight_type=QuantType.QInt8, per_channel=True)
-    finally:
-        root.setLevel(level)
+def most_sensitive_nodes(model: Path, tokenizer: Any, texts: list[str], count: int, max_length: int) -> list[str]:
+    """The `count` nodes whose int8 weights change the answers most (`onnx_optimize.int8_sensitivity` on up to 64
+    of the texts): the ones to keep in fp32."""
+    if count <= 0 or not texts:
+        return []
+    feeds = []
+    for start in range(0, min(len(texts), 64), 16):
+        batch = tokenizer(texts[start : start + 16], truncation=True, max_length=max_length, padding=True)
+        feeds.append({k: np.asarray(batch[k], dtype=np.int64) for k in ("input_ids", "attention_mask")})
+    cost = int8_sensitivity(model, feeds, quantizable_nodes(model))
+    everything = cost.pop("")
+    ranked = sorted(cost, key=lambda node: cost[node])  # lowest divergence without it: the costliest node first
+    print(
+        f"int8 sensitivity (mean KL from fp32 on {min(len(texts), 64)} texts): all quantized {everything:.2e}; "
+        + ", ".join(f"without {n} {cost[n]:.2e}" for n in ranked[:count])
+    )
+    return ranked[:count]
 
 
 def _print_agreement(records: dict[str, dict[str, Any]]) -> None:
     first = next(iter(records.values()))
-    print(f"Agreement with fp32 on {first['device']}, texts from {first['source']}:")
+    fused = " (fused with the lexical expert)" if first.get("fused") else ""
+    print(f"Each way of running the model on {first['device']}, texts from {first['source']}{fused}:")
     for name, r in records.items():
         if "skipped" in r:
             print(f"  {name:10s} skipped: {r['skipped']}")
-        else:
-            print(
-                f"  {name:10s} {r['agreement']:.2%} same labels, max probability difference {r['max_prob_diff']:.1e}, "
-                f"{r['texts_per_s']:.1f} texts/s"
-            )
+            continue
+        score = (
+            f"macro-F1 {r['macro_f1']:.4f}, accuracy {r['accuracy']:.4f}, {r['changed']} labels changed "
+            f"({r['now_right']} now right, {r['now_wrong']} now wrong), "
+            if "macro_f1" in r
+            else ""
+        )
+        print(
+            f"  {name:10s} {score}{r['agreement']:.2%} same labels as fp32, max probability difference "
+            f"{r['max_prob_diff']:.1e}, {r['texts_per_s']:.1f} texts/s"
+        )
 
 
 def _training_max_length(model: TextClassifier, max_length: int | None) -> int:
@@ -205,6 +244,21 @@ def export_onnx(model: nn.Module, path: Path, max_positions: int, pad_token_id: 
     return float((torch.from_numpy(logits).softmax(-1) - reference).abs().max())
 
 
+def _optimize(model: nn.Module, folder: Path, pad_token_id: int) -> dict[str, Any]:
+    """model.opt.onnx in `folder` (`onnx_optimize.optimized_onnx`), or why there is none: what it records."""
+    try:
+        info = optimized_onnx(model, folder / OPTIMIZED_ONNX_FILE, pad_token_id)
+    except ValueError as err:
+        print(f"Note: no optimized ONNX graph: {err}; ONNX Runtime runs {ONNX_FILE}.")
+        return {"skipped": str(err)}
+    fused = ", ".join(f"{count} {op}" for op, count in info["fused"].items())
+    print(
+        f"ONNX: {OPTIMIZED_ONNX_FILE} (fused: {fused}), vs PyTorch max probability difference "
+        f"{info['max_prob_diff']:.1e}"
+    )
+    return {"file": OPTIMIZED_ONNX_FILE, **info}
+
+
 def export(
     ckpt_path: str,
     output_dir: str,
@@ -213,7 +267,10 @@ def export(
     opset: int = 18,
     test_report: str | None = None,
     quantize: Literal["int8"] | None = None,
-    agreement_texts: int = 512,
+    optimize: bool = True,
+    int8_keep_fp32: int = 0,
+    int8_exclude: list[str] | None = None,
+    agreement_texts: int = 2000,
     agreement_data: str | None = None,
     agreement_seconds: float = 60.0,
     agreement_device: str = "cpu",
@@ -231,27 +288,42 @@ def export(
         test_report: `test_report.json` written by `python -m lightning_cls test` on this checkpoint: the model card
             (README.md) quotes its metrics.
         quantize: int8 (with --format onnx): also model.int8.onnx, its matrix products' weights in int8 (onnxruntime
-            dynamic quantization, one scale per output channel), for `serve --backend onnx --precision int8`.
-        agreement_texts: Texts to measure each way of running the model on (fp32, bf16, fp16, and ONNX / int8 when
-            written) against fp32: a seeded sample of the checkpoint's validation split (or of --agreement_data).
-            Recorded in lightning_cls.json (`inference`); `serve --precision auto` uses a lower precision only if
-            its agreement is at least the gate. 0: measure nothing.
+            dynamic quantization, one scale per output channel), for `serve --backend onnx --precision int8`;
+            quantized from the optimized graph when there is one.
+        optimize: With --format onnx: also model.opt.onnx, ONNX Runtime's fused transformer graph (attention,
+            LayerNorm, GELU; `lightning_cls.onnx_optimize`), checked against PyTorch; ONNX fp32 then runs it. Only
+            BERT-like encoders and DistilBERT; other architectures get model.onnx alone (a note says so).
+        int8_keep_fp32: With --quantize int8: measure each quantized node's effect on the answers on validation
+            texts and keep this many of the costliest in fp32 (0: quantize every one).
+        int8_exclude: With --quantize int8: node names to keep in fp32 (as printed by --int8_keep_fp32).
+        agreement_texts: Texts to run each variant on (torch fp32, bf16, fp16, and ONNX fp32 / int8 when written): a
+            seeded sample of the checkpoint's validation split with its labels (or of --agreement_data, without).
+            Each variant's macro-F1, accuracy and label agreement with fp32 are recorded in lightning_cls.json
+            (`inference`); `serve --precision auto` takes the fastest one whose macro-F1 is within the gate of
+            fp32's. 0: measure nothing.
         agreement_data: A .txt / .csv / .jsonl file of texts (column or field `text`) to measure on instead of the
             validation split (which is rebuilt from the data settings in the checkpoint, if that data is at hand).
-        agreement_seconds: A way of running the model whose measurement would take longer than this (estimated
-            from its first batch) is skipped, with the reason recorded: bf16 and fp16 on a CPU without AMX /
-            AVX512-BF16 run several times slower than fp32.
+            Without labels only the agreement is recorded (`serve --gate agreement`).
+        agreement_seconds: A variant whose measurement would take longer than this and than three times fp32's
+            (estimated from its first batch) is skipped, with the reason recorded: bf16 and fp16 on a CPU without
+            AMX / AVX512-BF16 run several times slower than fp32.
         agreement_device: Device to measure on (cpu, cuda): the one the model will be served on.
     """
     ckpt, output = Path(ckpt_path), Path(output_dir)
     checkpoint = _check_paths(ckpt, output)
     if quantize is not None and format != "onnx":
         raise ExportError(f"--quantize {quantize} quantizes the ONNX model: add --format onnx.")
+    if (int8_keep_fp32 or int8_exclude) and quantize != "int8":
+        raise ExportError("--int8_keep_fp32 / --int8_exclude choose what int8 leaves out: add --quantize int8.")
+    if int8_keep_fp32 < 0:
+        raise ExportError(f"--int8_keep_fp32 must be 0 or more, got {int8_keep_fp32}.")
     if agreement_texts < 0:
         raise ExportError(f"--agreement_texts must be 0 (measure nothing) or more, got {agreement_texts}.")
     report = read_test_report(test_report) if test_report else None  # a wrong path fails before any work
     # A bad --agreement_data fails here, before any work; texts for the agreement, or the reason there are none.
-    texts, source = agreement_inputs(checkpoint, agreement_data, agreement_texts) if agreement_texts else ([], "")
+    texts, names, source = ([], None, "")
+    if agreement_texts:
+        texts, names, source = agreement_inputs(checkpoint, agreement_data, agreement_texts)
     if format == "onnx" and not _ONNX_AVAILABLE:
         raise ExportError(
             f"--format onnx needs onnx, onnxruntime and onnxscript: pip install 'lightning_cls[onnx]'. "
@@ -286,12 +358,24 @@ def export(
             if diff > 1e-3:
                 raise ExportError(f"ONNX export differs from PyTorch by {diff:.2e} in probability (more than 1e-3).")
             print(f"ONNX: {ONNX_FILE}, onnxruntime vs PyTorch max probability difference {diff:.1e}")
+            graph = tmp / ONNX_FILE
+            if optimize:
+                metadata.extra["onnx"] = {"optimized": _optimize(hf_model, tmp, tokenizer.pad_token_id)}
+                graph = tmp / OPTIMIZED_ONNX_FILE if (tmp / OPTIMIZED_ONNX_FILE).is_file() else graph
             if quantize == "int8":
-                quantize_int8(tmp / ONNX_FILE, tmp / INT8_ONNX_FILE)
+                exclude = list(int8_exclude or [])
+                exclude += most_sensitive_nodes(graph, tokenizer, texts, int8_keep_fp32, length)
+                quantize_int8(graph, tmp / INT8_ONNX_FILE, exclude)
+                quantized = {"from": graph.name, "per_channel": True, "dynamic": True, "kept_fp32": exclude}
+                metadata.extra.setdefault("onnx", {})["int8"] = quantized
+            write_export_metadata(tmp, metadata)
         if agreement_texts:
             variants = ["fp32", "bf16", "fp16"] + (["onnx_fp32"] if format == "onnx" else [])
             variants += ["onnx_int8"] if quantize == "int8" else []
-            metadata.inference = measure_agreement(tmp, texts, source, agreement_device, agreement_seconds, variants)
+            ids, unscored = label_ids(names, metadata.labels)
+            metadata.inference = measure_variants(
+                tmp, texts, source, agreement_device, agreement_seconds, variants, ids, unscored
+            )
             write_export_metadata(tmp, metadata)
             _print_agreement(metadata.inference)
         for file in tmp.iterdir():

@@ -6,19 +6,29 @@ LitServe.
     runner = Runner("outputs/model", InferenceSettings(precision="auto", backend="torch"), device="cpu")
     logits = runner.logits(token_id_lists)  # (N, num_labels) float32, in the order given
 
-Precision `auto` is the fastest precision that the hardware runs well *and* whose agreement with fp32, measured at
-export and recorded in `lightning_cls.json` (`inference`), is at least `agreement_gate`; anything else is fp32:
+Precision `auto` takes the fastest way of running the folder (a *variant*: torch fp32 / bf16 / fp16, ONNX fp32 /
+int8) that passes the gate, by the measurements `export` recorded in `lightning_cls.json` (`inference`) on the
+validation split:
 
-- torch: bf16 on CPUs with AMX or AVX512-BF16 (`/proc/cpuinfo` flags `amx_bf16` / `avx512_bf16`) and on GPUs of
-  CUDA capability 8.0 or more; elsewhere bf16 runs, but slower than fp32 (measured several times slower on an AVX2
-  CPU), so `auto` never picks it there. fp16 is only run when asked for: it runs on CPUs too (torch's CPU autocast),
-  as slowly as bf16 on one without AVX512-FP16 / AMX-FP16.
-- onnx: int8 (`model.int8.onnx`, written by `export --quantize int8`) on the CPU, else fp32 (`model.onnx`).
+- the gate (`gate`): `macro_f1` (default): the variant's macro-F1 on the validation texts (with the export's lexical
+  expert fused, when it has one) is at most `max_f1_drop` (default 0.005: half a point, absolute) below fp32's, as
+  quantization toolkits judge a faster model (by the task metric it keeps, not by identical labels);
+  `agreement`: at least `agreement_gate` of its labels are fp32's (the older, stricter gate).
+- fastest: the highest texts/s recorded at export on the same kind of device; a variant must be recorded at least
+  `MIN_SPEEDUP` times faster than the fp32 it replaces, so that the noise of one measurement never trades accuracy
+  for nothing.
+- the hardware must run it well: bf16 on CPUs with AMX or AVX512-BF16 (`/proc/cpuinfo` flags `amx_bf16` /
+  `avx512_bf16`) and on GPUs of CUDA capability 8.0 or more (elsewhere bf16 runs, but several times slower than
+  fp32); fp16 on CPUs with AMX-FP16 / AVX512-FP16 and GPUs of capability 7.0 or more; ONNX int8 on the CPU.
+- which variants: those of `backend` (torch, onnx), or of both with `backend auto`. fp32 of the backend is the
+  fallback, always allowed.
 
-An explicitly asked precision is used as asked, with a warning when its agreement is below the gate or unmeasured,
-or when the hardware runs it slowly. Low precision runs under `torch.autocast` with the fp32 weights kept: measured on
+An explicitly asked precision is used as asked, with a warning when it fails the gate or was not measured, or when
+the hardware runs it slowly. Low precision runs under `torch.autocast` with the fp32 weights kept: measured on
 the fine-tuned MiniLM here, casting the whole model (`model.to(bfloat16)`) doubled the largest probability difference
-from fp32 (0.0082 vs 0.0041) at the same speed, and autocast keeps one set of weights for every precision.
+from fp32 (0.0082 vs 0.0041) at the same speed, and autocast keeps one set of weights for every precision. ONNX fp32
+runs the folder's optimized graph (`model.opt.onnx`, fused attention / LayerNorm / GELU, `export --optimize`) when it
+has one, else `model.onnx`.
 """
 
 from __future__ import annotations
@@ -36,12 +46,23 @@ from lightning_utilities.core.imports import RequirementCache
 
 from lightning_cls.errors import ConfigError
 from lightning_cls.export_format import INT8_ONNX_FILE, ONNX_FILE, ExportMetadata, read_export_metadata
+from lightning_cls.onnx_optimize import OPTIMIZED_ONNX_FILE
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
-Backend = Literal["torch", "onnx"]
+Backend = Literal["auto", "torch", "onnx"]
+Gate = Literal["macro_f1", "agreement"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
-BACKENDS: tuple[str, ...] = ("torch", "onnx")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")
+GATES: tuple[str, ...] = ("macro_f1", "agreement")
 DEFAULT_AGREEMENT_GATE = 0.995
+# Most macro-F1 a faster variant may lose against fp32 on the validation split (absolute: 0.005 is half a point).
+DEFAULT_MAX_F1_DROP = 0.005
+# `auto` takes a faster variant only if export recorded it at least this many times fp32's texts/s: one measurement
+# on a shared machine moves by 10-30%, and a variant that is not clearly faster is not worth any accuracy.
+MIN_SPEEDUP = 1.1
+# export skips measuring a variant whose first batch says it would take longer than `seconds` and than this many
+# times fp32's time: bf16 on a CPU without AMX / AVX512-BF16 runs tens of times slower than fp32.
+SKIP_FACTOR = 3.0
 # Tokens per forward pass (rows x padded length) when `max_batch_tokens` is not given. CPU: 32 rows of 128 tokens,
 # where MiniLM's throughput levelled off here (8 rows: 0.65x, 16: 0.84x, 64: 0.92x of 32 rows' texts/s; one run on
 # a loaded machine). GPU: a larger budget keeps the device busy; not measured here (no GPU was lent).
@@ -110,22 +131,28 @@ class InferenceSettings:
     """How an exported model is run (the `serve` flags of the same names).
 
     Args:
-        precision: auto (the fastest precision this hardware runs well whose agreement with fp32, recorded at
-            export, is at least `agreement_gate`; else fp32), fp32, bf16, fp16 (torch backend) or int8 (onnx
-            backend: model.int8.onnx, from `export --format onnx --quantize int8`).
-        backend: torch (the folder's safetensors weights) or onnx (ONNX Runtime on model.onnx, from
-            `export --format onnx`).
+        precision: auto (the fastest variant this hardware runs well that passes the gate, by what export recorded
+            on the validation split; else fp32), fp32, bf16, fp16 (torch backend) or int8 (onnx backend:
+            model.int8.onnx, from `export --format onnx --quantize int8`).
+        backend: torch (the folder's safetensors weights), onnx (ONNX Runtime on model.opt.onnx or model.onnx, from
+            `export --format onnx`) or auto (with --precision auto: the fastest variant of either).
         max_batch_tokens: Most tokens per forward pass, padding included (rows x padded length); texts run longest
             first, so each pass holds texts of similar length. Default: 4096 on a CPU, 32768 on a GPU. At least the
             model's max_length.
-        agreement_gate: Least share of labels identical to fp32's (measured at export) for `auto` to use a lower
-            precision.
+        agreement_gate: With --gate agreement: least share of labels identical to fp32's (measured at export) for
+            `auto` to take a faster variant.
+        gate: What `auto` judges a faster variant by: macro_f1 (its validation macro-F1 at most --max_f1_drop below
+            fp32's) or agreement (at least --agreement_gate of its labels identical to fp32's).
+        max_f1_drop: With --gate macro_f1: most validation macro-F1 a faster variant may lose against fp32
+            (absolute; 0.005 is half a point).
     """
 
     precision: Precision = "auto"
     backend: Backend = "torch"
     max_batch_tokens: int | None = None
     agreement_gate: float = DEFAULT_AGREEMENT_GATE
+    gate: Gate = "macro_f1"
+    max_f1_drop: float = DEFAULT_MAX_F1_DROP
 
     def problems(self, model_dir: str | Path, max_length: int | None = None) -> list[str]:
         """Everything wrong with these settings for this folder, each naming the flag and the fix."""
@@ -133,7 +160,12 @@ class InferenceSettings:
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.backend not in BACKENDS:
-            problems.append(f"--backend must be torch or onnx, got {self.backend!r}")
+            problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "auto" and self.precision != "auto":
+            problems.append(
+                f"--backend auto chooses with --precision auto; --precision {self.precision} runs on one backend: "
+                f"give --backend {'onnx' if self.precision == 'int8' else 'torch'}"
+            )
         if self.backend == "torch" and self.precision == "int8":
             problems.append(
                 "--precision int8 is the ONNX backend's quantized model: use --backend onnx (with a folder exported "
@@ -166,6 +198,12 @@ class InferenceSettings:
             problems.append(f"--max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if not 0 < self.agreement_gate <= 1:
             problems.append(f"--agreement_gate must be in (0, 1], got {self.agreement_gate}")
+        if self.gate not in GATES:
+            problems.append(f"--gate must be macro_f1 or agreement, got {self.gate!r}")
+        if not 0 <= self.max_f1_drop <= 1:
+            problems.append(
+                f"--max_f1_drop must be in [0, 1] (absolute: 0.005 is half a point), got {self.max_f1_drop}"
+            )
         return problems
 
     def check(self, model_dir: str | Path, max_length: int | None = None) -> None:
@@ -174,69 +212,157 @@ class InferenceSettings:
         if problems:
             raise ConfigError("; ".join(problems) + ".")
 
+    def describe_gate(self) -> str:
+        if self.gate == "agreement":
+            return f"agreement: at least {self.agreement_gate:.2%} of labels identical to fp32's"
+        return f"macro_f1: validation macro-F1 at most {self.max_f1_drop * 100:.2f} point below fp32's"
+
 
 @dataclass(frozen=True)
 class Choice:
-    """The backend and precision that will run, why, and any warnings about them."""
+    """The backend and precision that will run, why, any warnings about them, and (for `auto`) the verdict on each
+    variant considered."""
 
     backend: str
     precision: str
     reason: str
     warnings: tuple[str, ...] = field(default=())
+    verdicts: dict[str, str] = field(default_factory=dict)
 
     @property
     def variant(self) -> str:
         return variant_name(self.backend, self.precision)
 
 
-def recorded_agreement(record: dict[str, Any] | None, variant: str) -> tuple[float | None, str]:
-    """A variant's agreement with fp32 from the export's `inference` record, and a phrase saying so (or why not)."""
+def judge(settings: InferenceSettings, record: dict[str, Any] | None, variant: str) -> tuple[bool | None, str]:
+    """Whether a variant passes the gate by the export's record, and a phrase saying why; None: not measured."""
     entry = (record or {}).get(variant)
     if not record:
-        return None, "the export records no agreement (exported before it was measured, or with --agreement_texts 0)"
+        return None, "the export records no measurements (exported before they were made, or with --agreement_texts 0)"
     if not isinstance(entry, dict):
         return None, f"the export did not measure {variant}"
     if entry.get("agreement") is None:
         return None, f"{variant} was not measured at export ({entry.get('skipped', 'no reason recorded')})"
-    agreement = float(entry["agreement"])
-    return agreement, f"{variant} agreed with fp32 on {agreement:.2%} of {entry.get('texts', '?')} texts"
+    agreement, texts = float(entry["agreement"]), entry.get("texts", "?")
+    if settings.gate == "agreement":
+        passes = agreement >= settings.agreement_gate
+        where = "at least" if passes else "below"
+        gate = settings.agreement_gate
+        return passes, f"{variant}: {agreement:.2%} of {texts} labels as fp32's, {where} --agreement_gate {gate}"
+    f1, reference = entry.get("macro_f1"), (record.get("fp32") or {}).get("macro_f1")
+    if f1 is None or reference is None:
+        why = entry.get("unscored") or (record.get("fp32") or {}).get("unscored") or "no labels"
+        return None, f"{variant}: no macro-F1 recorded ({why}); --gate agreement judges by labels alone"
+    drop = float(reference) - float(f1)
+    passes = drop <= settings.max_f1_drop + 1e-9
+    return passes, (
+        f"{variant}: macro-F1 {f1:.4f} vs fp32's {reference:.4f} ({-drop * 100:+.2f} points, "
+        f"{'within' if passes else 'beyond'} -{settings.max_f1_drop * 100:.2f}), {agreement:.2%} of labels as fp32's, "
+        f"on {texts} validation texts"
+    )
+
+
+def recorded_agreement(record: dict[str, Any] | None, variant: str) -> tuple[float | None, str]:
+    """A variant's agreement with fp32 from the export's record, and a phrase saying so (or why not)."""
+    passes, said = judge(InferenceSettings(gate="agreement"), record, variant)
+    return (None if passes is None else float(record[variant]["agreement"])), said
+
+
+def recorded_speed(record: dict[str, Any] | None, variant: str, device: str) -> float | None:
+    """The texts/s export recorded for a variant on this kind of device (cpu, cuda), if any."""
+    entry = (record or {}).get(variant)
+    if not isinstance(entry, dict) or not entry.get("texts_per_s"):
+        return None
+    return float(entry["texts_per_s"]) if torch.device(entry.get("device", "cpu")).type == device else None
+
+
+def runnable(settings: InferenceSettings, hardware: Hardware, model_dir: str | Path) -> dict[str, str | None]:
+    """The variants `auto` considers for the settings' backend: each with None (runs well here) or why not."""
+    folder, device, out = Path(model_dir), torch.device(hardware.device).type, {}
+    if settings.backend in ("torch", "auto"):
+        out["fp32"] = None
+        for name in _DTYPES:
+            out[name] = (
+                None if getattr(hardware, name) else f"{name} does not run faster than fp32 here ({hardware.note})"
+            )
+    if settings.backend in ("onnx", "auto"):
+        missing = None if (folder / ONNX_FILE).is_file() else f"no {ONNX_FILE} (export with --format onnx)"
+        out["onnx_fp32"] = missing if _ONNXRUNTIME else "onnxruntime is not installed"
+        if device != "cpu":
+            out["onnx_int8"] = "int8 (dynamic quantization) runs on the CPU"
+        elif not (folder / INT8_ONNX_FILE).is_file():
+            out["onnx_int8"] = f"no {INT8_ONNX_FILE} (export with --format onnx --quantize int8)"
+        else:
+            out["onnx_int8"] = out["onnx_fp32"]
+    return out
+
+
+# Which faster variant `auto` prefers when export recorded no speeds on this kind of device.
+_PREFERENCE = ("onnx_int8", "bf16", "fp16", "onnx_fp32", "fp32")
 
 
 def choose(
     settings: InferenceSettings, hardware: Hardware, record: dict[str, Any] | None, model_dir: str | Path
 ) -> Choice:
-    """Resolve `auto` (and check an explicit precision) against the hardware and the export's agreement record."""
-    gate = settings.agreement_gate
+    """Resolve `auto` (and check an explicit precision) against the hardware and the export's record."""
     if settings.precision != "auto":
         variant = variant_name(settings.backend, settings.precision)
         notes = []
         if settings.precision != "fp32":
-            agreement, said = recorded_agreement(record, variant)
-            if agreement is None:
-                notes.append(f"{said}: its labels may differ from fp32's")
-            elif agreement < gate:
-                notes.append(f"{said}, below --agreement_gate {gate}")
+            passes, said = judge(settings, record, variant)
+            if passes is None:
+                notes.append(f"{said}: its answers may differ from fp32's")
+            elif not passes:
+                notes.append(f"{said}: it fails the gate ({settings.describe_gate()})")
         if settings.precision in _DTYPES and not getattr(hardware, settings.precision):
             notes.append(f"{settings.precision} runs slower than fp32 on this hardware ({hardware.note})")
         return Choice(settings.backend, settings.precision, "asked for", tuple(notes))
-    if settings.backend == "torch":
-        candidate, fast = "bf16", hardware.bf16
-        slow_reason = f"bf16 does not run faster than fp32 here ({hardware.note})"
+    device = torch.device(hardware.device).type
+    fallback = "onnx_fp32" if settings.backend == "onnx" else "fp32"
+    verdicts, passing = {}, [fallback]
+    for variant, why_not in runnable(settings, hardware, model_dir).items():
+        if why_not is not None:
+            verdicts[variant] = f"not run: {why_not}"
+            continue
+        passes, said = judge(settings, record, variant)
+        if variant == fallback:
+            verdicts[variant] = f"the fallback ({said})"
+        elif passes:
+            passing.append(variant)
+            verdicts[variant] = f"passes: {said}"
+        else:
+            verdicts[variant] = f"refused: {said}"
+    speeds = {v: recorded_speed(record, v, device) for v in passing}
+    base = speeds[fallback] or recorded_speed(record, "fp32", device)
+    if base is None:  # no speed recorded on this kind of device: the usual order
+        taken = next(v for v in _PREFERENCE if v in passing)
+        how = f"no speeds recorded on a {device} at export: by the usual order {', '.join(_PREFERENCE)}"
     else:
-        candidate, fast = "int8", hardware.device == "cpu" and (Path(model_dir) / INT8_ONNX_FILE).is_file()
-        slow_reason = (
-            f"no {INT8_ONNX_FILE} (export with --quantize int8)"
-            if hardware.device == "cpu"
-            else "int8 (dynamic quantization) runs on the CPU"
+        timed = [v for v in passing if speeds[v] is not None]
+        taken = max(timed, key=lambda v: speeds[v], default=fallback)
+        if taken != fallback and speeds[taken] < MIN_SPEEDUP * base:
+            verdicts[taken] += f"; but only {speeds[taken] / base:.2f}x fp32's speed (less than {MIN_SPEEDUP}x)"
+            taken = fallback
+        how = (
+            "the fastest that passes: "
+            + ", ".join(f"{v} {speeds[v]:.1f} texts/s" for v in sorted(timed, key=lambda v: -speeds[v]))
+            + f" at export on a {device}"
         )
-    if not fast:
-        return Choice(settings.backend, "fp32", f"auto: {slow_reason}")
-    agreement, said = recorded_agreement(record, variant_name(settings.backend, candidate))
-    if agreement is None:
-        return Choice(settings.backend, "fp32", f"auto: {said}")
-    if agreement < gate:
-        return Choice(settings.backend, "fp32", f"auto: {said}, below --agreement_gate {gate}")
-    return Choice(settings.backend, candidate, f"auto: {hardware.note}; {said} (gate {gate})")
+    verdicts[taken] = f"taken; {verdicts[taken]}"
+    backend, precision = ("onnx", taken[5:]) if taken.startswith("onnx_") else ("torch", taken)
+    reason = f"auto ({settings.describe_gate()}) on a {hardware.note}: {taken}, {how}"
+    if taken != fallback:
+        reason += f"; {verdicts[taken].removeprefix('taken; passes: ')}"
+    else:  # say why nothing faster was taken
+        reason += "".join(f"; {v} {why}" for v, why in verdicts.items() if v != taken)
+    return Choice(backend, precision, reason, verdicts=verdicts)
+
+
+def onnx_file(model_dir: str | Path, precision: str) -> str:
+    """The ONNX file a precision runs: int8's, else the optimized graph when the folder has one, else model.onnx."""
+    if precision == "int8":
+        return INT8_ONNX_FILE
+    return OPTIMIZED_ONNX_FILE if (Path(model_dir) / OPTIMIZED_ONNX_FILE).is_file() else ONNX_FILE
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -334,8 +460,9 @@ class Runner:
 
     def describe(self) -> str:
         """One line for the log: what runs, why, and the token budget."""
+        graph = f" ({self.onnx_file})" if self.backend == "onnx" else ""
         return (
-            f"{self.backend} {self.precision} on {self.device} ({self.choice.reason}); at most "
+            f"{self.backend} {self.precision}{graph} on {self.device} ({self.choice.reason}); at most "
             f"{self.max_batch_tokens} tokens per forward pass"
         )
 
@@ -362,7 +489,8 @@ class Runner:
         options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch's: `serve` sets them
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: not the graph optimizer's notes
-        path = self.model_dir / (INT8_ONNX_FILE if self.choice.precision == "int8" else ONNX_FILE)
+        self.onnx_file = onnx_file(self.model_dir, self.choice.precision)
+        path = self.model_dir / self.onnx_file
         self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
 
     def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
@@ -392,7 +520,7 @@ class Runner:
         return out
 
 
-# ------------------------------------------------------------------------------------------------ agreement
+# ------------------------------------------------------------------------------------------------ measuring
 def compare(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """(share of identical labels, largest probability difference) of logits against the fp32 reference."""
     p, q = reference.float().softmax(-1), logits.float().softmax(-1)
@@ -400,32 +528,60 @@ def compare(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float
     return same, (p - q).abs().max().item() if len(p) else 0.0
 
 
-def measure_agreement(
+def task_scores(predicted: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro-F1 (the mean F1 over the classes that occur in the labels or the predictions, as
+    scikit-learn averages) of predicted class ids against true ones."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    f1 = []
+    for c in np.union1d(predicted, labels):
+        tp = int(np.sum((predicted == c) & (labels == c)))
+        wrong = int(np.sum(predicted == c)) + int(np.sum(labels == c)) - 2 * tp  # false positives + negatives
+        f1.append(2 * tp / (2 * tp + wrong))
+    return {
+        "accuracy": float(np.mean(predicted == labels)) if len(labels) else float("nan"),
+        "macro_f1": float(np.mean(f1)) if f1 else float("nan"),
+    }
+
+
+def measure_variants(
     model_dir: str | Path,
     texts: Sequence[str],
     source: str,
     device: str = "cpu",
     seconds: float = 60.0,
     variants: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    unscored: str = "the texts have no labels",
 ) -> dict[str, dict[str, Any]]:
-    """Each variant's agreement with torch fp32 on `texts`, read as `serve` reads them (windows, if the export has
-    them; a text's logits are its windows' mean): ``{"fp32": {...}, "bf16": {...}, "onnx_int8": {...}}``.
+    """Each variant run on `texts` as `serve` runs it (windows, if the export has them, a text's logits their mean;
+    the folder's lexical expert fused in, if it has one), against torch fp32 and, given `labels` (class ids in the
+    folder's label order), against the truth: ``{"fp32": {...}, "bf16": {...}, "onnx_int8": {...}}``.
 
-    Every entry says `device` and `source`; a measured one `agreement` (share of identical labels), `max_prob_diff`
-    (largest probability difference, raw softmax), `texts` and `texts_per_s` (on this machine, as it was loaded);
-    a skipped one `skipped` (why). A variant is skipped when its folder lacks the file, or when its first batch says
-    the whole measurement would take longer than `seconds` (bf16 on a CPU without AMX / AVX512-BF16: several times
-    slower than fp32).
+    Every entry says `device`, `source` and `fused` (the answers scored are the fused ones); a measured one
+    `agreement` (share of labels identical to fp32's), `max_prob_diff` (largest probability difference, raw
+    softmax), `texts`, `texts_per_s` (the network, on this machine as it was loaded) and, with labels, `macro_f1`,
+    `accuracy`, `changed` (labels unlike fp32's), `now_right` / `now_wrong` (of those, how many became right /
+    wrong); without labels `unscored` (why). A skipped one says `skipped` (why): its folder lacks the file, or its
+    first batch says the whole measurement would take longer than both `seconds` and three times fp32's time (bf16
+    on a CPU without AMX / AVX512-BF16: several times slower than fp32).
     """
+    from lightning_cls.fusion import FolderFusion, fuse
     from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
 
     folder, meta = Path(model_dir), read_export_metadata(model_dir)
     spec = WindowSpec(int(meta.max_length), int(meta.max_windows or 1), meta.window_stride)
     names = list(variants or VARIANTS)
-    base = {"device": str(device), "source": source}
     texts = list(texts)
+    fusion = FolderFusion.from_folder(folder, meta)
+    base = {"device": str(device), "source": source, "fused": fusion is not None}
     if not texts:
         return {name: {**base, "skipped": f"no texts to measure on ({source})"} for name in names}
+    truth = None if labels is None else np.asarray(labels)
+    if getattr(meta, "thresholds", None) is not None:  # label sets: one argmax is not its answer
+        truth, unscored = None, "a multi-label model: its label sets are not scored here"
+    if truth is not None and len(truth) != len(texts):
+        raise ValueError(f"{len(truth)} labels for {len(texts)} texts")
+    lexical = fusion.expert.scores(texts) if fusion is not None else None  # the same for every variant: once
 
     def run(runner: Runner, batch: list[str]) -> torch.Tensor:
         windows = window_token_ids(runner.tokenizer, batch, spec)
@@ -436,12 +592,29 @@ def measure_agreement(
         logits = run(runner, batch)
         return logits, time.perf_counter() - start
 
+    def answered(logits: torch.Tensor) -> torch.Tensor:
+        return logits if lexical is None else fuse(logits, lexical, fusion.weight)
+
+    def scored(logits: torch.Tensor) -> dict[str, Any]:
+        if truth is None:
+            return {"unscored": unscored}
+        predicted = logits.argmax(-1).numpy()
+        changed = predicted != reference_labels
+        return {
+            **{k: round(v, 6) for k, v in task_scores(predicted, truth).items()},
+            "changed": int(changed.sum()),
+            "now_right": int((changed & (predicted == truth)).sum()),
+            "now_wrong": int((changed & (reference_labels == truth)).sum()),
+        }
+
     reference_runner = Runner(folder, InferenceSettings(precision="fp32"), device, metadata=meta)
     tokenizer = reference_runner.tokenizer
     run(reference_runner, texts[:1])  # the first pass is slow (kernels chosen, memory allocated)
-    reference, elapsed = timed(reference_runner, texts)
+    reference, reference_s = timed(reference_runner, texts)
+    reference = answered(reference)
+    reference_labels = reference.argmax(-1).numpy()
     records = {"fp32": {**base, "agreement": 1.0, "max_prob_diff": 0.0, "texts": len(texts)}}
-    records["fp32"]["texts_per_s"] = round(len(texts) / elapsed, 2)
+    records["fp32"].update(texts_per_s=round(len(texts) / reference_s, 2), **scored(reference))
     del reference_runner
     probe = texts[: min(8, len(texts))]
     for name in names:
@@ -459,15 +632,17 @@ def measure_agreement(
         run(runner, texts[:1])
         _, probe_s = timed(runner, probe)
         estimate = probe_s / len(probe) * len(texts)
-        if estimate > seconds:
+        allowed = max(seconds, SKIP_FACTOR * reference_s)
+        if estimate > allowed:
             why = "" if precision not in _DTYPES or getattr(runner.hardware, precision) else f"; {runner.hardware.note}"
             records[name] = {
                 **base,
                 "skipped": f"about {estimate:.0f} s for {len(texts)} texts at {len(probe) / probe_s:.1f} texts/s "
-                f"(fp32: {records['fp32']['texts_per_s']:.1f}), over the {seconds:g} s allowed{why}",
+                f"(fp32: {records['fp32']['texts_per_s']:.1f}), over the {allowed:.0f} s allowed{why}",
             }
             continue
         logits, elapsed = timed(runner, texts)
+        logits = answered(logits)
         same, diff = compare(reference, logits)
         records[name] = {
             **base,
@@ -475,5 +650,11 @@ def measure_agreement(
             "max_prob_diff": float(f"{diff:.3g}"),
             "texts": len(texts),
             "texts_per_s": round(len(texts) / elapsed, 2),
+            **scored(logits),
         }
+        if backend == "onnx":
+            records[name]["graph"] = runner.onnx_file
     return {name: records[name] for name in names if name in records}
+
+
+measure_agreement = measure_variants  # the earlier name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,9 +14,10 @@ import torch
 
 from lightning_cls import inference
 from lightning_cls.errors import ConfigError, ExportError
-from lightning_cls.export import agreement_inputs, export
+from lightning_cls.export import agreement_inputs, export, validation_split
 from lightning_cls.export_format import INT8_ONNX_FILE, ONNX_FILE, read_export_metadata
 from lightning_cls.inference import (
+    MIN_SPEEDUP,
     VARIANTS,
     Hardware,
     InferenceSettings,
@@ -25,6 +27,15 @@ from lightning_cls.inference import (
     measure_agreement,
     pad_batch,
     plan_batches,
+    task_scores,
+)
+from lightning_cls.onnx_optimize import (
+    INT8_MAX_PROB_DIFF,
+    OPTIMIZED_MAX_PROB_DIFF,
+    OPTIMIZED_ONNX_FILE,
+    int8_sensitivity,
+    quantizable_nodes,
+    quantize_int8,
 )
 from lightning_cls.sample_data import generate_texts
 from lightning_cls.tokenization import load_tokenizer
@@ -61,12 +72,71 @@ def token_ids(folder, rows: int = 24, seed: int = 5) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------ the precision gate
+def entry(f1: float | None = None, agreement: float = 1.0, speed: float = 100.0, device: str = "cpu") -> dict:
+    """One variant's record as export writes it (macro-F1 only when the texts had labels)."""
+    out = {"agreement": agreement, "max_prob_diff": 0.01, "texts": 2000, "texts_per_s": speed, "device": device}
+    return {**out, "source": "x"} | ({"macro_f1": f1, "accuracy": f1} if f1 is not None else {})
+
+
 def record(agreement: float, variant: str = "bf16") -> dict:
-    return {variant: {"agreement": agreement, "max_prob_diff": 0.01, "texts": 512, "device": "cpu", "source": "x"}}
+    """An export that recorded label agreement only (no labels): what the agreement gate reads."""
+    return {"fp32": entry(), variant: entry(agreement=agreement, speed=300.0)}
+
+
+def onnx_folder(tmp_path):
+    for name in (ONNX_FILE, INT8_ONNX_FILE):
+        (tmp_path / name).touch()  # `auto` only checks that the files are there
+    return tmp_path
+
+
+def test_the_accuracy_gate_takes_the_fastest_variant_that_keeps_macro_f1(tmp_path):
+    folder = onnx_folder(tmp_path)
+    measured = {
+        "fp32": entry(0.850, speed=100),
+        "bf16": entry(0.846, agreement=0.97, speed=250),  # -0.4 point, 3% of labels changed
+        "onnx_fp32": entry(0.850, speed=130),
+        "onnx_int8": entry(0.838, agreement=0.96, speed=400),  # the fastest, but -1.2 points
+    }
+    auto = InferenceSettings(backend="auto")
+    choice = choose(auto, FAST_CPU, measured, folder)
+    assert choice.variant == "bf16" and choice.verdicts["bf16"].startswith("taken")
+    assert "refused" in choice.verdicts["onnx_int8"] and "-1.20 points" in choice.verdicts["onnx_int8"]
+    assert "macro-F1 0.8460 vs fp32's 0.8500" in choice.reason and "bf16 250.0 texts/s" in choice.reason
+    assert set(choice.verdicts) == {"fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8"}  # /info shows each
+    # A looser tolerance takes int8; a tighter one refuses bf16 too (then the fastest fp32 graph).
+    assert choose(dataclasses.replace(auto, max_f1_drop=0.02), FAST_CPU, measured, folder).variant == "onnx_int8"
+    strict = choose(dataclasses.replace(auto, max_f1_drop=0.001), FAST_CPU, measured, folder)
+    assert strict.variant == "onnx_fp32" and "refused" in strict.verdicts["bf16"]
+    # The old gate, by labels alone: bf16's 97% and int8's 96% are under 99.5%.
+    assert choose(dataclasses.replace(auto, gate="agreement"), FAST_CPU, measured, folder).variant == "onnx_fp32"
+    # Without bf16 hardware, and on one backend at a time.
+    assert choose(auto, SLOW_CPU, measured, folder).variant == "onnx_fp32"
+    assert choose(InferenceSettings(), FAST_CPU, measured, folder).variant == "bf16"
+    assert choose(InferenceSettings(backend="onnx"), FAST_CPU, measured, folder).variant == "onnx_fp32"
+    loose = InferenceSettings(backend="onnx", max_f1_drop=0.02)
+    assert choose(loose, FAST_CPU, measured, folder).variant == "onnx_int8"
+    # A variant that gains accuracy passes whatever the tolerance.
+    better = {**measured, "onnx_int8": entry(0.853, agreement=0.96, speed=400)}
+    assert choose(dataclasses.replace(auto, max_f1_drop=0.0), FAST_CPU, better, folder).variant == "onnx_int8"
+
+
+def test_the_gate_refuses_what_it_cannot_judge_and_what_is_not_clearly_faster(tmp_path):
+    folder = onnx_folder(tmp_path)
+    # No labels at export (--agreement_data): no macro-F1, so the accuracy gate refuses and names the other gate.
+    unscored = choose(InferenceSettings(), FAST_CPU, record(1.0), folder)
+    assert unscored.precision == "fp32" and "--gate agreement" in unscored.verdicts["bf16"]
+    # A variant must be recorded at least MIN_SPEEDUP times fp32's speed.
+    close = {"fp32": entry(0.85, speed=100), "bf16": entry(0.85, speed=100 * MIN_SPEEDUP * 0.95)}
+    choice = choose(InferenceSettings(), FAST_CPU, close, folder)
+    assert choice.precision == "fp32" and f"less than {MIN_SPEEDUP}x" in choice.reason
+    # Speeds recorded on another kind of device do not count: the usual order, bf16 before fp32.
+    elsewhere = {"fp32": entry(0.85, device="cuda"), "bf16": entry(0.85, device="cuda")}
+    assert choose(InferenceSettings(), FAST_CPU, elsewhere, folder).precision == "bf16"
+    assert "records no measurements" in choose(InferenceSettings(), FAST_CPU, None, folder).reason
 
 
 def test_auto_is_fp32_unless_the_hardware_runs_bf16_well_and_its_agreement_clears_the_gate(tmp_path):
-    auto = InferenceSettings()
+    auto = InferenceSettings(gate="agreement")
     assert choose(auto, FAST_CPU, record(0.999), tmp_path).precision == "bf16"
     # The hardware runs bf16 well, but its labels agree too little: fp32, saying why.
     low = choose(auto, FAST_CPU, record(0.99), tmp_path)
@@ -76,17 +146,20 @@ def test_auto_is_fp32_unless_the_hardware_runs_bf16_well_and_its_agreement_clear
     slow = choose(auto, SLOW_CPU, record(1.0), tmp_path)
     assert slow.precision == "fp32" and "does not run faster" in slow.reason
     # Never measured (an older export) or skipped at export: fp32, and the reason is passed on.
-    assert "records no agreement" in choose(auto, FAST_CPU, None, tmp_path).reason
-    skipped = {"bf16": {"skipped": "about 200 s for 512 texts", "device": "cpu"}}
+    assert "records no measurements" in choose(auto, FAST_CPU, None, tmp_path).reason
+    skipped = {"fp32": entry(), "bf16": {"skipped": "about 200 s for 512 texts", "device": "cpu"}}
     assert "about 200 s" in choose(auto, FAST_CPU, skipped, tmp_path).reason
     assert choose(auto, FAST_CPU, {"fp16": record(1.0)["bf16"]}, tmp_path).precision == "fp32"
 
 
 def test_an_asked_precision_is_used_with_warnings(tmp_path):
-    choice = choose(InferenceSettings(precision="bf16"), SLOW_CPU, record(0.9), tmp_path)
+    choice = choose(InferenceSettings(precision="bf16", gate="agreement"), SLOW_CPU, record(0.9), tmp_path)
     assert choice.precision == "bf16" and choice.reason == "asked for"
     assert any("below --agreement_gate" in w for w in choice.warnings)
     assert any("slower than fp32" in w for w in choice.warnings)
+    lossy = {"fp32": entry(0.85), "bf16": entry(0.83)}
+    choice = choose(InferenceSettings(precision="bf16"), FAST_CPU, lossy, tmp_path)
+    assert choice.precision == "bf16" and any("fails the gate" in w and "-2.00 points" in w for w in choice.warnings)
     assert choose(InferenceSettings(precision="fp32"), SLOW_CPU, None, tmp_path).warnings == ()
 
 
@@ -105,7 +178,7 @@ def test_runner_auto_follows_the_gate_and_the_hardware(onnx_export, monkeypatch)
     fp32 = Runner(onnx_export, InferenceSettings(precision="fp32")).logits(ids)
 
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2"}))
-    good = dataclasses.replace(meta, inference=record(1.0))
+    good = dataclasses.replace(meta, inference={"fp32": entry(0.8), "bf16": entry(0.8, speed=300)})
     assert Runner(onnx_export, metadata=good).precision == "fp32"  # no bf16 hardware
 
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
@@ -114,7 +187,7 @@ def test_runner_auto_follows_the_gate_and_the_hardware(onnx_export, monkeypatch)
     bf16 = runner.logits(ids)
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     assert (bf16.softmax(-1) - fp32.softmax(-1)).abs().max() < 0.05  # bf16, but the same model
-    below = dataclasses.replace(meta, inference=record(0.9))
+    below = dataclasses.replace(meta, inference={"fp32": entry(0.8), "bf16": entry(0.7, speed=300)})
     assert Runner(onnx_export, metadata=below).precision == "fp32"
 
 
@@ -191,7 +264,61 @@ def test_onnx_backends_agree_with_pytorch(onnx_export):
     torch.testing.assert_close(onnx.logits(ids), torch_logits, atol=1e-4, rtol=1e-4)
     int8 = Runner(onnx_export, InferenceSettings(backend="onnx", precision="int8")).logits(ids)
     assert int8.shape == torch_logits.shape and torch.isfinite(int8).all()
-    assert (int8.softmax(-1) - torch_logits.softmax(-1)).abs().max() < 0.2  # quantized, not another model
+    assert (int8.softmax(-1) - torch_logits.softmax(-1)).abs().max() < INT8_MAX_PROB_DIFF  # quantized, same model
+
+
+def test_the_optimized_graph_is_fused_and_answers_as_pytorch_and_int8_is_made_from_it(onnx_export):
+    import onnx
+
+    recorded = read_export_metadata(onnx_export).extra["onnx"]
+    # The tiny DistilBERT has 2 layers: both attentions fused, LayerNorm + residual and bias + GELU too.
+    fused = recorded["optimized"]["fused"]
+    assert fused["Attention"] == 2 and fused["SkipLayerNormalization"] == 4 and fused["BiasGelu"] == 2
+    assert recorded["optimized"]["max_prob_diff"] < OPTIMIZED_MAX_PROB_DIFF
+    ops = {node.op_type for node in onnx.load(str(onnx_export / OPTIMIZED_ONNX_FILE)).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops and "Softmax" not in ops
+    # ONNX fp32 runs the optimized graph, padded batches of many lengths included: PyTorch's answers.
+    ids = token_ids(onnx_export, rows=30)
+    expected = Runner(onnx_export, InferenceSettings(precision="fp32")).logits(ids).softmax(-1)
+    runner = Runner(onnx_export, InferenceSettings(backend="onnx", precision="fp32"))
+    assert runner.onnx_file == OPTIMIZED_ONNX_FILE and OPTIMIZED_ONNX_FILE in runner.describe()
+    assert (runner.logits(ids).softmax(-1) - expected).abs().max() < 1e-4
+    # int8 was quantized from the optimized graph: the fused attention in int8 (QAttention).
+    assert recorded["int8"] == {"from": OPTIMIZED_ONNX_FILE, "per_channel": True, "dynamic": True, "kept_fp32": []}
+    int8_ops = {node.op_type for node in onnx.load(str(onnx_export / INT8_ONNX_FILE)).graph.node}
+    assert "QAttention" in int8_ops
+    int8 = Runner(onnx_export, InferenceSettings(backend="onnx", precision="int8")).logits(ids).softmax(-1)
+    assert (int8 - expected).abs().max() < INT8_MAX_PROB_DIFF
+
+
+def test_int8_sensitivity_names_each_node_and_excluded_nodes_stay_fp32(onnx_export, tmp_path):
+    import onnx
+
+    graph = onnx_export / OPTIMIZED_ONNX_FILE
+    nodes = quantizable_nodes(graph)
+    kinds = {node.name: node.op_type for node in onnx.load(str(graph)).graph.node}
+    # Per layer the attention and three matrix products, and the embeddings (the head's Gemm layers stay fp32).
+    counts = Counter(kinds[n] for n in nodes)
+    assert (
+        counts["Attention"] == 2
+        and counts["MatMul"] == 6
+        and set(counts) <= {"Attention", "MatMul", "Gather", "EmbedLayerNormalization"}
+    )
+    ids = token_ids(onnx_export, rows=8)
+    feeds = [{"input_ids": np.array([row[:10] for row in ids]), "attention_mask": np.ones((8, 10), dtype=np.int64)}]
+    cost = int8_sensitivity(graph, feeds, nodes[:2])
+    assert set(cost) == {"", *nodes[:2]} and all(v >= 0 for v in cost.values())
+    attention = next(n for n in nodes if kinds[n] == "Attention")
+    quantize_int8(graph, tmp_path / "int8.onnx", exclude=[attention])
+    kept = {node.name: node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert kept[attention] == "Attention" and "QAttention" in kept.values()  # the other attention is int8
+
+
+def test_task_scores_are_accuracy_and_macro_f1():
+    scores = task_scores([0, 0, 1, 2], [0, 1, 1, 2])
+    assert scores["accuracy"] == 0.75
+    assert scores["macro_f1"] == pytest.approx(np.mean([2 / 3, 2 / 3, 1.0]))  # classes 0, 1, 2
+    assert task_scores([3], [3]) == {"accuracy": 1.0, "macro_f1": 1.0}  # only classes that occur are averaged
 
 
 def test_the_service_on_the_onnx_backend_answers_as_on_pytorch(onnx_export):
@@ -224,7 +351,7 @@ def test_the_service_on_the_onnx_backend_answers_as_on_pytorch(onnx_export):
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-4)
 
 
-def test_export_records_the_agreement_of_each_way_of_running_the_model(onnx_export):
+def test_export_records_each_variants_scores_on_the_validation_split(onnx_export, trained):
     assert (onnx_export / ONNX_FILE).is_file() and (onnx_export / INT8_ONNX_FILE).is_file()
     records = json.loads((onnx_export / "lightning_cls.json").read_text())["inference"]
     assert list(records) == list(VARIANTS)  # fp32, bf16, fp16, onnx_fp32, onnx_int8
@@ -232,16 +359,42 @@ def test_export_records_the_agreement_of_each_way_of_running_the_model(onnx_expo
         assert entry["device"] == "cpu" and entry["source"].startswith("validation split of ")
         assert "skipped" not in entry, (name, entry)  # a tiny model: every precision is quick to measure
         assert entry["texts"] == 20 and 0 <= entry["agreement"] <= 1 and entry["texts_per_s"] > 0
-        assert 0 <= entry["max_prob_diff"] <= 1
+        assert 0 <= entry["max_prob_diff"] <= 1 and entry["fused"] is False
+        assert 0 <= entry["macro_f1"] <= 1 and 0 <= entry["accuracy"] <= 1
+        assert entry["changed"] == round((1 - entry["agreement"]) * 20) >= entry["now_right"] + entry["now_wrong"]
     assert records["fp32"]["agreement"] == 1.0 and records["onnx_fp32"]["max_prob_diff"] < 1e-4
-    # `auto` with the ONNX backend: int8 exactly when its recorded agreement clears the gate.
-    int8 = records["onnx_int8"]["agreement"]
-    for gate in (0.5, 0.999999):
-        runner = Runner(onnx_export, InferenceSettings(backend="onnx", agreement_gate=gate))
-        assert runner.precision == ("int8" if int8 >= gate else "fp32"), runner.describe()
+    assert records["onnx_fp32"]["graph"] == OPTIMIZED_ONNX_FILE
+    # The scores are fp32's answers against the true labels of the same 20 validation texts.
+    checkpoint = torch.load(trained("distilbert") / "ckpt" / "last.ckpt", weights_only=True)
+    texts, names, _ = validation_split(checkpoint, 20)
+    labels = read_export_metadata(onnx_export).labels
+    runner = Runner(onnx_export, InferenceSettings(precision="fp32"))
+    ids = runner.tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+    expected = task_scores(runner.logits(ids).argmax(-1).numpy(), [labels.index(n) for n in names])
+    assert records["fp32"]["macro_f1"] == pytest.approx(expected["macro_f1"], abs=1e-6)
+    assert records["fp32"]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
 
 
-def test_slow_precisions_are_skipped_with_the_reason_recorded(onnx_export):
+def test_a_fused_export_is_scored_on_its_fused_answers(trained, tmp_path):
+    from lightning_cls.fusion import FolderFusion
+
+    run = trained("distilbert", "--model.lexical=true", "--model.lexical_max_features=2000")
+    out = tmp_path / "fused"
+    export(str(run / "ckpt" / "last.ckpt"), str(out), agreement_texts=20)
+    meta = read_export_metadata(out)
+    records = meta.inference
+    assert records["fp32"]["fused"] is True
+    checkpoint = torch.load(run / "ckpt" / "last.ckpt", weights_only=True)
+    texts, names, _ = validation_split(checkpoint, 20)
+    runner = Runner(out, InferenceSettings(precision="fp32"))
+    network = runner.logits(runner.tokenizer(texts, truncation=True, max_length=64)["input_ids"])
+    fused = FolderFusion.from_folder(out, meta).fused(network, texts)
+    truth = [meta.labels.index(n) for n in names]
+    assert records["fp32"]["macro_f1"] == pytest.approx(task_scores(fused.argmax(-1).numpy(), truth)["macro_f1"])
+
+
+def test_slow_precisions_are_skipped_with_the_reason_recorded(onnx_export, monkeypatch):
+    monkeypatch.setattr(inference, "SKIP_FACTOR", 0.0)  # anything slower than nothing
     texts, _ = generate_texts(rows_per_label=1, seed=2)
     records = measure_agreement(onnx_export, texts, "generated", seconds=0, variants=["fp32", "bf16", "onnx_int8"])
     assert records["fp32"]["agreement"] == 1.0 and records["fp32"]["texts"] == len(texts)
@@ -253,18 +406,20 @@ def test_slow_precisions_are_skipped_with_the_reason_recorded(onnx_export):
 
 def test_agreement_texts_come_from_the_validation_split_else_a_given_file(trained, tmp_path):
     checkpoint = torch.load(trained("distilbert") / "ckpt" / "last.ckpt", weights_only=True)
-    texts, source = agreement_inputs(checkpoint, None, 10)
+    texts, names, source = agreement_inputs(checkpoint, None, 10)
     assert len(texts) == 10 and source.startswith("validation split of ") and "(10 of its" in source
+    assert len(names) == 10 and set(names) <= set(checkpoint["hyper_parameters"]["label_names"])
 
     moved = {**checkpoint, "datamodule_hyper_parameters": {**checkpoint["datamodule_hyper_parameters"]}}
     moved["datamodule_hyper_parameters"]["path"] = str(tmp_path / "gone.csv")
-    texts, reason = agreement_inputs(moved, None, 10)
-    assert texts == [] and "gone.csv does not exist" in reason and "--agreement_data" in reason
+    texts, names, reason = agreement_inputs(moved, None, 10)
+    assert texts == [] and names is None and "gone.csv does not exist" in reason and "--agreement_data" in reason
 
     given = tmp_path / "texts.txt"
     given.write_text("first text\nsecond text\nthird text\n")
-    texts, source = agreement_inputs(moved, str(given), 2)
-    assert len(texts) == 2 and set(texts) <= {"first text", "second text", "third text"} and "texts.txt" in source
+    texts, names, source = agreement_inputs(moved, str(given), 2)
+    assert names is None and len(texts) == 2 and "texts.txt" in source
+    assert set(texts) <= {"first text", "second text", "third text"}
 
 
 # ------------------------------------------------------------------------------------------------ errors

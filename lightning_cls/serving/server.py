@@ -31,8 +31,10 @@ from lightning_cls.export_format import ExportMetadata, read_export_metadata
 from lightning_cls.inference import (
     DEFAULT_AGREEMENT_GATE,
     DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_F1_DROP,
     DEFAULT_MAX_PADDING,
     Backend,
+    Gate,
     InferenceSettings,
     Precision,
     choose,
@@ -77,16 +79,19 @@ class ServeSettings:
         max_texts: Most texts one request may carry in "texts"; more is a 422.
         max_body_bytes: Largest request body accepted; larger is a 413.
         top_k: Labels listed per text unless the request says "top_k".
-        precision: auto (the fastest precision this hardware runs well whose agreement with fp32, recorded at
-            export, is at least `agreement_gate`; else fp32), fp32, bf16, fp16 (torch backend) or int8 (onnx
+        precision: auto (the fastest variant this hardware runs well that passes --gate, by the measurements
+            recorded at export on the validation split; else fp32), fp32, bf16, fp16 (torch backend) or int8 (onnx
             backend: model.int8.onnx, from `export --format onnx --quantize int8`). /info says what runs and why.
-        backend: torch (the folder's safetensors weights) or onnx (ONNX Runtime on model.onnx, from
-            `export --format onnx`).
+        backend: torch (the folder's safetensors weights), onnx (ONNX Runtime on model.opt.onnx or model.onnx,
+            from `export --format onnx`) or auto (with --precision auto: the fastest variant of either).
         max_batch_tokens: Most tokens per forward pass, padding included (rows x padded length); sequences (texts,
             or windows of long texts) run longest first, and on a CPU a pass carries at most 24 padding tokens (a
             burst of short queries and long abstracts runs as two passes). Default: 4096 on a CPU, 32768 on a GPU.
         agreement_gate: Least share of labels identical to fp32's (measured at export) for `auto` to use a lower
-            precision.
+            precision, with --gate agreement.
+        gate: What `auto` judges a faster variant by: macro_f1 (validation macro-F1 recorded at export at most
+            --max_f1_drop below fp32's) or agreement (--agreement_gate). /info shows each variant's verdict.
+        max_f1_drop: With --gate macro_f1: most validation macro-F1 a faster variant may lose (0.005: half a point).
         max_windows: A text longer than the model's window is read as up to this many overlapping windows, and
             answered with their mean logits (1: truncated at the window; default: as the model was trained, from
             the export, else 1). Each answer says how many windows were read and whether the cap cut the text.
@@ -136,6 +141,8 @@ class ServeSettings:
     backend: Backend = "torch"
     max_batch_tokens: int | None = None
     agreement_gate: float = DEFAULT_AGREEMENT_GATE
+    gate: Gate = "macro_f1"
+    max_f1_drop: float = DEFAULT_MAX_F1_DROP
     max_windows: int | None = None
     window_stride: int | None = None
     window_size: int = 1000
@@ -332,7 +339,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     finally:
         db.close()
     num_threads = s.num_threads or default_threads(s.workers_per_device)
-    inference = InferenceSettings(s.precision, s.backend, s.max_batch_tokens, s.agreement_gate)
+    inference = InferenceSettings(s.precision, s.backend, s.max_batch_tokens, s.agreement_gate, s.gate, s.max_f1_drop)
     inference.check(s.model_dir, max_length)  # one line naming every bad flag, before any worker starts
     device = "cuda" if s.accelerator == "cuda" or (s.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     choice = choose(inference, detect_hardware(device), meta.inference, s.model_dir)
@@ -425,6 +432,8 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             "reason": choice.reason,
             "max_batch_tokens": batching["max_batch_tokens"],
             "agreement_gate": s.agreement_gate,
+            "gate": inference.describe_gate(),
+            "variants": choice.verdicts,  # auto: each variant's verdict by the export's measurements
         },
         "api_key": {"required_for": protected} if key else None,
     }
