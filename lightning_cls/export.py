@@ -89,10 +89,10 @@ def _sample(count: int, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(count)[:limit])
 
 
-def validation_split(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], list[str], str]:
-    """Up to `limit` texts of the validation split the checkpoint was trained beside (a seeded sample) and their
-    label names, rebuilt from the data settings it records, and a phrase saying where they are from. Raises when the
-    data cannot be read."""
+def split_sample(checkpoint: dict[str, Any], split: str, limit: int) -> tuple[list[str], list[str], str]:
+    """Up to `limit` texts of a split (train / val / test) of the data the checkpoint was trained on (a seeded
+    sample) and their label names, rebuilt from the data settings it records, and a phrase saying where they are
+    from. Raises when the data cannot be read."""
     from lightning_cls.data import ScientificTextDataModule
 
     saved = checkpoint.get("datamodule_hyper_parameters")
@@ -101,13 +101,19 @@ def validation_split(checkpoint: dict[str, Any], limit: int) -> tuple[list[str],
     known = inspect.signature(ScientificTextDataModule.__init__).parameters
     data = ScientificTextDataModule(**{k: v for k, v in saved.items() if k in known and k != "self"})
     plan, source = data.plan(), data.source
-    rows = plan.rows["val"]
+    rows = plan.rows[split]
+    name = {"val": "validation"}.get(split, split)
     if not len(rows):
-        raise DataError(f"the validation split of {source} is empty")
+        raise DataError(f"the {name} split of {source} is empty")
     picked = rows[_sample(len(rows), limit)]
     texts = plan.table["text"].to_numpy()[picked].tolist()
     labels = [plan.names[i] for i in plan.label_ids[picked]]
-    return texts, labels, f"validation split of {source} ({len(picked)} of its {len(rows)} texts)"
+    return texts, labels, f"{name} split of {source} ({len(picked)} of its {len(rows)} texts)"
+
+
+def validation_split(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], list[str], str]:
+    """`split_sample` of the validation split: what each variant is measured on at export."""
+    return split_sample(checkpoint, "val", limit)
 
 
 def validation_texts(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], str]:

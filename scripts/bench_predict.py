@@ -1,15 +1,20 @@
 """Prediction speed of an exported model: `transformers.pipeline(batch_size=32)` in fp32 (the baseline) against
-`lightning_cls.inference.Runner` (what `serve` runs) at fp32, bf16 (where the CPU runs it well), ONNX fp32 and ONNX
-int8, on the same texts, in one process, with each side's labels compared with fp32's.
+`lightning_cls.inference.Runner` (what `serve` runs) at fp32, bf16 (where the CPU runs it well), ONNX fp32 (the plain
+graph and ONNX Runtime's optimized one), ONNX int8 and `auto` (what `serve --backend auto` takes, by the folder's
+recorded gate), on the same texts, in one process, with each side's labels compared with fp32's and, with
+`--split test`, its macro-F1 on the test split's true labels in the same table.
 
     python scripts/bench_predict.py                                   # a small generated model and texts (smoke)
     python scripts/bench_predict.py --model_dir runs/export/pooling_mean_400 \\
         --data ../shared/data/arxiv/scientific_text.csv --rows 512
+    # the test split of the data the export's checkpoint was trained on, with its labels
+    python scripts/bench_predict.py --model_dir runs/export/minilm_mean_full_len256 --split test --rows 1000
 
 Each side classifies the same texts from their strings (tokenizing included, loading excluded), in rounds: every
 round runs every side once, in turn, so that the load of a shared machine falls on all of them alike; texts/s is the
-median over the rounds. A folder without model.onnx gets one (and model.int8.onnx) in a temporary copy, made as
-`export --format onnx --quantize int8` makes them. Texts are truncated at the export's max_length on every side.
+median over the rounds. A folder without model.onnx, model.opt.onnx or model.int8.onnx gets them in a temporary copy,
+made as `export --format onnx --quantize int8` makes them. Texts are truncated at the export's max_length on every
+side. A folder with a lexical expert is scored on its fused answers (the pipeline gives the network's alone).
 
 With --ckpt_path and --config it also times `lightning_cls predict` (Lightning, `--trainer.precision` 32-true and
 bf16-mixed) against the pipeline end to end, each a fresh process (start-up, loading and writing included).
@@ -43,7 +48,8 @@ from lightning_cls.export_format import (
     read_export_metadata,
     write_export_metadata,
 )
-from lightning_cls.inference import InferenceSettings, Runner, compare, cpu_flags, detect_hardware
+from lightning_cls.inference import InferenceSettings, Runner, compare, cpu_flags, detect_hardware, task_scores
+from lightning_cls.onnx_optimize import OPTIMIZED_ONNX_FILE
 
 SMALL_CONFIG = {"model_type": "distilbert", "n_layers": 2, "n_heads": 4, "dim": 128, "hidden_dim": 512}
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16")
@@ -78,22 +84,51 @@ def read_texts(path: str, rows: int, column: str) -> list[str]:
 
 
 def with_onnx(model_dir: Path, scratch: Path) -> Path:
-    """`model_dir` itself if it has model.onnx and model.int8.onnx, else a copy with them, made as `export` does."""
-    if (model_dir / ONNX_FILE).is_file() and (model_dir / INT8_ONNX_FILE).is_file():
+    """`model_dir` itself if it has model.onnx, model.opt.onnx and model.int8.onnx, else a copy with them, made as
+    `export --format onnx --quantize int8` makes them (int8 from the optimized graph)."""
+    files = (ONNX_FILE, OPTIMIZED_ONNX_FILE, INT8_ONNX_FILE)
+    if all((model_dir / name).is_file() for name in files):
         return model_dir
     from lightning_cls.export import export_onnx, quantize_int8
     from lightning_cls.model import max_positions
+    from lightning_cls.onnx_optimize import optimized_onnx
     from lightning_cls.tokenization import load_tokenizer
 
     copy = scratch / "with_onnx"
     shutil.copytree(model_dir, copy)
+    model = load_classifier(copy, dtype=torch.float32).eval()
+    pad = load_tokenizer(str(copy)).pad_token_id
     if not (copy / ONNX_FILE).is_file():
-        model = load_classifier(copy, dtype=torch.float32).eval()
         limit = max_positions(model) or read_export_metadata(copy).max_length
-        export_onnx(model, copy / ONNX_FILE, limit, load_tokenizer(str(copy)).pad_token_id)
+        export_onnx(model, copy / ONNX_FILE, limit, pad)
+    if not (copy / OPTIMIZED_ONNX_FILE).is_file():
+        optimized_onnx(model, copy / OPTIMIZED_ONNX_FILE, pad)
     if not (copy / INT8_ONNX_FILE).is_file():
-        quantize_int8(copy / ONNX_FILE, copy / INT8_ONNX_FILE)
+        quantize_int8(copy / OPTIMIZED_ONNX_FILE, copy / INT8_ONNX_FILE)
     return copy
+
+
+def without_optimized_graph(model_dir: Path, scratch: Path) -> Path:
+    """A folder of links to `model_dir`'s files but model.opt.onnx: where ONNX fp32 runs the plain graph."""
+    plain = scratch / "plain_graph"
+    plain.mkdir()
+    for file in model_dir.iterdir():
+        if file.name != OPTIMIZED_ONNX_FILE:
+            (plain / file.name).symlink_to(file.resolve())
+    return plain
+
+
+def test_split(model_dir: Path, rows: int) -> tuple[list[str], list[int], str]:
+    """Up to `rows` texts of the test split (and their class ids) of the data the export's checkpoint was trained
+    on, rebuilt from the checkpoint's data settings."""
+    from lightning_cls.checkpoints import load_checkpoint
+    from lightning_cls.export import split_sample
+
+    meta = read_export_metadata(model_dir)
+    if not meta.checkpoint or not Path(meta.checkpoint).is_file():
+        raise SystemExit(f"--split test needs the export's checkpoint ({meta.checkpoint}), which is not at hand.")
+    texts, names, source = split_sample(load_checkpoint(meta.checkpoint, mmap=True), "test", rows)
+    return texts, [meta.labels.index(n) for n in names], source
 
 
 # ------------------------------------------------------------------------------------------------ the sides
@@ -116,17 +151,22 @@ class PipelineSide:
 
 
 class RunnerSide:
-    """lightning_cls.inference.Runner: tokenize (truncated at max_length), then `logits`."""
+    """lightning_cls.inference.Runner: tokenize (truncated at max_length), then `logits` (fused with the folder's
+    lexical expert, when it has one, as `serve` answers)."""
 
     def __init__(self, model_dir: Path, settings: InferenceSettings) -> None:
+        from lightning_cls.fusion import FolderFusion
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an explicitly asked precision that is slow here, or unmeasured
             self.runner = Runner(model_dir, settings)
         self.max_length = int(self.runner.metadata.max_length)
+        self.fusion = FolderFusion.from_folder(model_dir, self.runner.metadata)
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         ids = self.runner.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return self.runner.logits(ids)
+        logits = self.runner.logits(ids)
+        return logits if self.fusion is None else self.fusion.fused(logits, texts)
 
     def labels(self, texts: list[str]) -> list[int]:
         return self.logits(texts).argmax(-1).tolist()
@@ -134,24 +174,33 @@ class RunnerSide:
 
 # ------------------------------------------------------------------------------------------------ the run
 def benchmark(args: argparse.Namespace, scratch: Path) -> None:
-    if args.model_dir:
+    truth, source = None, None
+    if args.model_dir and args.split == "test":
+        model_dir = Path(args.model_dir)
+        texts, truth, source = test_split(model_dir, args.rows)
+    elif args.model_dir:
         model_dir = Path(args.model_dir)
         if not args.data:
-            raise SystemExit("--model_dir needs --data (a CSV with a text column) for its texts.")
+            raise SystemExit("--model_dir needs --data (a CSV with a text column) or --split test for its texts.")
         texts = read_texts(args.data, args.rows, args.text_column)
     else:
         model_dir, texts = small_export(scratch)
         texts = (texts * (args.rows // len(texts) + 1))[: args.rows]
     model_dir = with_onnx(model_dir, scratch)
+    plain_dir = without_optimized_graph(model_dir, scratch)
     meta = read_export_metadata(model_dir)
     hardware = detect_hardware("cpu")
 
+    budget = args.max_batch_tokens
     settings = {
-        "Runner torch fp32": InferenceSettings(precision="fp32", max_batch_tokens=args.max_batch_tokens),
-        "Runner torch bf16": InferenceSettings(precision="bf16", max_batch_tokens=args.max_batch_tokens),
-        "Runner onnx fp32": InferenceSettings("fp32", "onnx", args.max_batch_tokens),
-        "Runner onnx int8": InferenceSettings("int8", "onnx", args.max_batch_tokens),
+        "Runner torch fp32": (model_dir, InferenceSettings(precision="fp32", max_batch_tokens=budget)),
+        "Runner torch bf16": (model_dir, InferenceSettings(precision="bf16", max_batch_tokens=budget)),
+        "Runner onnx fp32 (plain graph)": (plain_dir, InferenceSettings("fp32", "onnx", budget)),
+        "Runner onnx fp32 (optimized graph)": (model_dir, InferenceSettings("fp32", "onnx", budget)),
+        "Runner onnx int8": (model_dir, InferenceSettings("int8", "onnx", budget)),
     }
+    for extra in args.student or []:  # another export (a distilled student), run by its own `auto`
+        settings[f"student {Path(extra).name} (auto)"] = (Path(extra), InferenceSettings(backend="auto"))
     skipped = {}
     if args.bf16 == "off" or (args.bf16 == "auto" and not hardware.bf16):
         skipped["Runner torch bf16"] = (
@@ -164,8 +213,19 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
     sides: dict[str, PipelineSide | RunnerSide] = {
         baseline: PipelineSide(model_dir, args.batch_size, int(meta.max_length))
     }
-    for name, s in settings.items():
-        sides[name] = RunnerSide(model_dir, s)
+    for name, (folder, s) in settings.items():
+        sides[name] = RunnerSide(folder, s)
+    auto = RunnerSide(model_dir, InferenceSettings(backend="auto", max_batch_tokens=budget))
+    picked = next(
+        (
+            n
+            for n, side in sides.items()
+            if isinstance(side, RunnerSide)
+            and side.runner.choice.variant == auto.runner.choice.variant
+            and side.runner.model_dir == model_dir
+        ),
+        None,
+    )
     fp32 = sides["Runner torch fp32"]
     tokenizer = fp32.runner.tokenizer
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=int(meta.max_length))["input_ids"]]
@@ -175,6 +235,10 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
     flags = cpu_flags()
     print(f"cpu flags: {', '.join(f for f in RELEVANT_FLAGS if f in flags) or 'none of note'}; {hardware.note}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
+    print(f"texts: {source or args.data or 'generated'}")
+    print(
+        f"auto (serve --backend auto): {auto.runner.choice.variant} = the row '{picked}'; {auto.runner.choice.reason}"
+    )
     print(
         f"model: {meta.model_name_or_path} ({model_dir}), max_length {meta.max_length}; {len(texts)} texts, tokens "
         f"per text min {min(lengths)} / median {statistics.median(lengths):.0f} / max {max(lengths)}; "
@@ -195,6 +259,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
     for name, side in sides.items():
         if isinstance(side, RunnerSide):
             probs_diff[name] = compare(reference_logits, side.logits(texts))[1]
+    scores = {name: task_scores(labels[name], truth) for name in sides} if truth is not None else {}
 
     base_rate = len(texts) / statistics.median(seconds[baseline])
     rows = []
@@ -210,8 +275,13 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
                 / len(texts),
                 "diff": f"{probs_diff[name]:.1e}" if name in probs_diff else "-",
                 "gflops": flops_per_token * sum(lengths) * rate / len(texts) / 1e9,
+                "f1": f"{scores[name]['macro_f1']:.4f}" if scores else "-",
+                "delta": f"{(scores[name]['macro_f1'] - scores['Runner torch fp32']['macro_f1']) * 100:+.2f}"
+                if scores
+                else "-",
             }
         )
+        rows[-1]["auto"] = "<- auto" if name == picked else ""
     print()
     print_table(
         rows,
@@ -220,9 +290,12 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
             ("texts_per_s", "texts/s", ".1f"),
             ("spread", "over rounds", "s"),
             ("ratio", "vs pipeline", "s"),
+            ("f1", "test macro-F1", "s"),
+            ("delta", "vs fp32 (points)", "s"),
             ("agreement", "same label as fp32", ".2%"),
             ("diff", "max prob diff", "s"),
             ("gflops", "GFLOP/s", ".1f"),
+            ("auto", "", "s"),
         ],
     )
     for name, why in skipped.items():
@@ -237,6 +310,12 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
     )
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     ratios = ", ".join(f"{r['side'].removeprefix('Runner ')} {r['ratio']}" for r in rows[1:] if "ratio" in r)
+    if picked is not None:
+        row = next(r for r in rows if r["side"] == picked)
+        print(
+            f"auto ({auto.runner.choice.variant}): {row['ratio']} the pipeline, test macro-F1 {row['f1']} "
+            f"({row['delta']} points against torch fp32)"
+        )
     print(f"texts/s relative to transformers.pipeline fp32 (same run, same texts): {ratios}")
 
 
@@ -316,6 +395,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", help="an exported folder (default: a small generated model)")
     parser.add_argument("--data", help="CSV with a text column; its first --rows texts are classified")
+    parser.add_argument(
+        "--split",
+        choices=("test",),
+        help="classify a seeded sample of --rows texts of the test split of the export's training data (labels: "
+        "macro-F1 per side)",
+    )
+    parser.add_argument("--student", action="append", help="another export to run by its own auto (repeatable)")
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32, help="the pipeline's batch size")

@@ -12,7 +12,12 @@ Request loops are bounded in count (--requests) and in time (--max_seconds per l
         --serve fp32="--backend torch --precision fp32" --serve onnx_int8="--backend onnx --precision int8"
 
 Every answer's label is kept: each service configuration's labels are compared with the naive server's (fp32, one
-text per forward pass, so the reference) on the same texts, and the agreement is printed with the speed.
+text per forward pass, so the reference) on the same texts, and the agreement is printed with the speed. With
+`--split test` the requests are a seeded sample of the test split of the data the export's checkpoint was trained on,
+and each server's macro-F1 against their true labels is printed too:
+
+    python scripts/load_test.py --model_dir DIR --split test --serve auto="--backend auto" \
+        --serve int8="--backend onnx --precision int8"
 """
 
 from __future__ import annotations
@@ -186,6 +191,29 @@ def load_texts(path: str | None, n: int, seed: int) -> list[str]:
     return texts[:n]
 
 
+def test_split(model_dir: str, n: int) -> tuple[list[str], list[str]]:
+    """A seeded sample of `n` texts of the test split of the export's training data, and their label names."""
+    from lightning_cls.checkpoints import load_checkpoint
+    from lightning_cls.export import split_sample
+    from lightning_cls.export_format import read_export_metadata
+
+    meta = read_export_metadata(model_dir)
+    if not meta.checkpoint or not Path(meta.checkpoint).is_file():
+        raise SystemExit(f"--split test needs the export's checkpoint ({meta.checkpoint}), which is not at hand.")
+    texts, names, _ = split_sample(load_checkpoint(meta.checkpoint, mmap=True), "test", n)
+    return texts, names
+
+
+def answers_scores(runs: list[list[dict]], truth: list[str]) -> tuple[dict[str, float], int]:
+    """Accuracy and macro-F1 of every answer of every level and round against the texts' true labels."""
+    from lightning_cls.inference import task_scores
+
+    pairs = [(label, truth[i]) for levels in runs for level in levels for i, label in level["labels"].items()]
+    names = sorted({x for pair in pairs for x in pair})
+    ids = {name: k for k, name in enumerate(names)}
+    return task_scores([ids[a] for a, _ in pairs], [ids[b] for _, b in pairs]), len(pairs)
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -200,6 +228,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--texts", help="CSV with a text column to sample requests from (default: generated texts)")
+    parser.add_argument(
+        "--split", choices=("test",), help="requests from the test split of the export's data, scored by macro-F1"
+    )
     parser.add_argument(
         "--short_share", type=float, default=0.0, help="share of requests cut to 4-12 word queries: mixed traffic"
     )
@@ -224,7 +255,12 @@ def main() -> None:
     model_dir = str(fabricate_model(scratch) if args.fabricate else Path(args.model_dir).resolve())
     if not 0 <= args.short_share <= 1:
         parser.error(f"--short_share must be between 0 and 1, got {args.short_share}")
-    texts = mix_short(load_texts(args.texts, args.requests, seed=0), args.short_share, seed=0)
+    truth = None
+    if args.split:
+        texts, truth = test_split(model_dir, args.requests)
+    else:
+        texts = load_texts(args.texts, args.requests, seed=0)
+    texts = mix_short(texts, args.short_share, seed=0)
     threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
     serve_cmd = [sys.executable, "-m", "lightning_cls", "serve", "--model_dir", model_dir, "--log_level", "warning"]
     serve_cmd += ["--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout), *threads]
@@ -254,7 +290,8 @@ def main() -> None:
     words = np.array([len(t.split()) for t in texts])
     print(f"model: {model_dir}; {len(texts)} single-text requests per level and round, {args.rounds} rounds")
     print(
-        f"requests: {args.texts or 'generated texts'}; {args.short_share:.0%} cut to short queries; words per request: "
+        f"requests: {args.texts or (args.split and 'test split') or 'generated texts'}; {args.short_share:.0%} cut to "
+        "short queries; words per request: "
         f"median {np.median(words):.0f}, p10 {np.percentile(words, 10):.0f}, p90 {np.percentile(words, 90):.0f}"
     )
     print(
@@ -275,6 +312,13 @@ def main() -> None:
             )
     lost = sum(r["failed"] + r["unsent"] for rows in results.values() for r in rows)
     print(f"failed or unsent requests: {lost}")
+    if truth is not None:
+        for name in names:
+            scores, count = answers_scores(rounds[name], truth)
+            print(
+                f"{name}: macro-F1 {scores['macro_f1']:.4f}, accuracy {scores['accuracy']:.4f} against the true labels"
+                f" ({count} answers)"
+            )
     base = results["naive"]
     for name in names[1:]:
         share, compared = label_agreement(rounds[name], rounds["naive"])
