@@ -629,7 +629,7 @@ def measure_variants(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "not measured yet": that is what this does
             runner = Runner(folder, settings, device, tokenizer=tokenizer, metadata=meta)
-        run(runner, texts[:1])
+        run(runner, probe)  # once untimed: the first passes of each shape choose kernels (bf16: several times slower)
         _, probe_s = timed(runner, probe)
         estimate = probe_s / len(probe) * len(texts)
         allowed = max(seconds, SKIP_FACTOR * reference_s)
