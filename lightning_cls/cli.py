@@ -92,6 +92,7 @@ class ClassifierCLI(LightningCLI):
         # neither is typed twice, and both are saved in the checkpoint's hyperparameters.
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
+        parser.link_arguments("data.multi_label", "model.multi_label")
 
         # ModelCheckpoint that also writes last.ckpt every `every_n_train_steps` and on SIGTERM / Ctrl-C (resume.py).
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")

@@ -28,6 +28,14 @@ from lightning_cls.labels import (
     stratified_split,
     stratified_subsample,
 )
+from lightning_cls.multilabel import (
+    ARXIV_SUBJECTS,
+    arxiv_subject,
+    iterative_split,
+    label_counts,
+    multi_hot,
+    parse_label_sets,
+)
 from lightning_cls.predict_inputs import (
     iter_predict_ids,
     load_predict_inputs,
@@ -37,7 +45,7 @@ from lightning_cls.predict_inputs import (
 )
 from lightning_cls.resume import ResumableDataLoader
 from lightning_cls.samplers import LengthGroupedSampler, LengthSortedSampler, SeededShuffleSampler
-from lightning_cls.tables import HUB_DATASET, read_hub, read_table, read_text_chunks
+from lightning_cls.tables import HUB_DATASET, join_columns, read_hub, read_table, read_text_chunks
 from lightning_cls.token_cache import TokenizedSplit, cache_key, file_fingerprint
 from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
 from lightning_cls.windows import WindowedTexts, WindowSpec
@@ -103,6 +111,56 @@ def plan_splits(
     return SplitPlan(names, table, label_ids, rows, keep)
 
 
+def plan_multilabel_splits(
+    table: pd.DataFrame,
+    separator: str | None,
+    arxiv_subjects: bool,
+    labels: list[str] | None,
+    min_count: int | None,
+    max_samples: int | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    source: str,
+    label_column: str,
+    split_by: str | None = None,
+) -> SplitPlan:
+    """The multi-label twin of `plan_splits`: label sets parsed from the `label` column (`multilabel`), mapped to
+    arXiv subjects if asked, labels selected by name or count; rows left without a selected label are dropped; a
+    seeded random subsample; then split by time or by iterative stratification (rare labels in every split). The
+    plan's `label_ids` is the multi-hot matrix (rows, labels)."""
+    sets = parse_label_sets(table["label"].tolist(), separator, source, label_column)
+    if arxiv_subjects:
+        unknown = sorted({c for labels_ in sets for c in labels_ if c.split(".", 1)[0] not in ARXIV_SUBJECTS})
+        if unknown:
+            raise DataError(f"{source}: column {label_column!r} has categories of unknown archives: {unknown[:5]}.")
+        sets = [list(dict.fromkeys(arxiv_subject(c) for c in labels_)) for labels_ in sets]
+    counts = label_counts(sets)
+    names = select_labels(
+        [label for labels_ in sets for label in labels_],
+        names=None if min_count is not None else (labels or list(DEFAULT_LABELS)),
+        min_count=min_count,
+        source=source,
+    )
+    y = multi_hot(sets, names)
+    keep = y.any(1)
+    rank_zero_info(
+        f"{source}: kept {int(keep.sum())} rows with {len(names)} labels (label sets of {y[keep].sum(1).mean():.2f} "
+        f"labels on average); dropped {int((~keep).sum())} rows with none of them; {len(counts) - len(names)} "
+        "other labels left out."
+    )
+    table, y = table[keep].reset_index(drop=True), y[keep]
+    subsample = np.arange(len(y))
+    if max_samples is not None and max_samples < len(y):
+        subsample = np.sort(np.random.default_rng(seed).permutation(len(y))[:max_samples])
+    if split_by:
+        parts = ordered_split(table["order"].to_numpy()[subsample], val_fraction, test_fraction)
+    else:
+        parts = iterative_split(y[subsample], val_fraction, test_fraction, seed)
+    rows = {name: subsample[split] for name, split in parts.items()}
+    return SplitPlan(names, table, y.astype(np.int64), rows, keep)
+
+
 class ScientificTextDataModule(pl.LightningDataModule):
     """Labelled texts from the hub or a local file, label-filtered, subsampled, split and tokenized once."""
 
@@ -120,6 +178,12 @@ class ScientificTextDataModule(pl.LightningDataModule):
         test_fraction: float = 0.1,
         seed: int = 42,
         split_by: str | None = None,
+        multi_label: bool = False,
+        label_separator: str | None = None,
+        labels_path: str | None = None,
+        join_column: str = "arxiv_id",
+        arxiv_subjects: bool = False,
+        title_column: str | None = None,
         max_length: int = 256,
         max_windows: int = 1,
         window_stride: int | None = None,
@@ -149,6 +213,20 @@ class ScientificTextDataModule(pl.LightningDataModule):
             split_by: Split by time instead of at random: order the rows by this column (e.g. `arxiv_id`, whose
                 `YYMM` prefix is the month) and put the newest `test_fraction` in test, the next newest
                 `val_fraction` in validation. Values are compared as text, so they must sort by time as text.
+            multi_label: Each text has a set of labels (`label_column` holds names separated by
+                `label_separator`): a sigmoid per label, trained with binary cross-entropy, per-label thresholds
+                fitted on validation. `labels` / `min_count` select labels; rows left with none are dropped; the
+                split keeps every label's share in every split (iterative stratification) unless `split_by`.
+            label_separator: What separates the labels of a set: null for whitespace (`cs.LG stat.ML`), "," for
+                names that hold spaces (`computer science, statistics`).
+            labels_path: A second file whose `label_column` (and `title_column`, if set) are joined to the data
+                by `join_column`, e.g. ../shared/data/arxiv/categories.csv (`all_categories`) for every paper's
+                cross-listed categories.
+            join_column: The column both files identify a row by (for `labels_path`).
+            arxiv_subjects: The labels are arXiv categories, each taken as its subject (its archive: `cs.LG` ->
+                computer science): ten subjects instead of the fine-grained categories.
+            title_column: Read each text as `title [SEP] text` (the tokenizer's separator), the title from this
+                column (of `labels_path`, when set). Served texts must be given the same way.
             max_length: Texts are truncated to this many tokens (with `max_windows` > 1: tokens per window).
             max_windows: Read a text longer than `max_length` as up to this many overlapping windows (1: truncate).
                 Each training window is an example with its text's label; validation, test and predict answer
@@ -188,8 +266,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
             if self.hparams.min_count is None:
                 self._label_names = sorted(self.hparams.labels or DEFAULT_LABELS)
             else:
-                table = self._read_source()
-                self._label_names = select_labels(table["label"], min_count=self.hparams.min_count, source=self.source)
+                self._label_names = self.plan().names
         return self._label_names
 
     @property
@@ -223,15 +300,48 @@ class ScientificTextDataModule(pl.LightningDataModule):
     def _split(self, source: pd.DataFrame) -> SplitPlan:
         h = self.hparams
         fractions = h.val_fraction, h.test_fraction
+        if h.get("multi_label"):
+            return plan_multilabel_splits(
+                source,
+                h.label_separator,
+                h.arxiv_subjects,
+                h.labels,
+                h.min_count,
+                h.max_samples,
+                *fractions,
+                h.seed,
+                self.source,
+                h.label_column,
+                split_by=h.split_by,
+            )
         return plan_splits(
             source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source, split_by=h.split_by
         )
 
     def _read_source(self) -> pd.DataFrame:
         h = self.hparams
-        if h.path:
-            return read_table(h.path, h.text_column, h.label_column, order_column=h.split_by)
-        return read_hub(h.dataset, h.text_column, h.label_column, order_column=h.split_by)
+        joined = bool(h.get("labels_path"))
+        if not h.path:
+            if joined or h.get("title_column"):
+                raise ConfigError("data.labels_path and data.title_column read local files: set data.path.")
+            return read_hub(h.dataset, h.text_column, h.label_column, order_column=h.split_by)
+        if not joined:
+            key = h.get("title_column")  # the title, read as the key column
+            table = read_table(h.path, h.text_column, h.label_column, order_column=h.split_by, key_column=key)
+            return with_titles(table, "key", h.tokenizer) if key else table
+        table = read_table(h.path, h.text_column, None, order_column=h.split_by, key_column=h.join_column)
+        columns = [h.label_column] + ([h.title_column] if h.title_column else [])
+        table = join_columns(table, h.labels_path, h.join_column, columns, self.source)
+        table = table.rename(columns={h.label_column: "label"})
+        if h.title_column:
+            table = with_titles(table, h.title_column, h.tokenizer)
+        # As for a single file: a text repeated with its labels would land in training and test alike.
+        repeated = table["text"].duplicated(keep="first").to_numpy()
+        if repeated.any():
+            rank_zero_info(f"{self.source}: dropped {int(repeated.sum())} row(s) repeating an earlier row's text.")
+        out = table[~repeated].reset_index(drop=True)
+        out.attrs.update(table.attrs, duplicate_rows=int(repeated.sum()))
+        return out
 
     def _source_fingerprint(self) -> str:
         if self.hparams.path:
@@ -261,6 +371,15 @@ class ScientificTextDataModule(pl.LightningDataModule):
             "fractions": [h.val_fraction, h.test_fraction],
             "seed": h.seed,
             **({"split_by": h.split_by} if h.split_by else {}),  # absent when unset: older caches stay valid
+            **(
+                {
+                    "multi_label": [h.multi_label, h.label_separator, h.arxiv_subjects],
+                    "joined": [file_fingerprint(h.labels_path), h.join_column] if h.labels_path else None,
+                    "title": h.title_column,
+                }
+                if h.get("multi_label") or h.get("labels_path") or h.get("title_column")
+                else {}
+            ),
             "tokenizer": tokenizer_fingerprint(load_tokenizer(h.tokenizer)),
             "max_length": h.max_length,
             # absent when texts are truncated: older caches stay valid
@@ -427,6 +546,15 @@ class ScientificTextDataModule(pl.LightningDataModule):
             return row_ids, iter(row_ids.tolist()), None
         texts = np.load(self.cache_path() / "test.texts.npy")  # per text, in row id order: row id, windows, cut
         return texts["row_id"], iter(texts["row_id"].tolist()), (texts["windows"], texts["cut"])
+
+
+def with_titles(table: pd.DataFrame, column: str, tokenizer: str) -> pd.DataFrame:
+    """Texts as `title [SEP] text`, with the tokenizer's own separator (a newline if it has none)."""
+    sep = load_tokenizer(tokenizer).sep_token or "\n"
+    out = table.copy()
+    out["text"] = [f"{title} {sep} {text}" for title, text in zip(table[column], table["text"], strict=True)]
+    out.attrs = dict(table.attrs)
+    return out
 
 
 def split_summary(split: TokenizedSplit, names: list[str]) -> dict:

@@ -65,6 +65,7 @@ def export_metadata(model: TextClassifier, ckpt_path: str | Path, max_length: in
         lightning_cls_version=__version__,
         temperature=model.temperature,
         calibration=model.calibration,
+        thresholds=(model.thresholds or [0.5] * len(model.label_names)) if model.multi_label else None,
         reference=SplitReference.from_dict(copy.deepcopy(reference["train"])) if reference else None,
     )
 
@@ -340,7 +341,8 @@ def export(
     overrides = {"compile": False} if "compile" in inspect.signature(TextClassifier.__init__).parameters else {}
     model = TextClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides).eval()
     hf_model = merged(model.model)  # LoRA adapters folded into the weights: a standard folder, no PEFT needed
-    hf_model.config.problem_type = "single_label_classification"  # the pipeline applies a softmax
+    # What the pipeline applies to the logits: a softmax over the labels, or a sigmoid per label (multi-label).
+    hf_model.config.problem_type = "multi_label_classification" if model.multi_label else "single_label_classification"
     length = _training_max_length(model, max_length)
     # A copy: load_tokenizer's result is shared (cached) and must keep its own settings.
     tokenizer = copy.deepcopy(load_tokenizer(model.hparams.tokenizer or model.hparams.model_name_or_path))

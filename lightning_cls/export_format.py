@@ -23,7 +23,8 @@ ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"  # model.onnx with int8 weights (onnxruntime dynamic quantization): --quantize int8
 CONFIG_FILE = "config.json"
 # Bump when a reader of an older version would misread the folder; readers refuse folders of a newer version.
-# 2: the folder may fuse a lexical expert (`lexical`): a reader of version 1 would answer with the network alone.
+# 2: the folder may fuse a lexical expert (`lexical`), or answer label sets (`thresholds`): a reader of version 1
+# would answer with the network alone, or with one label.
 FORMAT_VERSION = 2
 
 
@@ -87,8 +88,10 @@ class SplitReference:
     def of(
         cls, label_ids: np.ndarray, lengths: np.ndarray, names: Sequence[str], windows: np.ndarray | None = None
     ) -> SplitReference:
-        """From per-text class ids and token lengths (and window counts, for texts read as windows)."""
-        counts = np.bincount(np.asarray(label_ids, dtype=np.int64), minlength=len(names))
+        """From per-text class ids (or a multi-hot matrix: texts x labels) and token lengths (and window counts, for
+        texts read as windows). A multi-label split counts each label's texts."""
+        label_ids = np.asarray(label_ids, dtype=np.int64)
+        counts = label_ids.sum(0) if label_ids.ndim == 2 else np.bincount(label_ids, minlength=len(names))
         return cls(
             rows=len(lengths),
             label_counts={name: int(c) for name, c in zip(names, counts, strict=True)},
@@ -139,14 +142,18 @@ class ExportMetadata:
     # "labels", "features", "weight"}; the answer is softmax((logits + weight * lexical logits) / temperature), and
     # `temperature` is the fused logits'. None: the network alone.
     lexical: dict[str, Any] | None = None
+    # A multi-label model's decision threshold per label, in label order (fitted on validation): its answer is the
+    # set of labels whose sigmoid reaches its threshold. None: single-label (a softmax over the labels).
+    thresholds: list[float] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(data.pop("extra"))
-        if self.lexical is None:  # readable by version-1 readers, which answer as this reader does
+        if self.lexical is None and self.thresholds is None:  # version-1 readers answer as this reader does
             data.pop("lexical")
+            data.pop("thresholds")
             data["format_version"] = min(self.format_version, 1)
         return data
 

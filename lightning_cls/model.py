@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelF1Score
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_confusion_matrix,
@@ -34,6 +35,7 @@ from lightning_cls.finetuning import freeze_all_but, trainable_names
 from lightning_cls.fusion import SplitScores, component_scores, fit_fusion_weight, fuse
 from lightning_cls.labels import label_maps
 from lightning_cls.lexical import LexicalExpert, LexicalSettings
+from lightning_cls.multilabel import epoch_report, fit_thresholds, format_report
 from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
 from lightning_cls.tokenization import load_tokenizer
 from lightning_cls.windows import per_text
@@ -54,6 +56,8 @@ CALIBRATION_KEY = "lightning_cls_calibration"
 # Checkpoint keys of the lexical expert (`LexicalExpert.state()`: tensors only) and of its fusion weight (a float).
 LEXICAL_KEY = "lightning_cls_lexical"
 LEXICAL_WEIGHT_KEY = "lightning_cls_lexical_weight"
+# Checkpoint key of a multi-label model's per-label decision thresholds (a list of floats, fitted on validation).
+THRESHOLDS_KEY = "lightning_cls_thresholds"
 
 
 def data_reference(datamodule: Any) -> dict:
@@ -167,6 +171,7 @@ class TextClassifier(pl.LightningModule):
         lexical: bool = False,
         lexical_c: float = 16.0,
         lexical_max_features: int = 300_000,
+        multi_label: bool = False,
     ) -> None:
         """
         Args:
@@ -209,6 +214,9 @@ class TextClassifier(pl.LightningModule):
                 the network's. Every answer (validate, test, predict, export, serve) is then the fused one.
             lexical_c: Inverse regularisation strength of the lexical expert's logistic regression.
             lexical_max_features: Most n-grams the lexical expert keeps (the most frequent ones).
+            multi_label: A text has a set of labels: a sigmoid per label and binary cross-entropy, per-label
+                thresholds fitted on validation (with `calibrate`), micro/macro-F1, subset accuracy and Hamming loss.
+                Filled in from `data.multi_label`.
         """
         super().__init__()
         # `use_temperature` is an inference switch, not a property of the weights: saved in the checkpoint's
@@ -263,15 +271,26 @@ class TextClassifier(pl.LightningModule):
                 "fixed position (the first token) or takes no position ids: use a right-padding tokenizer, or "
                 "model.pooling cls, mean or last."
             )
+        if multi_label and lexical:
+            raise ConfigError("model.lexical fuses a single-label expert: it is not available with multi-label data.")
+        # What `transformers.pipeline` applies to an export: a sigmoid per label, or a softmax over them.
+        self.model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+        self.multi_label = multi_label
         if compile:
             # In place: parameter names, and so checkpoints, stay those of the uncompiled model.
             self.model.compile(dynamic=True)
 
         n = len(self.label_names)
-        self.train_metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")},
-            prefix="train/",
-        )
+        if multi_label:  # at a 0.5 threshold while training; validation fits the thresholds
+            metrics = {
+                "f1_micro": MultilabelF1Score(n, average="micro"),
+                "f1_macro": MultilabelF1Score(n, average="macro"),
+            }
+        else:
+            metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
+        self.train_metrics = MetricCollection(metrics, prefix="train/")
+        # A multi-label model's decision threshold per label (fitted on validation; None: 0.5 for every label).
+        self.thresholds: list[float] | None = None
         # Validation and test keep every row's logits and row id (gathered from all ranks): the metrics, the report
         # (per-class scores, confusion matrix) and the calibration are computed per text at the end of the epoch.
         self.val_logits, self.test_logits = EpochLogits(), EpochLogits()
@@ -307,7 +326,10 @@ class TextClassifier(pl.LightningModule):
         epoch_logits: EpochLogits | None = None,
     ) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()
-        loss = nn.functional.cross_entropy(logits, batch["labels"])
+        if self.multi_label:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"].float())
+        else:
+            loss = nn.functional.cross_entropy(logits, batch["labels"])
         n = len(batch["labels"])
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
         if metrics is not None:  # training: per batch (per window, when texts are read as windows)
@@ -340,6 +362,9 @@ class TextClassifier(pl.LightningModule):
         logits, labels, row_ids = per_text(logits, labels, row_ids)
         if not len(labels):
             return
+        if self.multi_label:
+            self._evaluate_label_sets(stage, logits, labels)
+            return
         logits, components = self._fuse_epoch(stage, logits, labels, row_ids)
         n = len(self.label_names)
         predicted = logits.argmax(-1)
@@ -354,6 +379,34 @@ class TextClassifier(pl.LightningModule):
         if self.trainer.sanity_checking:  # a couple of batches only: not a report of the split
             return
         self._write_report(stage, multiclass_confusion_matrix(predicted, labels, n), logits, labels, components)
+
+    def _evaluate_label_sets(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """A multi-label epoch: fit the thresholds on the rows to fit on, then score the thresholded label sets and
+        write the report (`multilabel.epoch_report`: per-label scores, thresholds and calibration)."""
+        probs, y = logits.float().sigmoid().numpy(), labels.numpy()
+        if self._fitting_on(stage) and not self.trainer.sanity_checking:
+            self.thresholds = self.trainer.strategy.broadcast(fit_thresholds(probs, y).tolist(), src=0)
+        thresholds = np.asarray(self.thresholds if self.thresholds is not None else [0.5] * len(self.label_names))
+        report = epoch_report(probs, y, self.label_names, thresholds)
+        scores = {
+            f"{stage}/f1_micro": report["micro_f1"],
+            f"{stage}/f1_macro": report["macro_f1"],
+            f"{stage}/subset_acc": report["subset_accuracy"],
+            f"{stage}/hamming_loss": report["hamming_loss"],
+        }
+        self.log_dict({k: torch.tensor(v) for k, v in scores.items()}, prog_bar=True, batch_size=len(y))
+        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or log_dir is None:
+            return
+        folder = Path(log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        context = {"global_step": self.global_step} if self.trainer.state.fn == "fit" else {}
+        (folder / f"{stage}_report.json").write_text(json.dumps({"stage": stage, **context, **report}, indent=2))
+        (folder / f"{stage}_report.txt").write_text(f"{stage}: multi-label\n\n" + format_report(report))
+        rank_zero_info(
+            f"{stage} report: micro-F1 {report['micro_f1']:.4f}, macro-F1 {report['macro_f1']:.4f}; wrote "
+            f"{folder / f'{stage}_report.txt'}"
+        )
 
     # ------------------------------------------------------------------------------------------------ lexical fusion
     def _fitting_on(self, stage: str) -> bool:
@@ -513,6 +566,8 @@ class TextClassifier(pl.LightningModule):
         if self.temperature is not None:
             checkpoint[TEMPERATURE_KEY] = self.temperature
             checkpoint[CALIBRATION_KEY] = self.calibration
+        if self.thresholds is not None:
+            checkpoint[THRESHOLDS_KEY] = list(self.thresholds)
         if self.lexical is not None:
             checkpoint[LEXICAL_KEY] = self.lexical.state()
             checkpoint[LEXICAL_WEIGHT_KEY] = self.lexical_weight
@@ -530,6 +585,7 @@ class TextClassifier(pl.LightningModule):
         # Checkpoints from before calibration (or with `model.calibrate` false) have none: T = 1, the raw softmax.
         self.temperature = checkpoint.get(TEMPERATURE_KEY, self.temperature)
         self.calibration = checkpoint.get(CALIBRATION_KEY, self.calibration)
+        self.thresholds = checkpoint.get(THRESHOLDS_KEY, self.thresholds)
         if LEXICAL_KEY in checkpoint:
             self.lexical = LexicalExpert.from_state(checkpoint[LEXICAL_KEY])
             self.lexical_weight, self._lexical_scores = checkpoint.get(LEXICAL_WEIGHT_KEY), {}

@@ -196,3 +196,47 @@ def multilabel_scores(predicted: np.ndarray, y: np.ndarray, names: Sequence[str]
             for j, name in enumerate(names)
         },
     }
+
+
+def label_ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> np.ndarray:
+    """Per label, the expected calibration error of its probability: the row-weighted mean, over equal-width bins
+    of the probability, of |share of positives - mean probability| (0 is calibrated)."""
+    probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    out = np.zeros(probs.shape[1])
+    for j in range(probs.shape[1]):
+        counts = np.bincount(which[:, j], minlength=bins)
+        gap = np.abs(np.bincount(which[:, j], y[:, j], bins) - np.bincount(which[:, j], probs[:, j], bins))
+        out[j] = gap.sum() / max(counts.sum(), 1)
+    return out
+
+
+def epoch_report(probs: np.ndarray, y: np.ndarray, names: Sequence[str], thresholds: np.ndarray) -> dict:
+    """A multi-label split's report: the scores of the thresholded decisions, the thresholds, and calibration per
+    label (ECE of each label's probability)."""
+    report = multilabel_scores(decide(probs, thresholds), y, names)
+    ece = label_ece(probs, y)
+    for j, name in enumerate(names):
+        report["per_label"][name].update(threshold=float(thresholds[j]), ece=float(ece[j]))
+    report["mean_label_ece"] = float(ece.mean()) if len(ece) else 0.0
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as text: per-label precision, recall, F1, support, threshold and ECE, then the set scores."""
+    width = max([len(name) for name in report["per_label"]] + [10])
+    lines = [f"{'':{width}s} {'precision':>9s} {'recall':>9s} {'f1':>9s} {'support':>9s} {'threshold':>9s} {'ece':>9s}"]
+    for name, m in report["per_label"].items():
+        lines.append(
+            f"{name:{width}s} {m['precision']:9.4f} {m['recall']:9.4f} {m['f1']:9.4f} {m['support']:9d} "
+            f"{m['threshold']:9.2f} {m['ece']:9.4f}"
+        )
+    c = report["cardinality"]
+    lines += [
+        "",
+        f"micro-F1 {report['micro_f1']:.4f}, macro-F1 {report['macro_f1']:.4f}, subset accuracy "
+        f"{report['subset_accuracy']:.4f}, Hamming loss {report['hamming_loss']:.4f}, labels per text "
+        f"{c.get('predicted', 0):.2f} predicted / {c.get('true', 0):.2f} true, mean label ECE "
+        f"{report['mean_label_ece']:.4f}; {report['rows']} rows",
+    ]
+    return "\n".join(lines) + "\n"

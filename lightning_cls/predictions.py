@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_cls.errors import ConfigError
+from lightning_cls.multilabel import decide
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 CHUNK_ROWS = 65_536
@@ -88,11 +89,17 @@ def prediction_rows(
     label_names: list[str],
     k: int,
     windows: tuple[np.ndarray, np.ndarray] | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Readable rows (id, label, probability, top_k; with ``windows`` = (counts, cut) also `windows` and
-    `truncated`) of mean logits in input order, read in chunks."""
+    `truncated`) of mean logits in input order, read in chunks.
+
+    With ``thresholds`` (a multi-label model's, one per label) the probabilities are each label's sigmoid and each
+    row also has `labels`: the label set, every label whose probability reaches its threshold (the most probable
+    one if none does), most probable first, with `scores`, their probabilities; `label` is the set's first."""
     for start in range(0, len(mean_logits), CHUNK_ROWS):
-        probs = torch.from_numpy(np.asarray(mean_logits[start : start + CHUNK_ROWS])).softmax(-1)
+        logits = torch.from_numpy(np.asarray(mean_logits[start : start + CHUNK_ROWS]))
+        probs = logits.softmax(-1) if thresholds is None else logits.sigmoid()
         top_probs, top_ids = probs.topk(k, dim=-1)  # most probable first
         chunk_ids = list(islice(ids, len(probs)))
         if len(chunk_ids) != len(probs):
@@ -100,15 +107,24 @@ def prediction_rows(
         for i, (id_, class_ids, p) in enumerate(zip(chunk_ids, top_ids.tolist(), top_probs.tolist(), strict=True)):
             top = [{"label": label_names[c], "probability": round(q, 6)} for c, q in zip(class_ids, p, strict=True)]
             row = {"id": id_, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+            if thresholds is not None:
+                row_probs = probs[i].numpy()
+                chosen = decide(row_probs[None], np.asarray(thresholds))[0]
+                order = [j for j in np.argsort(-row_probs, kind="stable") if chosen[j]]
+                row["labels"] = [label_names[j] for j in order]
+                row["scores"] = [round(float(row_probs[j]), 6) for j in order]
+                row["label"], row["probability"] = row["labels"][0], row["scores"][0]  # the set's most probable
             if windows is not None:
                 row.update(windows=int(windows[0][start + i]), truncated=bool(windows[1][start + i]))
             yield row
 
 
-def write_rows(rows: Iterable[dict[str, Any]], path: Path, k: int, windows: bool = False) -> int:
+def write_rows(
+    rows: Iterable[dict[str, Any]], path: Path, k: int, windows: bool = False, label_sets: bool = False
+) -> int:
     """Write rows to ``path`` as JSONL (one object per row) or CSV (``id, label, probability, label_2,
-    probability_2, ...``, then ``windows, truncated`` when texts were read as windows), atomically; returns the
-    number of rows."""
+    probability_2, ...``, then ``windows, truncated`` when texts were read as windows, then ``labels`` (the label
+    set, joined by "; ") for a multi-label model), atomically; returns the number of rows."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     try:
@@ -121,10 +137,13 @@ def write_rows(rows: Iterable[dict[str, Any]], path: Path, k: int, windows: bool
                 writer = csv.writer(f)
                 names = [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
                 extra = WINDOW_COLUMNS if windows else ()
-                writer.writerow(["id", "label", "probability", *names, *extra])
+                writer.writerow(["id", "label", "probability", *names, *extra, *(["labels"] if label_sets else [])])
                 for row in rows:
                     rest = [v for t in row["top_k"][1:] for v in (t["label"], t["probability"])]
-                    writer.writerow([row["id"], row["label"], row["probability"], *rest, *(row[c] for c in extra)])
+                    sets = ["; ".join(row["labels"])] if label_sets else []
+                    writer.writerow(
+                        [row["id"], row["label"], row["probability"], *rest, *(row[c] for c in extra), *sets]
+                    )
                     count += 1
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (and never a file under the final name)
@@ -190,8 +209,11 @@ class PredictionWriter(BasePredictionWriter):
             ids = iter(row_ids.tolist())
         counts = windows[0] if windows is not None else None
         merged = merge_in_input_order(parts, np.asarray(row_ids), num_labels, self.parts / "merged.npy", counts)
-        rows = prediction_rows(merged, ids, pl_module.label_names, self.k, windows)
-        count = write_rows(rows, self.path, self.k, windows is not None)
+        thresholds = None
+        if getattr(pl_module, "multi_label", False):  # label sets: each label at its threshold (0.5 if none fitted)
+            thresholds = pl_module.thresholds or [0.5] * num_labels
+        rows = prediction_rows(merged, ids, pl_module.label_names, self.k, windows, thresholds)
+        count = write_rows(rows, self.path, self.k, windows is not None, thresholds is not None)
         del merged
         shutil.rmtree(self.parts, ignore_errors=True)
         rank_zero_info(f"Wrote {count} predictions to {self.path}")

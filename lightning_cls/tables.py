@@ -254,10 +254,15 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def read_table(
-    path: str | Path, text_column: str, label_column: str | None, order_column: str | None = None
+    path: str | Path,
+    text_column: str,
+    label_column: str | None,
+    order_column: str | None = None,
+    key_column: str | None = None,
 ) -> pd.DataFrame:
     """A local CSV/JSON/JSONL/Parquet file as a frame with columns ``text``, ``label`` (if asked), ``order`` (the
-    values of ``order_column``, if asked: what a split by time orders rows by) and ``row_id``.
+    values of ``order_column``, if asked: what a split by time orders rows by), ``key`` (the values of
+    ``key_column``, if asked: what `join_columns` joins another file on) and ``row_id``.
 
     ``row_id`` is the 0-based row number in the file, kept so that predictions can be traced back to their input.
     Missing or blank texts and missing labels raise ``DataError`` with the file, column and row numbers.
@@ -265,7 +270,59 @@ def read_table(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
-    return validate_table(_read_local(path), str(path), text_column, label_column, order_column=order_column)
+    frame = _read_local(path)
+    table = validate_table(frame, str(path), text_column, label_column, order_column=order_column)
+    if key_column:
+        if key_column not in frame.columns:
+            raise _no_column(str(path), key_column, frame.columns)
+        keys = _checked_strings(frame[key_column], str(path), key_column)
+        table["key"] = [keys[i] for i in table["row_id"]]
+    return table
+
+
+def join_columns(
+    table: pd.DataFrame, path: str | Path, key_column: str, columns: list[str], source: str
+) -> pd.DataFrame:
+    """``table`` (with a ``key`` column, `read_table`'s) with ``columns`` of the file at ``path`` added, joined on
+    the file's ``key_column``: e.g. every abstract's arXiv categories and title from categories.csv by `arxiv_id`.
+
+    Each key of the table must be in the file once (or several times with the same values); a key it lacks, a
+    repeated key with other values, or a missing or blank value raises ``DataError`` naming the file, the column and
+    the rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file {path} (data.labels_path) does not exist.")
+    frame = _read_local(path)
+    for name in (key_column, *columns):
+        if name not in frame.columns:
+            raise _no_column(str(path), name, frame.columns)
+    keys = _checked_strings(frame[key_column], str(path), key_column)
+    values = {name: _checked_strings(frame[name], str(path), name) for name in columns}
+    index: dict[str, int] = {}
+    conflicting = []
+    for row, key in enumerate(keys):
+        first = index.setdefault(key, row)
+        if first != row and any(values[c][first] != values[c][row] for c in columns):
+            conflicting.append(row)
+    if conflicting:
+        raise DataError(
+            f"{path}: {key_column!r} repeats a key with other values in {len(conflicting)} row(s) "
+            f"({_row_list(conflicting)})."
+        )
+    absent = [i for i, key in enumerate(table["key"]) if key not in index]
+    if absent:
+        rows = table["row_id"].to_numpy()[absent].tolist()
+        raise DataError(
+            f"{path} has no row for {len(absent)} {key_column!r} value(s) of {source} ({_row_list(rows)}; e.g. "
+            f"{table['key'].iloc[absent[0]]!r})."
+        )
+    out = table.copy()
+    at = [index[key] for key in table["key"]]
+    for name in columns:
+        out[name] = [values[name][i] for i in at]
+    out.attrs = dict(table.attrs)
+    return out
 
 
 def read_hub(

@@ -98,8 +98,8 @@ class TokenizedSplit(Dataset):
     def __getitem__(self, i: int) -> dict:
         start, end = self.offsets[i], self.offsets[i + 1]
         item = {"input_ids": self.tokens[start:end], "row_id": int(self.row_ids[i])}
-        if len(self.labels):
-            item["label"] = int(self.labels[i])
+        if len(self.labels):  # a class id, or a multi-hot row (multi-label)
+            item["label"] = int(self.labels[i]) if self.labels.ndim == 1 else np.asarray(self.labels[i])
         return item
 
 

@@ -75,5 +75,5 @@ class PadCollator:
             "row_id": torch.tensor([e["row_id"] for e in examples]),  # (B,)
         }
         if "label" in examples[0]:
-            batch["labels"] = torch.tensor([e["label"] for e in examples])  # (B,)
+            batch["labels"] = torch.from_numpy(np.asarray([e["label"] for e in examples]))  # (B,) or (B, L)
         return batch

@@ -172,5 +172,6 @@ def per_text(
     if not len(row_ids):
         return logits, labels, row_ids
     texts, index = torch.unique(row_ids, return_inverse=True)
-    label = torch.zeros(len(texts), dtype=labels.dtype, device=labels.device).scatter_(0, index, labels)
+    label = torch.zeros((len(texts), *labels.shape[1:]), dtype=labels.dtype, device=labels.device)
+    label[index] = labels  # a text's windows share its label (a class id, or a multi-hot row)
     return mean_logits_per_text(logits, index.cpu().numpy(), len(texts)), label, texts

@@ -1,0 +1,216 @@
+"""Multi-label end to end on a tiny model: fit, test, predict and export with label sets; a second file of label
+sets joined by id and mapped from arXiv categories to subjects; bad label sets named."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_CONFIGS, tokenizer_for
+from test_cli import trainer_args
+
+from lightning_cls.cli import main
+from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.errors import DataError
+from lightning_cls.export import export
+from lightning_cls.export_format import read_export_metadata
+from lightning_cls.labels import DEFAULT_LABELS
+from lightning_cls.model import THRESHOLDS_KEY
+from lightning_cls.sample_data import generate_texts
+
+SUBJECTS = sorted(DEFAULT_LABELS)
+ARCHIVES = {
+    "astrophysics": "astro-ph.GA",
+    "computer science": "cs.LG",
+    "condensed matter": "cond-mat.str-el",
+    "electrical engineering and systems science": "eess.SP",
+    "high energy physics phenomenology": "hep-ph",
+    "high energy physics theory": "hep-th",
+    "mathematics": "math.AG",
+    "physics": "physics.optics",
+    "quantum physics": "quant-ph",
+    "statistics": "stat.ML",
+}
+
+
+@pytest.fixture(scope="module")
+def label_sets_csv(tmp_path_factory):
+    """Generated abstracts of one subject, and pairs of abstracts of two subjects labelled with both; also the
+    same rows as a file of ids and a file of arXiv categories joined by id (as ../shared/data/arxiv has)."""
+    texts, labels = generate_texts(rows_per_label=24, seed=1)
+    rows = [(t, lab) for t, lab in zip(texts, labels, strict=True) if lab in SUBJECTS]
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(120):
+        i, j = rng.choice(len(rows), 2, replace=False)
+        if rows[i][1] != rows[j][1]:
+            pairs.append((f"{rows[i][0]} {rows[j][0]}", [rows[i][1], rows[j][1]]))
+    data = [(t, [lab]) for t, lab in rows] + pairs
+    root = tmp_path_factory.mktemp("multilabel")
+    frame = pd.DataFrame({"text": [t for t, _ in data], "labels": [", ".join(s) for _, s in data]})
+    frame["arxiv_id"] = [f"2501.{i:05d}" for i in range(len(frame))]
+    frame.to_csv(root / "sets.csv", index=False)
+    frame[["arxiv_id", "text"]].to_csv(root / "abstracts.csv", index=False)
+    categories = [" ".join(ARCHIVES[s] for s in labels_) for _, labels_ in data]
+    titles = [f"On {labels_[0]}" for _, labels_ in data]
+    pd.DataFrame({"arxiv_id": frame["arxiv_id"], "title": titles, "all_categories": categories}).to_csv(
+        root / "categories.csv", index=False
+    )
+    return root
+
+
+def args(root, sample_dir, tmp_path, *extra):
+    return [
+        f"--data.path={root / 'sets.csv'}",
+        "--data.label_column=labels",
+        "--data.multi_label=true",
+        "--data.label_separator=,",
+        f"--data.tokenizer={tokenizer_for(sample_dir, 'distilbert')}",
+        "--data.max_samples=null",
+        "--data.max_length=128",  # a pair of abstracts: both must be read
+        "--data.batch_size=8",
+        *trainer_args(tmp_path),
+        *extra,
+    ]
+
+
+@pytest.mark.slow  # about a minute and a half: four runs of the CLI and an export
+def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, label_sets_csv):
+    model = ["--model.model_name_or_path=tiny", f"--model.model_config={json.dumps(TINY_CONFIGS['distilbert'])}"]
+    # A tiny random encoder collapses to the label priors under binary cross-entropy within a test's budget; its
+    # mean-pooled embeddings with a trained head (bag-of-words-like) learn the generated subjects' words.
+    train = [
+        "--trainer.max_epochs=6",
+        "--model.learning_rate=1e-2",
+        "--model.pooling=mean",
+        "--model.train_last_n_blocks=0",
+        "--early_stopping.patience=10",
+    ]
+    cli = main(["fit", *args(label_sets_csv, sample_dir, tmp_path, *model, *train)])
+    assert cli.model.multi_label and cli.model.model.config.problem_type == "multi_label_classification"
+    metrics = cli.trainer.callback_metrics
+    assert {"val/f1_micro", "val/f1_macro", "val/subset_acc", "val/hamming_loss", "train/f1_micro"} <= set(metrics)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    thresholds = torch.load(last, weights_only=True)[THRESHOLDS_KEY]
+    assert len(thresholds) == 10 and all(0 < t < 1 for t in thresholds)
+
+    run = main(["test", *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}")])
+    assert run.model.thresholds == thresholds  # fitted on validation, used on test
+    report = json.loads(next((tmp_path / "runs").rglob("test_report.json")).read_text())
+    assert {"micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "cardinality", "mean_label_ece"} <= set(report)
+    assert report["micro_f1"] == pytest.approx(float(run.trainer.callback_metrics["test/f1_micro"]), abs=1e-5)
+    cardinality = report["cardinality"]["true"]
+    tag_everything = 2 * cardinality / (10 + cardinality)  # the micro-F1 of predicting every label
+    assert report["micro_f1"] > tag_everything, (report["micro_f1"], tag_everything)  # learnt something
+    assert report["per_label"]["physics"]["threshold"] == pytest.approx(thresholds[SUBJECTS.index("physics")])
+
+    out = tmp_path / "predictions.jsonl"
+    main(
+        [
+            "predict",
+            *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}"),
+            f"--prediction_writer.output_path={out}",
+            "--prediction_writer.top_k=10",
+        ]
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == report["rows"]
+    for row in rows:
+        scores = {a["label"]: a["probability"] for a in row["top_k"]}
+        assert row["labels"] and row["labels"][0] == row["label"]  # at least one label, the most probable first
+        assert row["scores"] == [scores[name] for name in row["labels"]] == sorted(row["scores"], reverse=True)
+        passing = {name for name, p in scores.items() if p >= thresholds[SUBJECTS.index(name)]}
+        # The set: exactly the labels at or above their thresholds, or the most probable one when none is.
+        assert set(row["labels"]) == (passing or {max(scores, key=scores.get)})
+    assert 1 <= np.mean([len(r["labels"]) for r in rows]) < 10  # sets, neither every label nor only ever one
+
+    folder = tmp_path / "export"
+    export(str(last), str(folder), agreement_texts=0)
+    meta = read_export_metadata(folder)
+    assert meta.thresholds == thresholds
+    assert json.loads((folder / "config.json").read_text())["problem_type"] == "multi_label_classification"
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(folder), top_k=None, truncation=True)
+    text = pd.read_csv(label_sets_csv / "sets.csv")["text"].iloc[-1]
+    scores = {a["label"]: a["score"] for a in classify([text])[0]}
+    # The pipeline applies a sigmoid per label (problem_type), as predict does: the same probabilities.
+    ours = export_probabilities(folder, text)
+    assert scores == pytest.approx(ours, abs=1e-5)
+    assert abs(sum(scores.values()) - 1) > 1e-3  # sigmoids, not a softmax
+
+
+def export_probabilities(folder, text) -> dict[str, float]:
+    from lightning_cls.export_format import load_classifier
+    from lightning_cls.tokenization import load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(folder)), load_classifier(folder).eval()
+    batch = tokenizer([text], truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**batch).logits.sigmoid()[0].tolist()
+    return dict(zip(SUBJECTS, probs, strict=True))
+
+
+def test_label_sets_joined_from_a_second_file_and_mapped_to_subjects(tmp_path, sample_dir, label_sets_csv):
+    data = ScientificTextDataModule(
+        tokenizer=tokenizer_for(sample_dir, "distilbert"),
+        path=str(label_sets_csv / "abstracts.csv"),
+        labels_path=str(label_sets_csv / "categories.csv"),
+        label_column="all_categories",
+        multi_label=True,
+        arxiv_subjects=True,
+        title_column="title",
+        max_samples=None,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    plan = data.plan()
+    assert plan.names == SUBJECTS
+    truth = pd.read_csv(label_sets_csv / "sets.csv")["labels"].str.split(", ")
+    np.testing.assert_array_equal(plan.label_ids.sum(1), truth.str.len().to_numpy())  # two labels for the pairs
+    assert plan.table["text"].iloc[0].startswith("On ") and " [SEP] " in plan.table["text"].iloc[0]
+    # Every label is in every split (iterative stratification), in about its share.
+    for name in ("val", "test"):
+        assert plan.label_ids[plan.rows[name]].sum(0).min() >= 1
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["labels"].shape == (32, 10) and set(batch["labels"].unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (["a, b", "", "c"], r"column 'labels' is empty or missing in 1 row\(s\)"),
+        (["a, b", "a,,c", "c"], r"sets\.csv: column 'labels' has a malformed label set in 1 row\(s\) \(rows 1;"),
+    ],
+)
+def test_bad_label_sets_are_named_with_file_column_and_rows(tmp_path, sample_dir, labels, message):
+    pd.DataFrame({"text": ["one text", "two texts", "three texts"], "labels": labels}).to_csv(
+        tmp_path / "sets.csv", index=False
+    )
+    data = ScientificTextDataModule(
+        tokenizer=tokenizer_for(sample_dir, "distilbert"),
+        path=str(tmp_path / "sets.csv"),
+        label_column="labels",
+        label_separator=",",
+        multi_label=True,
+        min_count=1,
+    )
+    with pytest.raises(DataError, match=message):
+        data.plan()
+
+
+def test_a_joined_file_missing_ids_is_named(tmp_path, sample_dir, label_sets_csv):
+    categories = pd.read_csv(label_sets_csv / "categories.csv", dtype=str).iloc[3:]
+    categories.to_csv(tmp_path / "categories.csv", index=False)
+    data = ScientificTextDataModule(
+        tokenizer=tokenizer_for(sample_dir, "distilbert"),
+        path=str(label_sets_csv / "abstracts.csv"),
+        labels_path=str(tmp_path / "categories.csv"),
+        label_column="all_categories",
+        multi_label=True,
+        arxiv_subjects=True,
+    )
+    with pytest.raises(DataError, match=r"categories\.csv has no row for 3 'arxiv_id' value\(s\) .*rows \[0, 1, 2\]"):
+        data.plan()
