@@ -214,3 +214,24 @@ def test_a_joined_file_missing_ids_is_named(tmp_path, sample_dir, label_sets_csv
     )
     with pytest.raises(DataError, match=r"categories\.csv has no row for 3 'arxiv_id' value\(s\) .*rows \[0, 1, 2\]"):
         data.plan()
+
+
+@pytest.mark.slow
+def test_the_multilabel_config_runs_with_fast_dev_run(tmp_path, sample_dir, label_sets_csv, monkeypatch):
+    """configs/minilm-multilabel.yaml as a user runs it, pointed at the tiny joined files and a tiny model."""
+    monkeypatch.setenv("MINILM_DIR", tokenizer_for(sample_dir, "distilbert"))
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/minilm-multilabel.yaml",
+            f"--data.path={label_sets_csv / 'abstracts.csv'}",
+            f"--data.labels_path={label_sets_csv / 'categories.csv'}",
+            "--data.max_length=64",
+            *trainer_args(tmp_path),
+            "--trainer.devices=1",
+            f"--model.model_config={json.dumps(TINY_CONFIGS['distilbert'])}",
+            "--trainer.fast_dev_run=2",
+        ]
+    )
+    assert cli.model.multi_label and cli.model.label_names == SUBJECTS
