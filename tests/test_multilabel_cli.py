@@ -126,9 +126,16 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     assert 1 <= np.mean([len(r["labels"]) for r in rows]) < 10  # sets, neither every label nor only ever one
 
     folder = tmp_path / "export"
-    export(str(last), str(folder), agreement_texts=0)
+    export(str(last), str(folder), format="onnx", agreement_texts=0)
     meta = read_export_metadata(folder)
     assert meta.thresholds == thresholds
+    # The service, on PyTorch and on ONNX Runtime, answers the label sets `predict` wrote for the same texts.
+    texts = pd.read_csv(label_sets_csv / "sets.csv")["text"].to_numpy()[[r["id"] for r in rows[:12]]].tolist()
+    for backend in ("torch", "onnx"):
+        answers = service_answers(folder, backend, texts)
+        for answer, row in zip(answers, rows, strict=False):
+            assert answer["labels"] == row["labels"] and answer["label"] == row["label"], backend
+            assert answer["scores"] == pytest.approx(row["scores"], abs=1e-5), backend
     assert json.loads((folder / "config.json").read_text())["problem_type"] == "multi_label_classification"
     from transformers import pipeline
 
@@ -139,6 +146,18 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     ours = export_probabilities(folder, text)
     assert scores == pytest.approx(ours, abs=1e-5)
     assert abs(sum(scores.values()) - 1) > 1e-3  # sigmoids, not a softmax
+
+
+def service_answers(folder, backend: str, texts: list[str]) -> list[dict]:
+    import queue
+
+    from lightning_cls.inference import InferenceSettings
+    from lightning_cls.serving.api import ClassifierAPI
+
+    api = ClassifierAPI(str(folder), 128, inference=InferenceSettings(backend=backend, precision="fp32"))
+    api.set_logger_queue(queue.Queue())
+    api.setup("cpu")
+    return api.predict((texts, 3))
 
 
 def export_probabilities(folder, text) -> dict[str, float]:

@@ -88,6 +88,9 @@ class ClassifierAPI(ls.LitAPI):
         log.info(self.runner.describe())
         # A folder that fuses a lexical expert (lightning_cls.json `lexical`): checked and loaded here, or refused.
         self.fusion = FolderFusion.from_folder(self.model_dir, self.runner.metadata)
+        # A multi-label export's per-label thresholds: each answer is a label set (None: one label, a softmax).
+        thresholds = getattr(self.runner.metadata, "thresholds", None)
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float32) if thresholds is not None else None
         self.names = self.runner.labels
         self.special_tokens = self.tokenizer.num_special_tokens_to_add()
         self.windows = WindowSpec(self.max_length, self.max_windows, self.window_stride)
@@ -125,12 +128,14 @@ class ClassifierAPI(ls.LitAPI):
         ids = [self.ids.new(now) for _ in top]
         tokens = (windows.tokens + self.special_tokens).tolist()  # as the model read them, special tokens included
         counts, cut = windows.counts.tolist(), windows.cut.tolist()
+        sets = self.label_sets(probs) if self.thresholds is not None else None
         answers, start = [], 0
         for size, k in zip(batch.sizes, batch.top_ks, strict=True):
             answers.append(
                 [
                     {
                         **self._answer(probs[i], order[i], k, tokens[i], counts[i], cut[i]),
+                        **(self._set_answer(sets[i], probs[i]) if sets else {}),
                         "abstained": abstained[i],
                         "prediction_id": ids[i],
                     }
@@ -156,10 +161,26 @@ class ClassifierAPI(ls.LitAPI):
         )
         return answers if batched else answers[0]
 
+    def label_sets(self, probs: list[list[float]]) -> list[list[str]]:
+        """A multi-label answer per text: every label whose probability reaches its threshold (its most probable
+        label when none does), most probable first, as `predict` writes them (`multilabel.decide`)."""
+        p = torch.tensor(probs)
+        chosen = p >= self.thresholds
+        chosen[torch.arange(len(p)), p.argmax(-1)] |= ~chosen.any(-1)
+        order = p.argsort(-1, descending=True).tolist()
+        return [[self.names[j] for j in row if chosen[i, j]] for i, row in enumerate(order)]
+
+    def _set_answer(self, labels: list[str], probs: list[float]) -> dict:
+        """A multi-label answer's set and scores; its `label` is the set's most probable, as in `predict`."""
+        scores = [probs[self.names.index(name)] for name in labels]
+        return {"labels": labels, "scores": scores, "label": labels[0], "probability": scores[0]}
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits / temperature) over the labels: `lightning_cls.calibration.calibrated_probabilities`
         (a test checks they agree), written out here because importing that module loads torchmetrics, seconds of
-        start-up for every worker."""
+        start-up for every worker. A multi-label model's: each label's sigmoid."""
+        if self.thresholds is not None:
+            return logits.float().sigmoid()
         t = 1.0 if self.temperature is None else self.temperature
         return (logits.float() / t).softmax(-1)  # (N, num_labels)
 
