@@ -331,6 +331,9 @@ def export(
     texts, names, source = ([], None, "")
     if agreement_texts:
         texts, names, source = agreement_inputs(checkpoint, agreement_data, agreement_texts)
+    if int8_keep_fp32 and not texts:
+        why = source or "--agreement_texts is 0"
+        raise ExportError(f"--int8_keep_fp32 measures on the validation texts, and there are none ({why}).")
     if format == "onnx" and not _ONNX_AVAILABLE:
         raise ExportError(
             f"--format onnx needs onnx, onnxruntime and onnxscript: pip install 'lightning_cls[onnx]'. "

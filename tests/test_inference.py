@@ -314,6 +314,19 @@ def test_int8_sensitivity_names_each_node_and_excluded_nodes_stay_fp32(onnx_expo
     assert kept[attention] == "Attention" and "QAttention" in kept.values()  # the other attention is int8
 
 
+def test_export_keeps_the_costliest_int8_nodes_in_fp32_when_asked(trained, tmp_path):
+    import onnx
+
+    ckpt = str(trained("distilbert") / "ckpt" / "last.ckpt")
+    with pytest.raises(ExportError, match=r"--int8_keep_fp32 measures on the validation texts"):
+        export(ckpt, str(tmp_path / "none"), format="onnx", quantize="int8", int8_keep_fp32=1, agreement_texts=0)
+    folder = export(ckpt, str(tmp_path / "out"), format="onnx", quantize="int8", int8_keep_fp32=2, agreement_texts=8)
+    kept = read_export_metadata(folder).extra["onnx"]["int8"]["kept_fp32"]
+    assert len(kept) == 2 and set(kept) <= set(quantizable_nodes(folder / OPTIMIZED_ONNX_FILE))
+    ops = {node.name: node.op_type for node in onnx.load(str(folder / INT8_ONNX_FILE)).graph.node}
+    assert all(ops[name] in ("Attention", "MatMul", "Gather", "EmbedLayerNormalization") for name in kept)
+
+
 def test_task_scores_are_accuracy_and_macro_f1():
     scores = task_scores([0, 0, 1, 2], [0, 1, 1, 2])
     assert scores["accuracy"] == 0.75
