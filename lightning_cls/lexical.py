@@ -14,7 +14,6 @@ scikit-learn fits it and rebuilds the vectorizer from the arrays (`TfidfVectoriz
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 
 from lightning_cls.errors import ConfigError, InputError
+from lightning_cls.token_cache import file_fingerprint as sha256  # SHA-256 of a file's bytes
 
 LEXICAL_FILE = "lexical.safetensors"
 # Bump when a reader of an older version would misread the arrays.
@@ -147,11 +147,3 @@ def _vectorizer(**kwargs: Any) -> Any:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32, **kwargs)
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
