@@ -188,8 +188,6 @@ class PredictionMetrics:
     def observe(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Record one server batch (keys requests, labels, probabilities, lengths, windows, truncated, abstained);
         returns the drift report of the window."""
-        self.batch_requests.observe(batch["requests"])
-        self.batch_texts.observe(len(batch["labels"]))
         windows = batch.get("windows") or [1] * len(batch["labels"])
         for label, p, n, w in zip(batch["labels"], batch["probabilities"], batch["lengths"], windows, strict=True):
             self.predictions.labels(label).inc()
@@ -210,6 +208,10 @@ class PredictionMetrics:
         ):
             gauge.set(math.nan if report[key] is None else report[key])
         self._log_alert_changes(report)
+        # Counted last: once a batch shows in these counts, every metric it updates is updated (the drift alert
+        # gauges included), so a scrape or a test waiting on them never sees half a batch.
+        self.batch_requests.observe(batch["requests"])
+        self.batch_texts.observe(len(batch["labels"]))
         return report
 
     def _log_alert_changes(self, report: dict[str, Any]) -> None:
