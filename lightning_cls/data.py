@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_cls.atomic import atomic_folder
@@ -29,8 +29,7 @@ from lightning_cls.labels import (
     stratified_subsample,
 )
 from lightning_cls.multilabel import (
-    ARXIV_SUBJECTS,
-    arxiv_subject,
+    arxiv_subject_sets,
     iterative_split,
     label_counts,
     multi_hot,
@@ -131,10 +130,14 @@ def plan_multilabel_splits(
     plan's `label_ids` is the multi-hot matrix (rows, labels)."""
     sets = parse_label_sets(table["label"].tolist(), separator, source, label_column)
     if arxiv_subjects:
-        unknown = sorted({c for labels_ in sets for c in labels_ if c.split(".", 1)[0] not in ARXIV_SUBJECTS})
-        if unknown:
-            raise DataError(f"{source}: column {label_column!r} has categories of unknown archives: {unknown[:5]}.")
-        sets = [list(dict.fromkeys(arxiv_subject(c) for c in labels_)) for labels_ in sets]
+        sets, ignored = arxiv_subject_sets(sets, source, label_column)
+        if ignored:
+            common = sorted(ignored, key=ignored.get, reverse=True)[:5]
+            rank_zero_warn(
+                f"{source}: column {label_column!r}: {sum(ignored.values())} tokens of {len(ignored)} kinds are not "
+                f"arXiv categories (MSC/ACM classes spilled from arXiv's metadata, e.g. {common}); left out, the rows "
+                "keep their categories."
+            )
     counts = label_counts(sets)
     names = select_labels(
         [label for labels_ in sets for label in labels_],

@@ -48,6 +48,32 @@ def arxiv_subject(category: str) -> str:
     return ARXIV_SUBJECTS[category.split(".", 1)[0]]
 
 
+def arxiv_subject_sets(
+    sets: Sequence[Sequence[str]], source: str, column: str, first_row: int = 0
+) -> tuple[list[list[str]], dict[str, int]]:
+    """Label sets of arXiv categories as sets of subjects, and the tokens that were not categories (with counts).
+
+    arXiv's own metadata has MSC and ACM classes and words of the comments field spilled into the category list of
+    some papers (`math.NT 11N35 (Primary) 11M20`: 109 rows of the shared data); a token whose archive is not an arXiv
+    archive is not a category and is left out (the caller says how many), so the row keeps its real categories. A row
+    left with no category at all is an error naming the file, the column and the rows: dropping it would lose a text.
+    """
+    subjects, ignored, empty = [], Counter(), []
+    for i, labels in enumerate(sets):
+        known = [c for c in labels if c.split(".", 1)[0] in ARXIV_SUBJECTS]
+        ignored.update(c for c in labels if c.split(".", 1)[0] not in ARXIV_SUBJECTS)
+        if not known:
+            empty.append(i)
+        subjects.append(list(dict.fromkeys(arxiv_subject(c) for c in known)))
+    if empty:
+        shown = ", ".join(str(first_row + r) for r in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DataError(
+            f"{source}: column {column!r} has no arXiv category (no known archive such as cs or hep-th) in "
+            f"{len(empty)} row(s) (rows {shown}; 0-based data rows); e.g. {list(sets[empty[0]])[:5]}."
+        )
+    return subjects, dict(ignored)
+
+
 def parse_label_sets(
     values: Sequence[object], separator: str | None, source: str, column: str, first_row: int = 0
 ) -> list[list[str]]:

@@ -6,6 +6,7 @@ import pytest
 from lightning_cls.errors import DataError
 from lightning_cls.multilabel import (
     arxiv_subject,
+    arxiv_subject_sets,
     decide,
     fit_thresholds,
     iterative_split,
@@ -46,6 +47,20 @@ def test_arxiv_categories_map_to_the_subjects_of_the_label_column():
     assert arxiv_subject("cond-mat.str-el") == "condensed matter"
     with pytest.raises(KeyError):
         arxiv_subject("bogus.XY")
+
+
+def test_tokens_that_are_not_arxiv_categories_are_left_out_and_counted_but_a_row_without_any_is_an_error():
+    # As in arXiv's metadata: MSC classes spilled into the category list.
+    sets = [["math.NT", "11N35", "(Primary)", "cs.IT"], ["hep-th", "hep-ph", "hep-th"], ["quant-ph", "(Primary)"]]
+    subjects, ignored = arxiv_subject_sets(sets, "f.csv", "cats")
+    assert subjects == [
+        ["mathematics", "computer science"],
+        ["high energy physics theory", "high energy physics phenomenology"],
+        ["quantum physics"],
+    ]
+    assert ignored == {"11N35": 1, "(Primary)": 2}
+    with pytest.raises(DataError, match=r"f\.csv: column 'cats' has no arXiv category .* in 1 row\(s\) \(rows 4;"):
+        arxiv_subject_sets([["cs.LG"], ["68T07", "I.2.6;"]], "f.csv", "cats", first_row=3)
 
 
 def test_multi_hot_leaves_out_filtered_labels():
