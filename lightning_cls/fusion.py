@@ -28,18 +28,23 @@ def fuse(neural: torch.Tensor, lexical: torch.Tensor | np.ndarray, weight: float
 
 
 def fit_fusion_weight(neural: torch.Tensor, lexical: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
-    """The lexical weight `w` minimising the NLL of ``a * neural + b * lexical`` over (a, b), as ``w = b / a``."""
+    """The lexical weight `w` minimising the NLL of ``a * neural + b * lexical`` over (a, b), as ``w = b / a``.
+
+    `labels` are class ids (N,) (softmax cross-entropy), or multi-hot label sets (N, C) (a sigmoid per label: binary
+    cross-entropy)."""
     # Lightning's `validate` runs its hooks in inference mode, where nothing can be differentiated: leave it.
     with torch.inference_mode(False), torch.enable_grad():
         z = torch.tensor(np.asarray(neural.detach().cpu(), dtype=np.float64))  # (N, C)
         s = torch.tensor(np.asarray(torch.as_tensor(lexical).cpu(), dtype=np.float64))  # (N, C)
-        y = torch.tensor(np.asarray(labels.cpu(), dtype=np.int64))  # (N,)
+        multi_label = labels.dim() == 2
+        y = torch.tensor(np.asarray(labels.cpu(), dtype=np.float64 if multi_label else np.int64))
+        nll = torch.nn.functional.binary_cross_entropy_with_logits if multi_label else torch.nn.functional.cross_entropy
         params = torch.ones(2, dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(params[0] * z + params[1] * s, y)
+            loss = nll(params[0] * z + params[1] * s, y)
             loss.backward()
             return loss
 
@@ -54,21 +59,30 @@ def component_scores(
     neural: torch.Tensor, lexical: torch.Tensor, labels: torch.Tensor, weight: float
 ) -> dict[str, dict[str, float]]:
     """Accuracy and macro-F1 of the neural head alone, the lexical expert alone and the fusion (the test report
-    shows all three)."""
+    shows all three). For multi-hot `labels` (N, C): micro- and macro-F1 of each at one threshold, 0.5 for every
+    label (the fused model's own per-label thresholds are fitted on its fused scores; the three are compared alike)."""
     # Imported here: the serving workers import this module, and torchmetrics takes seconds to import.
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_f1_score,
+        multilabel_f1_score,
+    )
 
-    n = neural.shape[-1]
+    n, y = neural.shape[-1], labels.cpu()
+    parts = {"neural": neural, "lexical": torch.as_tensor(lexical), "fused": fuse(neural, lexical, weight)}
     out = {}
-    for name, logits in (
-        ("neural", neural),
-        ("lexical", torch.as_tensor(lexical)),
-        ("fused", fuse(neural, lexical, weight)),
-    ):
+    for name, logits in parts.items():
+        if y.dim() == 2:
+            probs = logits.float().sigmoid().cpu()
+            out[name] = {
+                f"{average}_f1": round(float(multilabel_f1_score(probs, y.long(), n, average=average)), 4)
+                for average in ("micro", "macro")
+            }
+            continue
         predicted = logits.argmax(-1).cpu()
         out[name] = {
-            "accuracy": round(float(multiclass_accuracy(predicted, labels.cpu(), n, average="micro")), 4),
-            "macro_f1": round(float(multiclass_f1_score(predicted, labels.cpu(), n, average="macro")), 4),
+            "accuracy": round(float(multiclass_accuracy(predicted, y, n, average="micro")), 4),
+            "macro_f1": round(float(multiclass_f1_score(predicted, y, n, average="macro")), 4),
         }
     return out
 

@@ -1,6 +1,6 @@
-"""The lexical expert: TF-IDF over word 1-2 grams (sublinear tf) and a multinomial logistic regression, the baseline
-that a fine-tuned encoder must beat, kept as part of the model so that its class scores can be fused with the
-neural head's (`lightning_cls.fusion`).
+"""The lexical expert: TF-IDF over word 1-2 grams (sublinear tf) and a multinomial logistic regression (one binary
+regression per label for multi-label data), the baseline that a fine-tuned encoder must beat, kept as part of the
+model so that its class scores can be fused with the neural head's (`lightning_cls.fusion`).
 
 It is stored as arrays only, never as a pickle: the vocabulary (the n-grams, newline-separated UTF-8 bytes), the
 idf weights, and the classifier's coefficients and intercepts. In a checkpoint they are a dict of tensors (torch's
@@ -70,17 +70,35 @@ class LexicalExpert:
     # ------------------------------------------------------------------------------------------------ fit, score
     @classmethod
     def fit(cls, texts: list[str], labels: np.ndarray, num_labels: int, settings: LexicalSettings) -> LexicalExpert:
-        """Fit on the training split's texts and class ids (every class must occur)."""
+        """Fit on the training split's texts and their class ids (N,): one multinomial logistic regression, softmax
+        of its logits the probabilities; or their multi-hot label sets (N, num_labels): one binary logistic regression
+        per label (one-vs-rest), the sigmoid of each logit that label's probability. Every class (every label, and
+        its absence) must occur."""
         _require_sklearn()
         from sklearn.linear_model import LogisticRegression
 
-        missing = sorted(set(range(num_labels)) - set(np.unique(labels).tolist()))
+        labels = np.asarray(labels)
+        if labels.ndim == 2:
+            counts = labels.sum(0)
+            missing = [i for i in range(num_labels) if counts[i] in (0, len(labels))]
+            what = "every text or none"
+        else:
+            missing = sorted(set(range(num_labels)) - set(np.unique(labels).tolist()))
+            what = "no text"
         if missing:
-            raise ConfigError(f"model.lexical: the training split has no text of the class ids {missing}.")
+            raise ConfigError(f"model.lexical: the training split has {what} of the label ids {missing}.")
         vectorizer = _vectorizer(min_df=settings.min_df, max_features=settings.max_features)
         features = vectorizer.fit_transform(texts)
-        classifier = LogisticRegression(C=settings.C, max_iter=settings.max_iter).fit(features, labels)
         vocabulary = vectorizer.get_feature_names_out().tolist()  # in column order
+        if labels.ndim == 2:
+            fitted = [
+                LogisticRegression(C=settings.C, max_iter=settings.max_iter).fit(features, labels[:, i])
+                for i in range(num_labels)
+            ]
+            coef = np.concatenate([f.coef_ for f in fitted])  # (num_labels, features): each label's own logit
+            intercept = np.concatenate([f.intercept_ for f in fitted])
+            return cls(vocabulary, vectorizer.idf_, coef, intercept)
+        classifier = LogisticRegression(C=settings.C, max_iter=settings.max_iter).fit(features, labels)
         return cls(vocabulary, vectorizer.idf_, classifier.coef_, classifier.intercept_)
 
     def scores(self, texts: list[str]) -> np.ndarray:

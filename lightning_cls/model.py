@@ -209,9 +209,10 @@ class TextClassifier(pl.LightningModule):
             use_temperature: `predict` divides the logits by the checkpoint's temperature (calibrated
                 probabilities); false gives the raw softmax. Never changes a predicted label.
             lexical: Fuse a lexical expert with the network (`lightning_cls.fusion`): TF-IDF over word 1-2 grams and a
-                logistic regression, fitted on the training split at the start of `fit` (or by `calibrate` on a
-                checkpoint that has none); its logits, times a weight fitted on the validation split, are added to
-                the network's. Every answer (validate, test, predict, export, serve) is then the fused one.
+                logistic regression (one per label for multi-label data), fitted on the training split at the start
+                of `fit` (or by `calibrate` on a checkpoint that has none); its logits, times a weight fitted on the
+                validation split, are added to the network's. Every answer (validate, test, predict, export,
+                serve) is then the fused one.
             lexical_c: Inverse regularisation strength of the lexical expert's logistic regression.
             lexical_max_features: Most n-grams the lexical expert keeps (the most frequent ones).
             multi_label: A text has a set of labels: a sigmoid per label and binary cross-entropy, per-label
@@ -271,8 +272,6 @@ class TextClassifier(pl.LightningModule):
                 "fixed position (the first token) or takes no position ids: use a right-padding tokenizer, or "
                 "model.pooling cls, mean or last."
             )
-        if multi_label and lexical:
-            raise ConfigError("model.lexical fuses a single-label expert: it is not available with multi-label data.")
         # What `transformers.pipeline` applies to an export: a sigmoid per label, or a softmax over them.
         self.model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
         self.multi_label = multi_label
@@ -362,10 +361,10 @@ class TextClassifier(pl.LightningModule):
         logits, labels, row_ids = per_text(logits, labels, row_ids)
         if not len(labels):
             return
-        if self.multi_label:
-            self._evaluate_label_sets(stage, logits, labels)
-            return
         logits, components = self._fuse_epoch(stage, logits, labels, row_ids)
+        if self.multi_label:
+            self._evaluate_label_sets(stage, logits, labels, components)
+            return
         n = len(self.label_names)
         predicted = logits.argmax(-1)
         # Every rank holds the whole split (gathered above): the values are the same everywhere, no sync needed.
@@ -380,20 +379,27 @@ class TextClassifier(pl.LightningModule):
             return
         self._write_report(stage, multiclass_confusion_matrix(predicted, labels, n), logits, labels, components)
 
-    def _evaluate_label_sets(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def _evaluate_label_sets(
+        self, stage: str, logits: torch.Tensor, labels: torch.Tensor, components: dict | None
+    ) -> None:
         """A multi-label epoch: fit the thresholds on the rows to fit on, then score the thresholded label sets and
-        write the report (`multilabel.epoch_report`: per-label scores, thresholds and calibration)."""
+        write the report (`multilabel.epoch_report`: per-label scores, thresholds and calibration; with a lexical
+        expert, the neural head, the expert and the fusion side by side at a 0.5 threshold)."""
         probs, y = logits.float().sigmoid().numpy(), labels.numpy()
         if self._fitting_on(stage) and not self.trainer.sanity_checking:
             self.thresholds = self.trainer.strategy.broadcast(fit_thresholds(probs, y).tolist(), src=0)
         thresholds = np.asarray(self.thresholds if self.thresholds is not None else [0.5] * len(self.label_names))
         report = epoch_report(probs, y, self.label_names, thresholds)
+        if components:
+            report["components"] = components
         scores = {
             f"{stage}/f1_micro": report["micro_f1"],
             f"{stage}/f1_macro": report["macro_f1"],
             f"{stage}/subset_acc": report["subset_accuracy"],
             f"{stage}/hamming_loss": report["hamming_loss"],
         }
+        for part in ("neural", "lexical") if components else ():
+            scores[f"{stage}/f1_micro_{part}"] = components[part]["micro_f1"]
         self.log_dict({k: torch.tensor(v) for k, v in scores.items()}, prog_bar=True, batch_size=len(y))
         log_dir = self.trainer.log_dir  # a broadcast: every rank must ask
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or log_dir is None:

@@ -265,4 +265,11 @@ def format_report(report: dict) -> str:
         f"{c.get('predicted', 0):.2f} predicted / {c.get('true', 0):.2f} true, mean label ECE "
         f"{report['mean_label_ece']:.4f}; {report['rows']} rows",
     ]
+    parts = report.get("components")
+    if parts:  # a fused lexical expert (`lightning_cls.fusion`): each part at a 0.5 threshold
+        lines += ["", f"fusion: neural logits + {parts['lexical_weight']:.3f} x lexical logits (at a 0.5 threshold):"]
+        lines += [
+            f"  {name:8s} micro-F1 {parts[name]['micro_f1']:.4f}, macro-F1 {parts[name]['macro_f1']:.4f}"
+            for name in ("neural", "lexical", "fused")
+        ]
     return "\n".join(lines) + "\n"

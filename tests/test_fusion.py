@@ -14,7 +14,7 @@ import torch
 from test_cli import data_args, trainer_args
 
 from lightning_cls.cli import main
-from lightning_cls.errors import InputError
+from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export import export
 from lightning_cls.export_format import METADATA_FILE, read_export_metadata
 from lightning_cls.fusion import FolderFusion, SplitScores, fit_fusion_weight, fuse
@@ -60,6 +60,39 @@ def test_the_fusion_weight_follows_what_the_expert_knows():
     fused = fuse(neural, informative, weight).argmax(-1)
     assert (fused == labels).float().mean() > (neural.argmax(-1) == labels).float().mean() + 0.05
     assert fit_fusion_weight(neural, useless, labels) < 0.1
+
+
+def test_a_multi_label_expert_scores_each_label_on_its_own_and_its_weight_is_fitted_by_binary_nll():
+    texts, labels = generate_texts(rows_per_label=12, seed=3)
+    names = sorted(set(labels))
+    # Pairs of texts carry both their labels: a multi-hot matrix.
+    rng = np.random.default_rng(0)
+    pairs = [rng.choice(len(texts), 2, replace=False) for _ in range(300)]
+    joined = [f"{texts[i]} {texts[j]}" for i, j in pairs]
+    y = np.zeros((len(pairs), len(names)), dtype=np.int64)
+    for row, (i, j) in enumerate(pairs):
+        y[row, [names.index(labels[i]), names.index(labels[j])]] = 1
+    y[:, y.sum(0) == 0] = 0
+    kept = [k for k in range(len(names)) if 0 < y[:, k].sum() < len(y)]
+    y = y[:, kept]
+    expert = LexicalExpert.fit(joined, y, len(kept), LexicalSettings(max_features=2000, min_df=1))
+    scores = expert.scores(joined)
+    assert scores.shape == y.shape
+    # Each label's own sigmoid: texts of two subjects get both (a softmax could not give two labels > 0.5).
+    assert ((scores > 0).astype(int) == y).mean() > 0.95
+    assert ((scores > 0).sum(1) >= 2).mean() > 0.5
+    np.testing.assert_allclose(LexicalExpert.from_state(expert.state()).scores(joined), scores, rtol=0, atol=1e-6)
+    every = y.copy()
+    every[:, 1] = 1  # a label every text has: nothing to learn it from
+    with pytest.raises(ConfigError, match=r"every text or none of the label ids \[1\]"):
+        LexicalExpert.fit(joined, every, len(kept), LexicalSettings(max_features=500, min_df=1))
+
+    torch.manual_seed(0)
+    truth = torch.from_numpy(y[:, :5]).repeat(7, 1)
+    neural = 1.5 * (2 * truth.float() - 1) + torch.randn(truth.shape)
+    informative = 3.0 * (2 * truth.float() - 1) + torch.randn(truth.shape)
+    assert fit_fusion_weight(neural, informative, truth) > 1.0
+    assert fit_fusion_weight(neural, torch.randn(truth.shape), truth) < 0.1
 
 
 def test_split_scores_are_looked_up_by_row_id_and_unknown_ids_are_named():

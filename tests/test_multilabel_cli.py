@@ -16,7 +16,7 @@ from lightning_cls.errors import DataError
 from lightning_cls.export import export
 from lightning_cls.export_format import read_export_metadata
 from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import THRESHOLDS_KEY
+from lightning_cls.model import LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
 from lightning_cls.sample_data import generate_texts
 
 SUBJECTS = sorted(DEFAULT_LABELS)
@@ -254,3 +254,40 @@ def test_the_multilabel_config_runs_with_fast_dev_run(tmp_path, sample_dir, labe
         ]
     )
     assert cli.model.multi_label and cli.model.label_names == SUBJECTS
+
+
+@pytest.mark.slow  # about 40 s: fit, test, predict and an export
+def test_a_fused_lexical_expert_answers_label_sets_alike_in_test_predict_and_the_service(
+    tmp_path, sample_dir, label_sets_csv
+):
+    """`model.lexical` with multi-label data: one binary expert per label, its weight fitted by binary NLL; the
+    thresholds are fitted on the fused scores and every path answers the fused label sets."""
+    model = ["--model.model_name_or_path=tiny", f"--model.model_config={json.dumps(TINY_CONFIGS['distilbert'])}"]
+    train = ["--trainer.max_epochs=2", "--model.pooling=mean", "--model.train_last_n_blocks=0"]
+    lexical = ["--model.lexical=true", "--model.lexical_max_features=3000"]
+    main(["fit", *args(label_sets_csv, sample_dir, tmp_path, *model, *train, *lexical)])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint[LEXICAL_KEY]["coef"].shape[0] == 10 and checkpoint[LEXICAL_WEIGHT_KEY] > 0
+
+    run = main(["test", *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}")])
+    metrics = run.trainer.callback_metrics
+    assert {"test/f1_micro_neural", "test/f1_micro_lexical"} <= set(metrics)
+    report = json.loads(next((tmp_path / "runs").rglob("test_report.json")).read_text())
+    parts = report["components"]
+    # The two epochs' tiny network knows little; the expert's words carry the fusion past it.
+    assert parts["fused"]["micro_f1"] > parts["neural"]["micro_f1"], parts
+    assert report["micro_f1"] == pytest.approx(float(metrics["test/f1_micro"]), abs=1e-5)
+
+    out = tmp_path / "predictions.jsonl"
+    predict = ["predict", *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}")]
+    main([*predict, f"--prediction_writer.output_path={out}", "--prediction_writer.top_k=10"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()][:12]
+    folder = tmp_path / "export"
+    export(str(last), str(folder), format="onnx", agreement_texts=0)
+    assert read_export_metadata(folder).lexical["weight"] == pytest.approx(checkpoint[LEXICAL_WEIGHT_KEY])
+    texts = pd.read_csv(label_sets_csv / "sets.csv")["text"].to_numpy()[[r["id"] for r in rows]].tolist()
+    for backend in ("torch", "onnx"):
+        for answer, row in zip(service_answers(folder, backend, texts), rows, strict=True):
+            assert answer["labels"] == row["labels"], backend
+            assert answer["scores"] == pytest.approx(row["scores"], abs=1e-5), backend
