@@ -16,6 +16,15 @@ a busy timeout):
 
 Texts are never stored: a prediction row holds its id, time, label and probabilities, token and window counts, and
 which model made it. Plain `sqlite3` (standard library); nothing here imports the web or torch stacks.
+
+A multi-label model's answers are label sets: the prediction row keeps its set (`labels`, a JSON list, most probable
+first) beside its most probable label, and a true label set is stored as a JSON list in `feedback.labels` (in the
+model's label order) with `feedback.label` the same names joined by "; " (as `predict` writes sets in CSV), so that a
+plain `SELECT prediction_id, label FROM feedback` still reads. A true label is a `str`, a true set a `tuple` of names.
+
+Schema versions (`PRAGMA user_version`): 1, single labels; 2 adds the two `labels` columns (NULL for single-label
+models). Opening a version-1 file adds them (`ALTER TABLE ... ADD COLUMN`: no row is rewritten); a file of a newer
+version than this code writes is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from typing import Any
 
 from lightning_cls.errors import InputError
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; a database of a newer version is refused
+SCHEMA_VERSION = 2  # PRAGMA user_version; a database of a newer version is refused (2: the `labels` columns)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another one before "database is locked"
 _CHUNK = 500  # ids per `IN (...)` query, well under SQLite's limit on bound parameters
 
@@ -56,7 +65,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     truncated INTEGER NOT NULL,
     abstained INTEGER NOT NULL,
     temperature REAL,                -- the temperature applied (NULL: plain softmax)
-    model_version TEXT NOT NULL
+    model_version TEXT NOT NULL,
+    labels TEXT                      -- JSON list: a multi-label answer's label set, most probable first
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
 CREATE TABLE IF NOT EXISTS secrets (
@@ -66,10 +76,16 @@ CREATE TABLE IF NOT EXISTS secrets (
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     prediction_id TEXT NOT NULL UNIQUE REFERENCES predictions (id) ON DELETE CASCADE,
-    label TEXT NOT NULL,             -- the true label
-    time REAL NOT NULL               -- Unix time it was received
+    label TEXT NOT NULL,             -- the true label (a label set: its names, semicolon-separated)
+    time REAL NOT NULL,              -- Unix time it was received
+    labels TEXT                      -- JSON list: the true label set, in the model's label order (NULL: one label)
 );
 """
+# Columns added by a schema version after the table's first: (table, column, type), added to older files on open.
+_ADDED_COLUMNS = (("predictions", "labels", "TEXT"), ("feedback", "labels", "TEXT"))
+_ROW_FIELDS = 12  # values of a `predictions` row (`rows_of`); rows spilled by version 1 have 11 (no `labels`)
+
+Truth = str | tuple[str, ...]  # a true (or predicted) label, or a label set
 
 
 def model_version(model_dir: str | Path) -> str:
@@ -94,13 +110,13 @@ class StoreSettings:
 
 @dataclass
 class FeedbackResult:
-    """What a feedback write did: ``stored`` new labels, ``repeated`` ones already stored with the same label; or,
-    with nothing stored, the ``unknown`` ids and the ``conflicts`` (id, stored label, sent label)."""
+    """What a feedback write did: ``stored`` new labels, ``repeated`` ones already stored with the same label (or
+    label set); or, with nothing stored, the ``unknown`` ids and the ``conflicts`` (id, stored, sent)."""
 
     stored: int = 0
     repeated: int = 0
     unknown: list[str] = field(default_factory=list)
-    conflicts: list[tuple[str, str, str]] = field(default_factory=list)
+    conflicts: list[tuple[str, Truth, Truth]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -140,11 +156,19 @@ class FeedbackStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
+                self._add_missing_columns()
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as err:
             raise InputError(f"--feedback_db {self.path} cannot be used as a SQLite database: {err}.") from None
         except OSError as err:
             raise InputError(f"--feedback_db {self.path}: {err.strerror or err}.") from None
+
+    def _add_missing_columns(self) -> None:
+        """Migrate an older file: the columns later versions added (nullable, so no row is rewritten)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -182,7 +206,9 @@ class FeedbackStore:
 
     @staticmethod
     def rows_of(batch: dict[str, Any], version: str, temperature: float | None) -> list[tuple]:
-        """The `predictions` rows of one server batch (the inference worker's message): plain JSON-able values."""
+        """The `predictions` rows of one server batch (the inference worker's message): plain JSON-able values. A
+        multi-label model's message has ``label_sets`` (each answer's set), stored as JSON lists."""
+        sets = batch.get("label_sets") or [None] * len(batch["ids"])
         return [
             (
                 pid,
@@ -196,8 +222,9 @@ class FeedbackStore:
                 int(abstained),
                 temperature,
                 version,
+                json.dumps(list(label_set)) if label_set is not None else None,
             )
-            for pid, label, p, probs, n, w, cut, abstained in zip(
+            for pid, label, p, probs, n, w, cut, abstained, label_set in zip(
                 batch["ids"],
                 batch["labels"],
                 batch["probabilities"],
@@ -206,18 +233,20 @@ class FeedbackStore:
                 batch["windows"],
                 batch["truncated"],
                 batch["abstained"],
+                sets,
                 strict=True,
             )
         ]
 
     def insert_rows(self, rows: Sequence[Sequence[Any]]) -> int:
         """Insert `rows_of` rows inside the caller's transaction; a row whose id is stored already is skipped (a
-        spill file replayed twice stores each row once). Returns how many were new."""
+        spill file replayed twice stores each row once; a row spilled by an older version, without a label set, is
+        stored without one). Returns how many were new."""
         before = self.conn.total_changes
         self.conn.executemany(
             "INSERT OR IGNORE INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
-            "truncated, abstained, temperature, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [tuple(r) for r in rows],
+            "truncated, abstained, temperature, model_version, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*r, *[None] * (_ROW_FIELDS - len(r))) for r in rows],
         )
         return self.conn.total_changes - before
 
@@ -252,34 +281,44 @@ class FeedbackStore:
         with self.transaction(write=False):
             return {r[0] for r in self._where_in("SELECT id FROM predictions WHERE id IN ({})", ids)}
 
-    def record_feedback(self, items: Sequence[tuple[str, str]], now: float | None = None) -> FeedbackResult:
-        """Store true labels, (prediction id, label) pairs with distinct ids, all or nothing: nothing is stored if
-        an id is not a stored prediction or already has another label. The same label sent again is not stored
-        twice (`repeated`)."""
+    def record_feedback(self, items: Sequence[tuple[str, Truth]], now: float | None = None) -> FeedbackResult:
+        """Store true labels, (prediction id, label) pairs with distinct ids, where a label is a name or, for a
+        multi-label model, a tuple of names (a label set), all or nothing: nothing is stored if an id is not a stored
+        prediction or already has another label (a set in another order is the same set). The same label sent again
+        is not stored twice (`repeated`)."""
         now = time.time() if now is None else now
         ids = [pid for pid, _ in items]
         with self.transaction():
             known = {r[0] for r in self._where_in("SELECT id FROM predictions WHERE id IN ({})", ids)}
-            stored = dict(self._where_in("SELECT prediction_id, label FROM feedback WHERE prediction_id IN ({})", ids))
+            stored = {
+                pid: _truth(label, labels)
+                for pid, label, labels in self._where_in(
+                    "SELECT prediction_id, label, labels FROM feedback WHERE prediction_id IN ({})", ids
+                )
+            }
             unknown = [pid for pid in ids if pid not in known]
-            conflicts = [(pid, stored[pid], label) for pid, label in items if pid in stored and stored[pid] != label]
+            conflicts = [
+                (pid, stored[pid], label) for pid, label in items if pid in stored and not _same(stored[pid], label)
+            ]
             if unknown or conflicts:
                 return FeedbackResult(unknown=unknown, conflicts=conflicts)
-            new = [(pid, label, now) for pid, label in items if pid not in stored]
-            self.conn.executemany("INSERT INTO feedback (prediction_id, label, time) VALUES (?, ?, ?)", new)
+            new = [(pid, *_columns(label), now) for pid, label in items if pid not in stored]
+            self.conn.executemany("INSERT INTO feedback (prediction_id, label, labels, time) VALUES (?, ?, ?, ?)", new)
         return FeedbackResult(stored=len(new), repeated=len(items) - len(new))
 
-    def feedback_since(self, after_seq: int, version: str, limit: int) -> tuple[list[tuple[str, str]], int]:
+    def feedback_since(self, after_seq: int, version: str, limit: int) -> tuple[list[tuple[Truth, Truth]], int]:
         """The (predicted, true) labels of the feedback rows after ``after_seq`` on predictions of model ``version``,
-        oldest first, at most the newest ``limit``; and the last feedback seq read (of any model)."""
+        oldest first, at most the newest ``limit``; and the last feedback seq read (of any model). A label set (a
+        multi-label prediction, or a true set) is a tuple of names; a single label a string."""
         with self.transaction(write=False):
             top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM feedback").fetchone()[0]
             rows = self.conn.execute(
-                "SELECT p.label, f.label FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
-                "WHERE f.seq > ? AND f.seq <= ? AND p.model_version = ? ORDER BY f.seq DESC LIMIT ?",
+                "SELECT p.label, p.labels, f.label, f.labels FROM feedback f JOIN predictions p "
+                "ON p.id = f.prediction_id WHERE f.seq > ? AND f.seq <= ? AND p.model_version = ? "
+                "ORDER BY f.seq DESC LIMIT ?",
                 (after_seq, top, version, limit),
             ).fetchall()
-        return [(p, t) for p, t in reversed(rows)], max(top, after_seq)
+        return [(_truth(p, ps), _truth(t, ts)) for p, ps, t, ts in reversed(rows)], max(top, after_seq)
 
     def _where_in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple]:
         """The rows of ``sql`` with its ``{}`` filled by placeholders for ``ids``, queried in chunks."""
@@ -295,3 +334,21 @@ class FeedbackStore:
                 table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 for table in ("predictions", "feedback")
             }
+
+
+def _truth(label: str, labels: str | None) -> Truth:
+    """A stored label: its set (a tuple) when the row has one, else the name."""
+    return tuple(json.loads(labels)) if labels is not None else label
+
+
+def _columns(truth: Truth) -> tuple[str, str | None]:
+    """The `feedback` columns (label, labels) of a true label or label set."""
+    if isinstance(truth, str):
+        return truth, None
+    return "; ".join(truth), json.dumps(list(truth))
+
+
+def _same(a: Truth, b: Truth) -> bool:
+    """The same label, or the same set whatever its order (a name and the set of that one name are the same: a
+    multi-label model's feedback stored as a single label before sets were taken)."""
+    return ({a} if isinstance(a, str) else set(a)) == ({b} if isinstance(b, str) else set(b))

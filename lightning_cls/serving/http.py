@@ -21,7 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lightning_cls.serving.feedback import FeedbackResult, FeedbackStore
+from lightning_cls.serving.feedback import FeedbackResult, FeedbackStore, Truth
 from lightning_cls.serving.metrics import HttpMetrics
 from lightning_cls.serving.prediction_log import IdIssuer
 
@@ -86,13 +86,17 @@ def parse_predict_body(body: bytes, max_texts: int, num_labels: int, default_top
 
 
 def parse_feedback_body(
-    body: bytes, names: Sequence[str], max_items: int = MAX_FEEDBACK_ITEMS
-) -> list[tuple[str, str]]:
+    body: bytes, names: Sequence[str], max_items: int = MAX_FEEDBACK_ITEMS, multi_label: bool = False
+) -> list[tuple[str, Truth]]:
     """The (prediction id, true label) pairs of a /feedback body: ``{"feedback": [{"prediction_id": ..., "label":
-    ...}, ...]}`` (or one such object instead of the list, or the object alone). Anything else raises
-    `RequestError`: 400 for malformed JSON, 422 naming every bad item and every label not among ``names``. An id
-    given twice with the same label counts once; with two labels it is a 422."""
+    ...}, ...]}`` (or one such object instead of the list, or the object alone). A multi-label model (``multi_label``)
+    takes the true label set instead, ``"labels": [name, ...]`` (one name or more; returned as a tuple in the order of
+    ``names``, repeats dropped), and refuses ``"label"``; a single-label model refuses ``"labels"``. Anything else
+    raises `RequestError`: 400 for malformed JSON, 422 naming every bad item and every label not among ``names``. An
+    id given twice with the same label (or set) counts once; with two different ones it is a 422."""
     payload = _json(body)
+    field_name = "labels" if multi_label else "label"
+    example = '"labels": ["...", ...]' if multi_label else '"label": "..."'
     if isinstance(payload, dict) and "feedback" in payload:
         unknown = sorted(set(payload) - {"feedback"})
         if unknown:
@@ -102,41 +106,100 @@ def parse_feedback_body(
     if not isinstance(items, list):
         raise RequestError(
             422,
-            'Expected {"feedback": [{"prediction_id": "...", "label": "..."}, ...]} or one '
-            f'{{"prediction_id": ..., "label": ...}} object, got {_kind(items)}.',
+            f'Expected {{"feedback": [{{"prediction_id": "...", {example}}}, ...]}} or one '
+            f'{{"prediction_id": ..., "{field_name}": ...}} object, got {_kind(items)}.',
         )
     if not items:
-        raise RequestError(422, '"feedback" is empty: give at least one {"prediction_id", "label"} object.')
+        raise RequestError(422, f'"feedback" is empty: give at least one {{"prediction_id", "{field_name}"}} object.')
     if len(items) > max_items:
         raise RequestError(422, f'"feedback" has {len(items)} items; this server takes at most {max_items}.')
-    problems, pairs = [], []
+    problems, pairs, sent_in = [], [], {}  # sent_in: label name -> where it was sent (for unknown labels)
     for i, item in enumerate(items):
         where = f"feedback[{i}]"
         if not isinstance(item, dict):
             problems.append(f"{where} must be an object, got {_kind(item)}")
             continue
-        extra = sorted(set(item) - {"prediction_id", "label"})
-        pid, label = item.get("prediction_id"), item.get("label")
+        extra = sorted(set(item) - {"prediction_id", "label", "labels"})
+        pid = item.get("prediction_id")
         if extra:
-            problems.append(f"{where} has unknown field(s) {extra}")
+            hint = ' (an answer\'s id is sent as "prediction_id")' if "id" in extra else ""
+            problems.append(f"{where} has unknown field(s) {extra}{hint}")
         elif not isinstance(pid, str) or not pid.strip():
             problems.append(f'{where}: "prediction_id" must be a non-empty string, got {_kind(pid)}')
-        elif not isinstance(label, str):
-            problems.append(f'{where}: "label" must be a string, got {_kind(label)}')
         else:
-            pairs.append((pid, label))
+            truth = _label_set(item, where, problems) if multi_label else _one_label(item, where, problems)
+            if truth is not None:
+                pairs.append((pid, truth))
+                for j, name in enumerate([truth] if isinstance(truth, str) else truth):
+                    sent_in.setdefault(name, f"{where}.{field_name}" + ("" if isinstance(truth, str) else f"[{j}]"))
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise RequestError(422, "; ".join(problems[:10]) + more + ".")
     known = set(names)
-    bad_labels = sorted({label for _, label in pairs if label not in known})
+    bad_labels = sorted(name for name in sent_in if name not in known)
     if bad_labels:
-        raise RequestError(422, f"Unknown label(s) {bad_labels}: the model's labels are {list(names)}.")
-    first: dict[str, str] = {}
-    twice = sorted({pid for pid, label in pairs if first.setdefault(pid, label) != label})
+        raise RequestError(
+            422,
+            f"Unknown label(s) {bad_labels}: the model's labels are {list(names)} "
+            f"(sent in {', '.join(sent_in[name] for name in bad_labels[:10])}).",
+        )
+    if multi_label:  # the model's label order: the same set is the same tuple
+        order = {name: k for k, name in enumerate(names)}
+        pairs = [(pid, tuple(sorted(truth, key=order.__getitem__))) for pid, truth in pairs]
+    first: dict[str, Truth] = {}
+    twice = sorted({pid for pid, truth in pairs if first.setdefault(pid, truth) != truth})
     if twice:
-        raise RequestError(422, f"prediction_id(s) {_few(twice)} are given twice with different labels.")
+        what = "label sets" if multi_label else "labels"
+        raise RequestError(422, f"prediction_id(s) {_few(twice)} are given twice with different {what}.")
     return list(first.items())
+
+
+def _one_label(item: dict, where: str, problems: list[str]) -> str | None:
+    """A single-label model's true label, or None with the problem added to ``problems``."""
+    label = item.get("label")
+    if "labels" in item:
+        problems.append(
+            f'{where}: this model answers one label per text: send "label": "..." (a string), not "labels" '
+            f"(got {_short(item['labels'])})"
+        )
+    elif not isinstance(label, str):
+        problems.append(f'{where}: "label" must be a string, got {_kind(label)}')
+    else:
+        return label
+    return None
+
+
+def _label_set(item: dict, where: str, problems: list[str]) -> tuple[str, ...] | None:
+    """A multi-label model's true label set (names in the order sent, repeats dropped), or None with the problem
+    added to ``problems``."""
+    labels = item.get("labels")
+    if "label" in item:
+        sent = item["label"]
+        problems.append(
+            f'{where}: this model answers label sets: send the true labels as "labels": '
+            f"{_short([sent] if isinstance(sent, str) else ['...'])} (a list of label names, one or more), not "
+            f'"label" (got "label": {_short(sent)})'
+        )
+    elif not isinstance(labels, list):
+        problems.append(f'{where}: "labels" must be a list of label names, got {_kind(labels)}')
+    elif not labels:
+        problems.append(f'{where}: "labels" is empty: give the text\'s true labels (at least one)')
+    else:
+        bad = [
+            f"{where}.labels[{j}] must be a string, got {_kind(x)}"
+            for j, x in enumerate(labels)
+            if not isinstance(x, str)
+        ]
+        if not bad:
+            return tuple(dict.fromkeys(labels))
+        problems.extend(bad)
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A sent value for a message: its JSON, cut at ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json(body: bytes) -> Any:
@@ -290,6 +353,9 @@ class FeedbackEndpoint:
     """POST /feedback: true labels for served predictions, written to the feedback database (`feedback.py`) from
     this HTTP server process, all or nothing.
 
+    A multi-label model (``multi_label``) takes the true label set of each prediction, ``"labels": [...]``, and
+    refuses a single ``"label"`` (see `parse_feedback_body`).
+
     Answers: 200 ``{"stored": n, "already_stored": m}`` (an id sent again with the label it has counts once); 400
     malformed JSON; 413 a body over the limit; 422 a bad body or a label not among the model's; 404 prediction ids
     the database does not hold (never served, or deleted by the retention bound); 409 ids that already have another
@@ -314,8 +380,10 @@ class FeedbackEndpoint:
         wait: float = 2.0,
         notify: Callable[[int], None] | None = None,
         id_key: bytes | None = None,
+        multi_label: bool = False,
     ) -> None:
         self.db_path, self.names, self.max_body_bytes, self.wait = db_path, list(names), max_body_bytes, wait
+        self.multi_label = multi_label  # true label sets ("labels": [...]) instead of one label
         self.issuer = IdIssuer(id_key) if id_key is not None else None  # None: every missing id is a 404
         self.notify = notify  # tells the logger process that new feedback is stored (it owns the live gauges)
         self._store: FeedbackStore | None = None  # opened in the HTTP server process, on first use
@@ -330,7 +398,7 @@ class FeedbackEndpoint:
     async def _db(self, method: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(self._run, method, *args)  # SQLite blocks: not on the event loop
 
-    async def record(self, pairs: list[tuple[str, str]]) -> FeedbackResult:
+    async def record(self, pairs: list[tuple[str, Truth]]) -> FeedbackResult:
         """Wait (up to ``wait`` s) for ids still on their way to the database, then write, all or nothing."""
         ids = [pid for pid, _ in pairs]
         deadline = time.monotonic() + self.wait
@@ -352,7 +420,8 @@ class FeedbackEndpoint:
 
     async def handle(self, request: Request) -> JSONResponse:
         try:
-            pairs = parse_feedback_body(await read_body(request, self.max_body_bytes), self.names)
+            body = await read_body(request, self.max_body_bytes)
+            pairs = parse_feedback_body(body, self.names, multi_label=self.multi_label)
             result = await self.record(pairs)
         except RequestError as e:
             return JSONResponse({"detail": e.message}, status_code=e.status)
@@ -373,15 +442,22 @@ class FeedbackEndpoint:
             )
             return JSONResponse({"detail": detail, "unknown_ids": result.unknown}, status_code=404)
         if result.conflicts:
-            shown = ", ".join(f"{pid!r} has {old!r} (sent {new!r})" for pid, old, new in result.conflicts[:20])
+            shown = ", ".join(
+                f"{pid!r} has {_listed(old)!r} (sent {_listed(new)!r})" for pid, old, new in result.conflicts[:20]
+            )
             detail = (
                 f"prediction_id(s) already labelled differently: {shown}. A true label is kept as first sent; "
                 "nothing was stored."
             )
-            conflicts = [{"prediction_id": p, "stored": o, "sent": n} for p, o, n in result.conflicts]
+            conflicts = [{"prediction_id": p, "stored": _listed(o), "sent": _listed(n)} for p, o, n in result.conflicts]
             return JSONResponse({"detail": detail, "conflicts": conflicts}, status_code=409)
         if result.stored and self.notify is not None:
             # The queue may be gone (shutting down): the logger process also looks for feedback at every batch.
             with contextlib.suppress(Exception):
                 self.notify(result.stored)
         return JSONResponse({"stored": result.stored, "already_stored": result.repeated})
+
+
+def _listed(truth: Truth) -> str | list[str]:
+    """A label as sent (a name), a label set as a list."""
+    return truth if isinstance(truth, str) else list(truth)
