@@ -18,6 +18,9 @@ Accuracy, without and with true labels:
   calibrated probabilities, the expected share of right answers), in the drift report and its window;
 - realized accuracy, macro-F1 and ECE against true labels (`label_scores`, `top_label_ece`), over the last labelled
   predictions of the service (`FeedbackWindow`, fed by POST /feedback) or offline (`monitor --labels`).
+
+A multi-label model's answers are label sets: `lightning_cls.multilabel_drift` reads these reports for sets (each
+label's predicted rate against its training rate, the expected micro-F1, live scores of true label sets).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ PSI_WARNING = 0.2  # PSI above this is a large shift: an alert
 LOW_CONFIDENCE = 0.5  # a prediction whose top probability is below this counts as low-confidence
 LOW_CONFIDENCE_WARNING = 0.3  # a low-confidence share above this is an alert
 PSI_SIGNALS = ("label_psi", "length_psi", "window_psi")
+# A multi-label window's largest per-label PSI (`multilabel_drift`): an alert over the same threshold.
+LABEL_RATE_SIGNAL = "label_rate_psi"
 # Equal-width confidence bins of the ECE: the same 15 as `lightning_cls.calibration.ECE_BINS` (a test checks), not
 # imported from there because that module loads torchmetrics, seconds of start-up for the service's processes.
 ECE_BINS = 15
@@ -167,12 +172,17 @@ def drift_report(
             live_windows, ref_windows = window_count_bins(windows, reference["window_counts"])
             report["window_psi"] = psi(ref_windows, live_windows)
             report["windows"] = {"live": live_windows.tolist(), "reference": ref_windows.tolist()}
-    alerts = [k for k in PSI_SIGNALS if report[k] is not None and report[k] > t.psi_warning]
+    report["alerts"] = alerts_of(report, t)
+    return report
+
+
+def alerts_of(report: dict[str, Any], t: DriftThresholds) -> list[str]:
+    """The signals of a drift report over their threshold (a multi-label report's `label_rate_psi` too)."""
+    alerts = [k for k in (*PSI_SIGNALS, LABEL_RATE_SIGNAL) if report.get(k) is not None and report[k] > t.psi_warning]
     share = report["low_confidence_share"]
     if share is not None and share > t.low_confidence_warning:
         alerts.append("low_confidence_share")
-    report["alerts"] = alerts
-    return report
+    return alerts
 
 
 class DriftWindow:

@@ -157,6 +157,7 @@ class ClassifierAPI(ls.LitAPI):
                 "windows": counts,
                 "truncated": cut,
                 "abstained": abstained,
+                "label_sets": sets,  # a multi-label model's answers (None: one label each)
             },
         )
         return answers if batched else answers[0]

@@ -13,6 +13,10 @@ HTTP server only says "new feedback" on LitServe's logger queue, and the logger 
 database (`FeedbackStore.feedback_since`: by their growing seq, so none is counted twice) into its `FeedbackWindow`.
 It also looks at every batch, so a lost message only delays the gauges.
 
+A multi-label model (its answers are label sets) has the same metrics read for sets (`predictions_total` counts
+every label of each set, the label PSI compares the tags' mix, live accuracy is subset accuracy) and more, per label
+and for the sets (`label_metrics.LabelSetMetrics`, from `lightning_cls.multilabel_drift`'s windows).
+
 The metrics are not registered in prometheus-client's default registry (``registry=None``): in multiprocess mode
 their values live in the files that `collect_metrics` reads, and unregistered metrics can be made again (tests).
 """
@@ -33,7 +37,15 @@ from typing import Any
 
 import litserve as ls
 
-from lightning_cls.drift import DEFAULT_THRESHOLDS, PSI_SIGNALS, DriftThresholds, DriftWindow, FeedbackWindow
+from lightning_cls.drift import (
+    DEFAULT_THRESHOLDS,
+    LABEL_RATE_SIGNAL,
+    PSI_SIGNALS,
+    DriftThresholds,
+    DriftWindow,
+    FeedbackWindow,
+)
+from lightning_cls.multilabel_drift import LabelSetWindow, SetFeedbackWindow
 from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
 from lightning_cls.serving.prediction_log import LogSettings, PredictionLog
 
@@ -106,12 +118,20 @@ class HttpMetrics:
 
 
 class PredictionMetrics:
-    """What the model saw and answered (batch sizes, labels, confidence, token lengths) and the drift gauges."""
+    """What the model saw and answered (batch sizes, labels, confidence, token lengths) and the drift gauges; with
+    ``label_sets`` (a multi-label model, whose ``window`` is a `LabelSetWindow`), the per-label gauges too."""
 
-    def __init__(self, names: Sequence[str], max_batch_size: int, max_length: int, window: DriftWindow) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        max_batch_size: int,
+        max_length: int,
+        window: DriftWindow,
+        label_sets: Any = None,
+    ) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        self.window = window
+        self.window, self.label_sets = window, label_sets  # label_sets: a `label_metrics.LabelSetMetrics`
         self.batch_requests = Histogram(
             "lightning_cls_batch_requests",
             "Requests per server-side batch",
@@ -124,7 +144,12 @@ class PredictionMetrics:
             buckets=exponential_buckets(1, 2, 1024),
             **UNREGISTERED,
         )
-        self.predictions = Counter("lightning_cls_predictions", "Predicted labels", ["label"], **UNREGISTERED)
+        self.predictions = Counter(
+            "lightning_cls_predictions",
+            "Predicted labels (label sets: each of their labels)",
+            ["label"],
+            **UNREGISTERED,
+        )
         for name in names:  # every label shows from the start, at 0
             self.predictions.labels(name)
         self.confidence = Histogram(
@@ -189,14 +214,17 @@ class PredictionMetrics:
         """Record one server batch (keys requests, labels, probabilities, lengths, windows, truncated, abstained);
         returns the drift report of the window."""
         windows = batch.get("windows") or [1] * len(batch["labels"])
-        for label, p, n, w in zip(batch["labels"], batch["probabilities"], batch["lengths"], windows, strict=True):
-            self.predictions.labels(label).inc()
+        sets = batch.get("label_sets")  # a multi-label model's answers (else each answer is its one label)
+        for i, (p, n, w) in enumerate(zip(batch["probabilities"], batch["lengths"], windows, strict=True)):
+            for label in sets[i] if sets is not None else [batch["labels"][i]]:
+                self.predictions.labels(label).inc()
             self.confidence.observe(p)
             self.tokens.observe(n)
             self.windows.observe(w)
         self.truncated.inc(sum(batch["truncated"]))
         self.abstentions.inc(sum(batch.get("abstained") or []))
-        self.window.add(batch["labels"], batch["probabilities"], batch["lengths"], windows)
+        sets_of = {"label_sets": sets, "all_probabilities": batch["all_probabilities"]} if sets is not None else {}
+        self.window.add(batch["labels"], batch["probabilities"], batch["lengths"], windows, **sets_of)
         report = self.window.report()
         self.window_texts.set(report["texts"])
         for key, gauge in (
@@ -207,6 +235,8 @@ class PredictionMetrics:
             ("estimated_accuracy", self.estimated_accuracy),
         ):
             gauge.set(math.nan if report[key] is None else report[key])
+        if self.label_sets is not None:
+            self.label_sets.observe(report)
         self._log_alert_changes(report)
         # Counted last: once a batch shows in these counts, every metric it updates is updated (the drift alert
         # gauges included), so a scrape or a test waiting on them never sees half a batch.
@@ -217,13 +247,15 @@ class PredictionMetrics:
     def _log_alert_changes(self, report: dict[str, Any]) -> None:
         # Logged when a signal crosses its threshold, not on every batch it stays over it.
         alerts = set(report["alerts"])
-        for signal_name in (*PSI_SIGNALS, "low_confidence_share"):
+        per_label = (LABEL_RATE_SIGNAL,) if LABEL_RATE_SIGNAL in report else ()  # a multi-label window's
+        for signal_name in (*PSI_SIGNALS, "low_confidence_share", *per_label):
             self.alert.labels(signal_name).set(float(signal_name in alerts))
         for signal_name in sorted(alerts - self._alerts):
             threshold = report["thresholds"]["psi" if "psi" in signal_name else "low_confidence_share"]
+            which = f" (labels {report['label_rate_alerts']})" if signal_name == LABEL_RATE_SIGNAL else ""
             log.warning(
-                f"Drift: {signal_name} = {report[signal_name]:.3f} over the last {report['texts']} predictions is "
-                f"above its threshold ({threshold})."
+                f"Drift: {signal_name} = {report[signal_name]:.3f}{which} over the last {report['texts']} predictions "
+                f"is above its threshold ({threshold})."
             )
         for signal_name in sorted(self._alerts - alerts):
             log.warning(f"Drift: {signal_name} = {report[signal_name]:.3f} is back under its threshold.")
@@ -240,12 +272,15 @@ class AccuracySettings:
         margin: A drop of the estimated or live accuracy below the validation accuracy larger than this is an alert.
         window: Labelled predictions (POST /feedback) the live accuracy is computed over: the last ones received.
         min_labels: Labelled predictions the window needs before the live gauges are computed (NaN until then).
+        validation_micro_f1: A multi-label export's validation micro-F1, the baseline of the micro-F1 alerts (None:
+            not recorded, or a single-label model).
     """
 
     validation_accuracy: float | None = None
     margin: float = 0.05
     window: int = 1000
     min_labels: int = 50
+    validation_micro_f1: float | None = None
 
 
 DEFAULT_ACCURACY = AccuracySettings()
@@ -288,8 +323,8 @@ class AccuracyMetrics:
         valid = settings.validation_accuracy
         self.validation.set(math.nan if valid is None else valid)
         self.margin.set(settings.margin)
+        self._dropped: dict[str, bool] = {}
         self.set_live({"rows": 0, "accuracy": None, "macro_f1": None})
-        self._dropped = {"estimated": False, "live": False}
 
     def set_live(self, report: dict[str, Any]) -> None:
         """The live gauges from a `FeedbackWindow` report."""
@@ -298,24 +333,26 @@ class AccuracyMetrics:
             gauge.set(math.nan if report[key] is None else report[key])
         self.check("live", report["accuracy"], f"over the last {report['rows']} labelled predictions")
 
-    def check(self, kind: str, accuracy: float | None, over: str) -> None:
-        """Log when the ``kind`` accuracy (estimated or live) drops below the validation accuracy by more than the
-        margin, and when it comes back (the alerts of deploy/prometheus/rules.yml, for those who read the log)."""
-        valid, margin = self.settings.validation_accuracy, self.settings.margin
+    def check(self, kind: str, accuracy: float | None, over: str, metric: str = "accuracy") -> None:
+        """Log when the ``kind`` (estimated or live) ``metric`` (accuracy, or a multi-label model's micro-F1) drops
+        below its validation value by more than the margin, and when it comes back (the alerts of
+        deploy/prometheus/rules.yml, for those who read the log)."""
+        s = self.settings
+        valid, margin = s.validation_micro_f1 if metric == "micro-F1" else s.validation_accuracy, s.margin
         if valid is None or accuracy is None:
             return
-        dropped = valid - accuracy > margin
-        if dropped and not self._dropped[kind]:
+        dropped, was = valid - accuracy > margin, self._dropped.get(f"{kind} {metric}", False)
+        if dropped and not was:
             log.warning(
-                f"Accuracy: {kind} accuracy {accuracy:.3f} {over} is {valid - accuracy:.3f} below the validation "
-                f"accuracy {valid:.3f}, more than the margin {margin:g} (serve --accuracy_alert_margin)."
+                f"Accuracy: {kind} {metric} {accuracy:.3f} {over} is {valid - accuracy:.3f} below the validation "
+                f"{metric} {valid:.3f}, more than the margin {margin:g} (serve --accuracy_alert_margin)."
             )
-        elif self._dropped[kind] and not dropped:
+        elif was and not dropped:
             log.warning(
-                f"Accuracy: {kind} accuracy {accuracy:.3f} is back within {margin:g} of the validation accuracy "
+                f"Accuracy: {kind} {metric} {accuracy:.3f} is back within {margin:g} of the validation {metric} "
                 f"{valid:.3f}."
             )
-        self._dropped[kind] = dropped
+        self._dropped[f"{kind} {metric}"] = dropped
 
 
 class LogMetrics:
@@ -346,11 +383,18 @@ class Monitor:
     def __init__(self, settings: dict[str, Any]) -> None:
         s = settings
         self.names = s["names"]
-        window = DriftWindow(s["names"], s["reference"], **s["window"])
-        self.predictions = PredictionMetrics(s["names"], s["max_batch_size"], s["max_length"], window)
+        self.multi_label = bool(s.get("multi_label"))  # answers are label sets
         self.accuracy_settings: AccuracySettings = s["accuracy"]
-        self.accuracy = AccuracyMetrics(self.accuracy_settings)
-        self.feedback = FeedbackWindow(s["names"], self.accuracy_settings.window, self.accuracy_settings.min_labels)
+        a = self.accuracy_settings
+        self.label_sets = None
+        if self.multi_label:
+            from lightning_cls.serving.label_metrics import LabelSetMetrics
+
+            self.label_sets = LabelSetMetrics(s["names"], s["reference"], a.validation_micro_f1)
+        window = (LabelSetWindow if self.multi_label else DriftWindow)(s["names"], s["reference"], **s["window"])
+        self.predictions = PredictionMetrics(s["names"], s["max_batch_size"], s["max_length"], window, self.label_sets)
+        self.accuracy = AccuracyMetrics(a)
+        self.feedback = (SetFeedbackWindow if self.multi_label else FeedbackWindow)(s["names"], a.window, a.min_labels)
         self.store_settings: StoreSettings | None = s["store"]
         self.store: FeedbackStore | None = None
         self.log: PredictionLog | None = None
@@ -367,7 +411,10 @@ class Monitor:
             st = self.store_settings
             self.log.add(FeedbackStore.rows_of(batch, st.model_version, st.temperature))
         report = self.predictions.observe(batch)
-        self.accuracy.check("estimated", report["estimated_accuracy"], f"over the last {report['texts']} predictions")
+        over = f"over the last {report['texts']} predictions"
+        self.accuracy.check("estimated", report["estimated_accuracy"], over)
+        if self.multi_label:
+            self.accuracy.check("estimated", report["estimated_micro_f1"], over, metric="micro-F1")
         self.refresh_feedback()
 
     def close(self) -> None:
@@ -389,10 +436,25 @@ class Monitor:
             log.error(f"Could not read the feedback from {self.store_settings.path}: {err}")
             return
         if pairs or not count:
-            self.feedback.add(pairs)
+            self.feedback.add(self._readable(pairs))
             if count:
                 self.accuracy.labels.inc(len(pairs))
-            self.accuracy.set_live(self.feedback.report())
+            report = self.feedback.report()
+            self.accuracy.set_live(report)
+            if self.label_sets is not None:
+                self.label_sets.set_live(report)
+                over = f"over the last {report['rows']} labelled predictions"
+                self.accuracy.check("live", report["micro_f1"], over, metric="micro-F1")
+
+    def _readable(self, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """(predicted, true) pairs as this model's window takes them: label sets (tuples) for a multi-label model, a
+        name standing for the set of that name (feedback sent as one name, or a prediction stored with its most
+        probable label only, before sets were stored); names for a single-label model, where a set of one name is
+        that name and any other set cannot be scored (left out)."""
+        if self.multi_label:
+            return [tuple((v,) if isinstance(v, str) else v for v in pair) for pair in pairs]
+        one = [tuple(v if isinstance(v, str) else (v[0] if len(v) == 1 else None) for v in pair) for pair in pairs]
+        return [pair for pair in one if None not in pair]
 
     def _after_write(self, store: FeedbackStore, stored: int) -> None:
         """In the prediction log's writer thread, after each write: the retention bound, every 1% of it (the table
@@ -431,6 +493,7 @@ class MonitoringLogger(ls.Logger):
         store: StoreSettings | None = None,
         accuracy: AccuracySettings = DEFAULT_ACCURACY,
         prediction_log: LogSettings | None = None,
+        multi_label: bool = False,
     ) -> None:
         super().__init__()
         window = {"size": window_size, "min_texts": min_window, "thresholds": thresholds}
@@ -446,6 +509,7 @@ class MonitoringLogger(ls.Logger):
             "store": store,
             "accuracy": accuracy,
             "log": prediction_log,
+            "multi_label": multi_label,
         }
         self._monitor: Monitor | None = None
 

@@ -200,6 +200,16 @@ def validation_accuracy(meta: ExportMetadata) -> float | None:
     return float(value) if value is not None else None
 
 
+def validation_micro_f1(meta: ExportMetadata) -> float | None:
+    """A multi-label export's micro-F1 on its validation split, the baseline of the micro-F1 alerts: a `micro_f1`
+    recorded with the validation scores (`calibration`), else a top-level `validation_micro_f1`; None when neither."""
+    calibration = getattr(meta, "calibration", None) or meta.extra.get("calibration") or {}
+    if calibration.get("split", "validation") == "validation" and calibration.get("micro_f1") is not None:
+        return float(calibration["micro_f1"])
+    value = meta.extra.get("validation_micro_f1")
+    return float(value) if value is not None else None
+
+
 def check_settings(s: ServeSettings, num_labels: int) -> None:
     """Every bad setting at once, in one error naming the flags."""
     problems = []
@@ -329,6 +339,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     exported_temperature = export_temperature(meta)
     temperature = exported_temperature if s.use_temperature else None
     valid_accuracy = validation_accuracy(meta)
+    multi_label = getattr(meta, "thresholds", None) is not None  # answers are label sets; feedback sends sets
     version = model_version(s.model_dir)
     # Create or check the database now (a bad path fails here, not in a process), record the model, and read the key
     # of the prediction ids (`prediction_log.IdIssuer`): the worker tags ids with it, POST /feedback checks them.
@@ -377,7 +388,13 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     middlewares = [(RequestGuard, guard)] + ([(ApiKeyGuard, {"key": key, "paths": protected})] if key else [])
     middlewares += [(MetricsMiddleware, {"paths": paths})]
     drift = {"window_size": s.window_size, "min_window": s.min_window, **asdict(s.drift)}
-    accuracy = AccuracySettings(valid_accuracy, s.accuracy_alert_margin, s.feedback_window, s.min_feedback)
+    accuracy = AccuracySettings(
+        valid_accuracy,
+        s.accuracy_alert_margin,
+        s.feedback_window,
+        s.min_feedback,
+        validation_micro_f1(meta) if multi_label else None,
+    )
     store = StoreSettings(
         str(Path(s.feedback_db).resolve()),
         version,
@@ -398,6 +415,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         "model_name_or_path": meta.model_name_or_path,
         "model_version": version,
         "labels": names,
+        "problem_type": "multi_label" if multi_label else "single_label",
         "max_length": max_length,
         "windows": {"max_windows": windows.max_windows, "stride": windows.stride},
         "exported_at": meta.exported_at,
@@ -414,7 +432,11 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             + ("--use_temperature false" if exported_temperature is not None else "the export has no temperature"),
         },
         "min_confidence": s.min_confidence,
-        "accuracy": {"validation": valid_accuracy, "alert_margin": s.accuracy_alert_margin},
+        "accuracy": {
+            "validation": valid_accuracy,
+            **({"validation_micro_f1": accuracy.validation_micro_f1} if multi_label else {}),
+            "alert_margin": s.accuracy_alert_margin,
+        },
         "feedback": {
             "db": store.path,
             "kept_after_stop": not temporary_db,
@@ -422,6 +444,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             "window": s.feedback_window,
             "min_feedback": s.min_feedback,
             "wait_seconds": s.feedback_wait,
+            "true_label_field": "labels (a list of label names)" if multi_label else "label (a label name)",
         },
         "limits": {"max_texts": s.max_texts, "max_body_bytes": s.max_body_bytes, "default_top_k": s.top_k},
         "batching": batching,
@@ -456,6 +479,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             store=store,
             accuracy=accuracy,
             prediction_log=LogSettings(),
+            multi_label=multi_label,
         ),
     )
 
@@ -464,7 +488,9 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         if server.logger_queue is not None:
             server.logger_queue.put(("feedback", count))
 
-    feedback = FeedbackEndpoint(store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived, id_key)
+    feedback = FeedbackEndpoint(
+        store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived, id_key, multi_label=multi_label
+    )
     server.app.add_api_route(FEEDBACK_PATH, feedback.handle, methods=["POST"], response_model=None)
 
     @server.app.get("/metrics")
