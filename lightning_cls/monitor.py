@@ -2,6 +2,11 @@
 model, offline (the same report the service computes over its sliding window, see `lightning_cls.drift`), written as
 JSON plus a PNG plot. It includes the estimated accuracy (the mean probability of the predicted labels) and, given
 true labels for some of the predictions (`--labels`), the realized accuracy, macro-F1 and calibration (ECE).
+
+A multi-label model's predictions have label sets (a `labels` column): the report then reads them as the service
+does (`lightning_cls.multilabel_drift`: each label's rate against its training rate, the expected micro-F1 when
+the rows list every label's probability), and `--labels` gives true label sets (column `labels`, or `label` with
+names separated by ";") scored by micro-F1, macro-F1, subset accuracy and per label.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from lightning_cls.drift import DEFAULT_THRESHOLDS, ECE_BINS, DriftThresholds, drift_report, label_scores, top_label_ece
 from lightning_cls.errors import DataError, InputError
 from lightning_cls.export_format import read_export_metadata
+from lightning_cls.multilabel_drift import parse_label_sets, set_drift, set_scores
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,10 @@ def read_predictions(path: str | Path) -> Any:
     return table
 
 
-def read_labels(path: str | Path) -> Any:
+def read_labels(path: str | Path, multi_label: bool = False) -> Any:
     """A file of true labels (.csv, .jsonl or .json lines) with columns `id` and `label`, as a DataFrame of strings;
-    errors name the file and what is wrong (a missing column, empty labels, an id given twice)."""
+    errors name the file and what is wrong (a missing column, empty labels, an id given twice). ``multi_label``:
+    true label sets, column `labels` (or `label`), as lists of names in a column `labels`."""
     import pandas as pd
 
     path = Path(path)
@@ -66,6 +73,8 @@ def read_labels(path: str | Path) -> Any:
         table = pd.read_json(path, lines=True, dtype={"id": str, "label": str})
     else:
         raise InputError(f"Labels file {path}: expected .csv or .jsonl, got {path.suffix!r}.")
+    if multi_label:
+        return _read_label_sets(table, path)
     missing = [c for c in ("id", "label") if c not in table.columns]
     if missing:
         raise InputError(
@@ -82,10 +91,25 @@ def read_labels(path: str | Path) -> Any:
     return table
 
 
-def realized_scores(predictions: Any, labels: Any, names: list[str], labels_path: str | Path) -> dict[str, Any]:
-    """Accuracy, macro-F1 and ECE of the predictions that have a true label in ``labels`` (joined on `id`), beside
-    the accuracy their probabilities estimate. Ids not among the predictions and labels the model does not have
-    are errors naming them."""
+def _read_label_sets(table: Any, path: Path) -> Any:
+    import pandas as pd
+
+    column = "labels" if "labels" in table.columns else "label"
+    if "id" not in table.columns or column not in table.columns:
+        raise InputError(
+            f"Labels file {path} has no column {[c for c in ('id', 'labels') if c not in table.columns]} (columns: "
+            f"{list(table.columns)}); it needs `id` (the predictions' ids) and `labels` (the true label set)."
+        )
+    ids = table["id"].astype(str)
+    twice = ids[ids.duplicated()].unique().tolist()
+    if twice:
+        raise InputError(f"Labels file {path}: ids given more than once: {_few(twice)}.")
+    return pd.DataFrame({"id": ids, "labels": parse_label_sets(table[column].tolist(), str(path), column)})
+
+
+def _labelled_rows(predictions: Any, labels: Any, column: str, names: list[str], labels_path: str | Path) -> Any:
+    """The rows of the predictions that have a true label (or set) in ``labels[column]``, and those labels, joined
+    on `id`; ids not among the predictions and labels the model does not have are errors naming them."""
     if "id" not in predictions.columns:
         raise InputError("--labels needs an `id` column in the predictions file, to match the labels to predictions.")
     ids = predictions["id"].astype(str)
@@ -97,13 +121,51 @@ def realized_scores(predictions: Any, labels: Any, names: list[str], labels_path
         raise InputError(
             f"Labels file {labels_path}: {len(unknown)} id(s) not in the predictions file: {_few(unknown)}."
         )
-    bad = sorted(set(labels["label"]) - set(names))
+    sent = [v for value in labels[column] for v in ([value] if isinstance(value, str) else value)]
+    bad = sorted(set(sent) - set(names))
     if bad:
         raise InputError(f"Labels file {labels_path}: label(s) {_few(bad)} are not among the model's labels {names}.")
-    true = dict(zip(labels["id"], labels["label"], strict=True))
+    true = dict(zip(labels["id"], labels[column], strict=True))
     rows = [i for i, pid in enumerate(ids) if pid in true]
+    return rows, [true[ids.iloc[i]] for i in rows]
+
+
+def realized_set_scores(
+    predictions: Any, sets: list[list[str]], labels: Any, names: list[str], labels_path: str | Path
+) -> dict[str, Any]:
+    """Micro-F1, macro-F1, subset accuracy and per-label scores of the predicted label ``sets`` that have a true set
+    in ``labels`` (joined on `id`)."""
+    rows, truth = _labelled_rows(predictions, labels, "labels", names, labels_path)
+    scores = set_scores(truth, [sets[i] for i in rows], names)
+    return {
+        "labels": str(labels_path),
+        "of_predictions": len(predictions),
+        **{k: scores[k] for k in ("rows", "micro_f1", "macro_f1")},
+        "subset_accuracy": scores["accuracy"],
+        "per_label": scores["per_label"],
+    }
+
+
+def every_label_probability(table: Any, names: list[str]) -> list[list[float]] | None:
+    """Each row's probability of every label, from its `top_k` list (JSONL of `predict` with top_k = the number of
+    labels); None when the rows do not list every label."""
+    if "top_k" not in table.columns:
+        return None
+    out = []
+    for top in table["top_k"]:
+        given = {t["label"]: t["probability"] for t in top} if isinstance(top, list) else {}
+        if set(given) != set(names):
+            return None
+        out.append([float(given[name]) for name in names])
+    return out
+
+
+def realized_scores(predictions: Any, labels: Any, names: list[str], labels_path: str | Path) -> dict[str, Any]:
+    """Accuracy, macro-F1 and ECE of the predictions that have a true label in ``labels`` (joined on `id`), beside
+    the accuracy their probabilities estimate. Ids not among the predictions and labels the model does not have
+    are errors naming them."""
+    rows, truth = _labelled_rows(predictions, labels, "label", names, labels_path)
     predicted = predictions["label"].astype(str).iloc[rows].tolist()
-    truth = [true[ids.iloc[i]] for i in rows]
     confidence = predictions["probability"].astype(float).iloc[rows].to_numpy()
     scores = label_scores(truth, predicted, names)
     correct = [p == t for p, t in zip(predicted, truth, strict=True)]
@@ -251,7 +313,8 @@ def monitor(
     meta = read_export_metadata(model_dir)
     reference = meta.reference.to_dict() if meta.reference is not None else None
     table = read_predictions(predictions)
-    truth = read_labels(labels) if labels is not None else None
+    multi_label = getattr(meta, "thresholds", None) is not None
+    truth = read_labels(labels, multi_label) if labels is not None else None
     texts, lengths = None, None
     if "token_length" in table.columns:
         lengths = table["token_length"].astype(int).tolist()
@@ -280,7 +343,23 @@ def monitor(
     )
     report["predictions"] = str(predictions)
     report["model_dir"] = str(model_dir)
-    report["realized"] = realized_scores(table, truth, list(meta.labels), labels) if truth is not None else None
+    has_sets = multi_label and "labels" in table.columns
+    sets = parse_label_sets(table["labels"].tolist(), str(predictions), "labels") if has_sets else None
+    if sets is not None:
+        set_drift(report, reference, meta.labels, sets, every_label_probability(table, meta.labels), thresholds)
+    elif multi_label:
+        report["note_label_sets"] = (
+            "no `labels` column (the predicted label sets): the per-label signals are not computed"
+        )
+    if truth is not None and multi_label:
+        if sets is None:
+            raise InputError(
+                f"--labels with a multi-label model needs the predicted label sets: {predictions} has no `labels` "
+                "column."
+            )
+        report["realized"] = realized_set_scores(table, sets, truth, list(meta.labels), labels)
+    else:
+        report["realized"] = realized_scores(table, truth, list(meta.labels), labels) if truth is not None else None
     if reference is None:
         report["note"] = "the export has no reference: only the low-confidence share is computed"
     elif lengths is None:
@@ -298,9 +377,20 @@ def monitor(
     scored = (
         f"; on the {realized['rows']} labelled: accuracy {_fmt(realized['accuracy'])} (estimated "
         f"{_fmt(realized['estimated_accuracy'])}), macro-F1 {_fmt(realized['macro_f1'])}, ECE {_fmt(realized['ece'])}"
-        if realized
+        if realized and not multi_label
         else ""
     )
+    if multi_label and "per_label" in report:
+        drifted = report["label_rate_alerts"]
+        scored += (
+            f"\nlabel sets: largest per-label rate PSI {_fmt(report['label_rate_psi'])} (over the threshold: "
+            f"{drifted or 'none'}), estimated micro-F1 {_fmt(report['estimated_micro_f1'])}"
+        )
+        if realized:
+            scored += (
+                f"; on the {realized['rows']} labelled: micro-F1 {_fmt(realized['micro_f1'])}, macro-F1 "
+                f"{_fmt(realized['macro_f1'])}, subset accuracy {_fmt(realized['subset_accuracy'])}"
+            )
     print(
         f"{report['texts']} predictions: label PSI {_fmt(report['label_psi'])}, length PSI "
         f"{_fmt(report['length_psi'])}, low-confidence share {_fmt(report['low_confidence_share'])}; "

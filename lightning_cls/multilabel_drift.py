@@ -21,6 +21,7 @@ A multi-label model answers each text with a set of labels, so each label is its
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -142,6 +143,33 @@ class LabelSetWindow(DriftWindow):
             return report
         sets, probabilities = zip(*self.sets, strict=True)
         return set_drift(report, self.reference, self.names, sets, probabilities, self.thresholds)
+
+
+def parse_label_sets(values: Sequence[Any], source: str, column: str) -> list[list[str]]:
+    """Label sets as files hold them: lists (JSONL), JSON lists written as text (the service's database), or names
+    separated by ";" (`predict`'s CSV, the database's `feedback.label`); repeats dropped. A row without a set is an
+    error naming the file, the column and the rows."""
+    sets, bad = [], []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    value = None
+            else:
+                value = [part.strip() for part in text.split(";") if part.strip()]
+        ok = isinstance(value, list | tuple) and value and all(isinstance(x, str) and x for x in value)
+        sets.append(list(dict.fromkeys(value)) if ok else [])
+        if not ok:
+            bad.append(i)
+    if bad:
+        raise InputError(
+            f"{source}: column {column!r} has no label set at rows {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+            '(a list of label names, or names separated by ";").'
+        )
+    return sets
 
 
 # ------------------------------------------------------------------------------------------------ against true sets

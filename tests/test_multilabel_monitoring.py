@@ -316,3 +316,50 @@ def test_a_multi_label_server_takes_label_set_feedback_and_exposes_per_label_met
     assert result.returncode == 0, result.stdout + result.stderr
     exposed = {line.split("{")[0].split(" ")[0] for line in page.splitlines() if line and not line.startswith("#")}
     assert not MULTI_LABEL_ONLY - names_in_rules() and not MULTI_LABEL_ONLY - exposed, MULTI_LABEL_ONLY - exposed
+
+
+# ------------------------------------------------------------------------------------------------ offline monitor
+def test_monitor_reads_the_services_label_sets_and_scores_the_true_ones(ml_export, tmp_path, capsys):
+    """The documented recipe: the service's database as two CSV files (predicted sets as JSON text, true sets as
+    names joined by "; "), then `monitor --labels`: per-label drift and the realized micro-F1."""
+    import sqlite3
+
+    import pandas as pd
+
+    from lightning_cls.cli import main as cli_main
+
+    names = json.loads((ml_export / "lightning_cls.json").read_text())["labels"]
+    physics, stats = "physics", "statistics"
+    sets = [[physics], [physics, stats], [stats]] * 20 + [[n] for n in names] * 4  # physics in 40 of 100
+    batch = {**set_batch([[NAMES[0]]] * len(sets)), "labels": [s[0] for s in sets], "label_sets": sets}
+    batch["all_probabilities"] = [[0.9 if n in s else 0.1 for n in names] for s in sets]
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    store.insert_batch(batch, VERSION, None)
+    truth = [(pid, tuple(s)) for pid, s in zip(batch["ids"][:30], sets[:30], strict=True)]
+    truth[0] = (truth[0][0], (stats,))  # one wrong: physics predicted, statistics true
+    store.record_feedback(truth)
+    with sqlite3.connect(tmp_path / "f.sqlite3") as conn:
+        query = "SELECT id, label, probability, labels, num_tokens AS token_length FROM predictions"
+        pd.read_sql_query(query, conn).to_csv(tmp_path / "predictions.csv", index=False)
+        pd.read_sql_query("SELECT prediction_id AS id, label FROM feedback", conn).to_csv(
+            tmp_path / "labels.csv", index=False
+        )
+    args = ["monitor", "--predictions", str(tmp_path / "predictions.csv"), "--model_dir", str(ml_export)]
+    report = cli_main([*args, "--labels", str(tmp_path / "labels.csv")])
+    assert report["per_label"][physics]["rate"] == pytest.approx(0.44)  # 40 + its 4 single rows, of 100
+    assert report["per_label"][physics]["reference_rate"] == pytest.approx(0.1)
+    assert physics in report["label_rate_alerts"] and "label_rate_psi" in report["alerts"]
+    assert report["estimated_micro_f1"] is None  # the CSV has no probability of every label
+    expected = set_scores([t for _, t in truth], sets[:30], names)
+    assert report["realized"]["rows"] == 30 and report["realized"]["micro_f1"] == pytest.approx(expected["micro_f1"])
+    assert report["realized"]["micro_f1"] < 1
+    assert "micro-F1" in capsys.readouterr().out
+
+    unknown = tmp_path / "unknown.csv"
+    pd.DataFrame({"id": [batch["ids"][0]], "label": [f"{physics}; biology"]}).to_csv(unknown, index=False)
+    with pytest.raises(SystemExit, match=r"label\(s\) \['biology'\] are not among the model's labels"):
+        cli_main([*args, "--labels", str(unknown)])
+    no_sets = tmp_path / "no_sets.csv"
+    pd.read_csv(tmp_path / "predictions.csv").drop(columns="labels").to_csv(no_sets, index=False)
+    with pytest.raises(SystemExit, match="needs the predicted label sets"):
+        cli_main(["monitor", "--predictions", str(no_sets), "--model_dir", str(ml_export), "--labels", str(unknown)])
