@@ -44,6 +44,7 @@ MULTI_LABEL_ONLY = {
     "lightning_cls_validation_micro_f1",
     "lightning_cls_estimated_micro_f1",
     "lightning_cls_live_micro_f1",
+    "lightning_cls_live_label_f1",  # named in LightningClsLiveMicroF1Drop's description
 }
 
 
