@@ -22,7 +22,14 @@ from lightning_cls.atomic import atomic_file
 from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.data import ScientificTextDataModule
 from lightning_cls.errors import CheckpointError, ConfigError, UserError
-from lightning_cls.model import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, TEMPERATURE_KEY, TextClassifier
+from lightning_cls.model import (
+    CALIBRATION_KEY,
+    LEXICAL_KEY,
+    LEXICAL_WEIGHT_KEY,
+    TEMPERATURE_KEY,
+    THRESHOLDS_KEY,
+    TextClassifier,
+)
 from lightning_cls.predictions import PredictionWriter
 from lightning_cls.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
 
@@ -57,6 +64,12 @@ def _monitor(argv: list[str]) -> Any:
     return main(argv)
 
 
+def _registry(argv: list[str]) -> Any:
+    from lightning_cls.registry import main
+
+    return main(argv)
+
+
 def _calibrate(argv: list[str]) -> Any:
     return calibrate(argv)  # below: a `validate` run with this module's CLI
 
@@ -66,6 +79,7 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "export": _export,
     "serve": _serve,
     "monitor": _monitor,
+    "registry": _registry,
 }
 
 
@@ -291,6 +305,8 @@ def calibrate(argv: list[str]) -> Path | None:
     ckpt = Path(config["ckpt_path"])
     output = Path(config.get("output_path") or ckpt.with_name(f"calibrated-{ckpt.name}"))
     checkpoint = load_checkpoint(ckpt)  # the file as it is (optimizer and loop states too): only two keys change
+    if model.multi_label:  # per-label thresholds (and the lexical weight), fitted on validation; no temperature
+        return _write_thresholds(model, checkpoint, ckpt, output)
     checkpoint[TEMPERATURE_KEY] = model.temperature
     checkpoint[CALIBRATION_KEY] = {**model.calibration, "global_step": checkpoint.get("global_step")}
     if model.lexical is not None:
@@ -306,4 +322,18 @@ def calibrate(argv: list[str]) -> Path | None:
         f"ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
         f"wrote {output}."
     )
+    return output
+
+
+def _write_thresholds(model: Any, checkpoint: dict, ckpt: Path, output: Path) -> Path:
+    """`calibrate` of a multi-label checkpoint: its refitted thresholds (and lexical expert and weight) written."""
+    checkpoint[THRESHOLDS_KEY] = list(model.thresholds)
+    if model.lexical is not None:
+        checkpoint[LEXICAL_KEY], checkpoint[LEXICAL_WEIGHT_KEY] = model.lexical.state(), model.lexical_weight
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output) as tmp:
+        torch.save(checkpoint, tmp)
+    fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
+    thresholds = ", ".join(f"{t:.2f}" for t in model.thresholds)
+    print(f"Calibrated {ckpt} (multi-label): {fused}thresholds {thresholds}; wrote {output}.")
     return output

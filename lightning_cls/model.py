@@ -388,6 +388,7 @@ class TextClassifier(pl.LightningModule):
         probs, y = logits.float().sigmoid().numpy(), labels.numpy()
         if self._fitting_on(stage) and not self.trainer.sanity_checking:
             self.thresholds = self.trainer.strategy.broadcast(fit_thresholds(probs, y).tolist(), src=0)
+            self.refit_temperature = False  # `calibrate`: fitted (a multi-label model has thresholds, no temperature)
         thresholds = np.asarray(self.thresholds if self.thresholds is not None else [0.5] * len(self.label_names))
         report = epoch_report(probs, y, self.label_names, thresholds)
         if components:

@@ -26,7 +26,7 @@ import torch
 
 from lightning_cls import __version__
 from lightning_cls.drift import DriftThresholds
-from lightning_cls.errors import ConfigError, InputError
+from lightning_cls.errors import ConfigError, InputError, UserError
 from lightning_cls.export_format import ExportMetadata, read_export_metadata
 from lightning_cls.inference import (
     DEFAULT_AGREEMENT_GATE,
@@ -41,6 +41,7 @@ from lightning_cls.inference import (
     detect_hardware,
     padded_width,
 )
+from lightning_cls.registry import is_model_uri
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.feedback import FeedbackStore, StoreSettings, model_version
 from lightning_cls.serving.http import (
@@ -70,7 +71,11 @@ class ServeSettings:
     as --low_confidence, --psi_warning and --low_confidence_warning).
 
     Args:
-        model_dir: Folder written by `python -m lightning_cls export` (HF model + tokenizer + lightning_cls.json).
+        model_dir: Folder written by `python -m lightning_cls export` (HF model + tokenizer + lightning_cls.json), or
+            a registered version: `models:/NAME@ALIAS` (e.g. models:/subjects@champion) or `models:/NAME/VERSION`
+            (`lightning_cls.registry`; downloaded once into runs/mlflow/cache). /info says which version serves.
+        registry_uri: The MLflow registry of a `models:/` model_dir (default: $MLFLOW_TRACKING_URI, else the
+            embedded sqlite:///runs/mlflow/mlflow.db).
         host: Interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
         port: TCP port.
         max_batch_size: Most requests the server batches into one forward pass (1: no batching).
@@ -130,6 +135,7 @@ class ServeSettings:
     """
 
     model_dir: str
+    registry_uri: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 16
@@ -332,6 +338,13 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     s = settings
     if s.feedback_db is None:
         raise ConfigError("build_server needs settings.feedback_db (serve() picks a temporary file without one).")
+    registered = None
+    if is_model_uri(s.model_dir):  # a registered version: its export, downloaded (once) from the registry
+        from lightning_cls.registry import Registry
+
+        registered = Registry(s.registry_uri).resolve(s.model_dir)
+        log.info(f"{s.model_dir}: version {registered.version} of {registered.name!r}, from {registered.folder}")
+        s = dataclasses.replace(s, model_dir=registered.folder)
     meta = read_export_metadata(s.model_dir)
     names, max_length = meta.labels, int(meta.max_length)
     reference = meta.reference.to_dict() if meta.reference is not None else None
@@ -414,6 +427,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         "model_dir": str(Path(s.model_dir).resolve()),
         "model_name_or_path": meta.model_name_or_path,
         "model_version": version,
+        "registry": {**registered.to_dict(), "requested": settings.model_dir} if registered else None,
         "labels": names,
         "problem_type": "multi_label" if multi_label else "single_label",
         "max_length": max_length,
@@ -553,5 +567,5 @@ def main(argv: list[str]) -> None:
     settings = ServeSettings(**{name: values[name] for name in fields}, drift=DriftThresholds.pick(values))
     try:
         serve(settings)
-    except (InputError, ConfigError) as err:
+    except UserError as err:  # bad settings, export or registry reference: one line
         raise SystemExit(f"serve: {err}") from None

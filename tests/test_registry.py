@@ -1,0 +1,118 @@
+"""The MLflow model registry (`lightning_cls.registry`): versions of exported folders, aliases moved and recorded,
+promotion and rollback, `models:/` references resolved to a folder that `serve` reads, and one clear error line for
+an alias that points nowhere, a version of another label set, or an unreachable server."""
+
+import json
+import shutil
+
+import pytest
+from serving_helpers import fabricate_export
+
+from lightning_cls.export_format import read_export_metadata, write_export_metadata
+from lightning_cls.registry import Registry, RegistryError, check_same_labels, main
+from lightning_cls.serving.server import ServeSettings, build_server
+
+
+@pytest.fixture(scope="module")
+def exported(sample_dir, tmp_path_factory):
+    return fabricate_export(sample_dir / "wordpiece", tmp_path_factory.mktemp("exported"))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    # One database for the module (creating MLflow's tables takes seconds); each test registers its own model name.
+    return Registry(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+
+
+def relabelled(exported, out):
+    """A copy of the export with another label set."""
+    shutil.copytree(exported, out)
+    meta = read_export_metadata(out)
+    meta.labels = [f"other {i}" for i in range(len(meta.labels))]
+    write_export_metadata(out, meta)
+    return out
+
+
+def test_register_resolve_promote_and_rollback_are_recorded(registry, exported, tmp_path):
+    first = registry.register(exported, "subjects", alias="champion", note="first")
+    second = registry.register(exported, "subjects", alias="challenger")
+    assert (first.version, second.version) == ("1", "2")
+    assert registry.aliases("subjects") == {"champion": "1", "challenger": "2"}
+
+    resolved = registry.resolve("models:/subjects@champion", cache_dir=tmp_path / "cache")
+    assert resolved.version == "1" and resolved.labels == read_export_metadata(exported).labels
+    assert read_export_metadata(resolved.folder).labels == resolved.labels  # the export itself, downloaded
+    assert (tmp_path / "cache" / "subjects" / "1" / "export" / "model.safetensors").is_file()
+    assert registry.resolve("models:/subjects/2", cache_dir=tmp_path / "cache").version == "2"
+
+    registry.promote("subjects")
+    assert registry.aliases("subjects") == {"champion": "2", "previous": "1"}
+    registry.rollback("subjects", reason="live accuracy fell")
+    assert registry.aliases("subjects") == {"champion": "1", "previous": "2"}
+    moves = [(m["alias"], m["version"], m["previous_version"]) for m in registry.history("subjects")]
+    assert moves == [
+        ("champion", "1", "None"),
+        ("challenger", "2", "None"),
+        ("previous", "1", "None"),
+        ("champion", "2", "1"),
+        ("previous", "2", "1"),  # the rollback: the replaced champion kept as `previous`, then the old one back
+        ("champion", "1", "2"),
+    ]
+    assert registry.history("subjects")[-1]["reason"] == "live accuracy fell"
+
+
+def test_each_failure_is_one_line_naming_what_is_wrong(registry, exported, tmp_path, monkeypatch):
+    registry.register(exported, "failures", alias="champion")
+    with pytest.raises(RegistryError, match=r"model 'failures' has no alias 'challenger'") as err:
+        registry.resolve("models:/failures@challenger")
+    assert "\n" not in str(err.value)
+    with pytest.raises(RegistryError, match=r"has no version 7"):
+        registry.resolve("models:/failures/7")
+    with pytest.raises(RegistryError, match=r"is not a registry reference"):
+        registry.resolve("models:/failures")
+    with pytest.raises(RegistryError, match=r"no 'challenger' alias to promote"):
+        registry.promote("failures")
+    with pytest.raises(RegistryError, match=r"not an exported model folder"):
+        registry.register(tmp_path, "failures")
+
+    other = registry.register(relabelled(exported, tmp_path / "other"), "failures", alias="challenger")
+    with pytest.raises(RegistryError, match=r"version 2 of 'failures' has the labels \['other 0'.* cannot replace it"):
+        registry.promote("failures")
+    assert registry.aliases("failures")["champion"] == "1"  # nothing moved
+    check_same_labels(registry.version("failures", "1"), registry.version("failures", "1"))
+    assert other.labels[0] == "other 0"
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after MLflow's backoff
+    unreachable = Registry("http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(RegistryError, match=r"MLflow registry http://127\.0\.0\.1:9"):
+        unreachable.aliases("failures")
+
+
+def test_serve_starts_from_a_registered_alias_and_says_which_version(registry, exported, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default download cache, runs/mlflow/cache, lands here
+    registry.register(exported, "served", alias="champion")
+    settings = ServeSettings(
+        "models:/served@champion", registry_uri=registry.uri, feedback_db=str(tmp_path / "f.sqlite3")
+    )
+    server = build_server(settings)
+    info = server.model_metadata["registry"]
+    assert (info["name"], info["version"], info["alias"]) == ("served", "1", "champion")
+    assert info["requested"] == "models:/served@champion"
+    assert server.model_metadata["model_dir"] == info["folder"]
+    with pytest.raises(RegistryError, match=r"no alias 'challenger'"):
+        build_server(ServeSettings("models:/served@challenger", registry_uri=registry.uri, feedback_db="x.db"))
+
+
+def test_the_command_line(registry, exported, capsys):
+    uri = ["--registry_uri", registry.uri]
+    main([*uri, "register", "--export_dir", str(exported), "--name", "cli", "--alias", "champion"])
+    assert json.loads(capsys.readouterr().out)["version"] == "1"
+    main([*uri, "register", "--export_dir", str(exported), "--name", "cli", "--alias", "challenger"])
+    capsys.readouterr()
+    main([*uri, "promote", "--name", "cli"])
+    capsys.readouterr()
+    main([*uri, "show", "--name", "cli"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["aliases"] == {"champion": "2", "previous": "1"} and len(shown["history"]) == 4
+    with pytest.raises(SystemExit, match=r"^registry: .*no 'previous'|^registry: .*no 'challenger'"):
+        main([*uri, "promote", "--name", "cli"])
