@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import TINY_CONFIGS
 from serving_helpers import fabricate_export
 
 from lightning_cls.export_format import read_export_metadata, write_export_metadata
@@ -116,3 +117,42 @@ def test_the_command_line(registry, exported, capsys):
     assert shown["aliases"] == {"champion": "2", "previous": "1"} and len(shown["history"]) == 4
     with pytest.raises(SystemExit, match=r"^registry: .*no 'previous'|^registry: .*no 'challenger'"):
         main([*uri, "promote", "--name", "cli"])
+
+
+@pytest.mark.slow  # a fit of a tiny model and MLflow's tables created: about 20-40 s here
+def test_lightnings_mlflow_logger_records_a_training_run_in_the_registrys_database(sample_dir, tmp_path):
+    """The logger option of docs/lifecycle.md: MLFlowLogger beside TensorBoard, same SQLite database."""
+    from test_cli import data_args
+
+    from lightning_cls.cli import main as cli_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    loggers = [
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb")}},
+        {
+            "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+            "init_args": {"experiment_name": "lightning_cls-training", "tracking_uri": uri},
+        },
+    ]
+    cli_main(
+        [
+            "fit",
+            *data_args(sample_dir, "distilbert"),
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger={json.dumps(loggers)}",
+            f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            "--model.model_name_or_path=tiny",
+            f"--model.model_config={json.dumps(TINY_CONFIGS['distilbert'])}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lightning_cls-training")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert "val/f1_macro" in run.data.metrics and "learning_rate" in run.data.params
