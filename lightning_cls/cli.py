@@ -328,6 +328,7 @@ def calibrate(argv: list[str]) -> Path | None:
 def _write_thresholds(model: Any, checkpoint: dict, ckpt: Path, output: Path) -> Path:
     """`calibrate` of a multi-label checkpoint: its refitted thresholds (and lexical expert and weight) written."""
     checkpoint[THRESHOLDS_KEY] = list(model.thresholds)
+    checkpoint[CALIBRATION_KEY] = {**model.calibration, "global_step": checkpoint.get("global_step")}
     if model.lexical is not None:
         checkpoint[LEXICAL_KEY], checkpoint[LEXICAL_WEIGHT_KEY] = model.lexical.state(), model.lexical_weight
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -335,5 +336,8 @@ def _write_thresholds(model: Any, checkpoint: dict, ckpt: Path, output: Path) ->
         torch.save(checkpoint, tmp)
     fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
     thresholds = ", ".join(f"{t:.2f}" for t in model.thresholds)
-    print(f"Calibrated {ckpt} (multi-label): {fused}thresholds {thresholds}; wrote {output}.")
+    print(
+        f"Calibrated {ckpt} (multi-label) on {model.calibration['rows']} validation rows: {fused}thresholds "
+        f"{thresholds}, micro-F1 {model.calibration['micro_f1']:.4f}; wrote {output}."
+    )
     return output

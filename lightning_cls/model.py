@@ -391,6 +391,11 @@ class TextClassifier(pl.LightningModule):
             self.refit_temperature = False  # `calibrate`: fitted (a multi-label model has thresholds, no temperature)
         thresholds = np.asarray(self.thresholds if self.thresholds is not None else [0.5] * len(self.label_names))
         report = epoch_report(probs, y, self.label_names, thresholds)
+        if self._fitting_on(stage) and not self.trainer.sanity_checking:
+            # The validation scores at the fitted thresholds, kept with them (export writes them: the baseline of
+            # the service's micro-F1 alerts, `serving.server.validation_micro_f1`).
+            keys = ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "mean_label_ece", "rows")
+            self.calibration = {k: report[k] for k in keys} | {"split": "validation", "global_step": self.global_step}
         if components:
             report["components"] = components
         scores = {
@@ -575,6 +580,8 @@ class TextClassifier(pl.LightningModule):
             checkpoint[CALIBRATION_KEY] = self.calibration
         if self.thresholds is not None:
             checkpoint[THRESHOLDS_KEY] = list(self.thresholds)
+            if self.calibration is not None:  # the validation scores at those thresholds
+                checkpoint[CALIBRATION_KEY] = self.calibration
         if self.lexical is not None:
             checkpoint[LEXICAL_KEY] = self.lexical.state()
             checkpoint[LEXICAL_WEIGHT_KEY] = self.lexical_weight

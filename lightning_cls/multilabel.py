@@ -54,7 +54,7 @@ def arxiv_subject_sets(
     """Label sets of arXiv categories as sets of subjects, and the tokens that were not categories (with counts).
 
     arXiv's own metadata has MSC and ACM classes and words of the comments field spilled into the category list of
-    some papers (`math.NT 11N35 (Primary) 11M20`: 109 rows of the shared data); a token whose archive is not an arXiv
+    some papers (`math.NT 11N35 (Primary) 11M20`: 1,086 rows of the shared data); a token whose archive is not an arXiv
     archive is not a category and is left out (the caller says how many), so the row keeps its real categories. A row
     left with no category at all is an error naming the file, the column and the rows: dropping it would lose a text.
     """
