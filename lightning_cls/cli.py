@@ -304,40 +304,24 @@ def calibrate(argv: list[str]) -> Path | None:
         return None
     ckpt = Path(config["ckpt_path"])
     output = Path(config.get("output_path") or ckpt.with_name(f"calibrated-{ckpt.name}"))
-    checkpoint = load_checkpoint(ckpt)  # the file as it is (optimizer and loop states too): only two keys change
-    if model.multi_label:  # per-label thresholds (and the lexical weight), fitted on validation; no temperature
-        return _write_thresholds(model, checkpoint, ckpt, output)
-    checkpoint[TEMPERATURE_KEY] = model.temperature
+    checkpoint = load_checkpoint(ckpt)  # the file as it is (optimizer and loop states too): only these keys change
     checkpoint[CALIBRATION_KEY] = {**model.calibration, "global_step": checkpoint.get("global_step")}
     if model.lexical is not None:
         checkpoint[LEXICAL_KEY], checkpoint[LEXICAL_WEIGHT_KEY] = model.lexical.state(), model.lexical_weight
+    fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
+    if model.multi_label:  # per-label thresholds, fitted on validation; no temperature
+        checkpoint[THRESHOLDS_KEY] = list(model.thresholds)
+        thresholds = ", ".join(f"{t:.2f}" for t in model.thresholds)
+        fitted = f"thresholds {thresholds}, micro-F1 {model.calibration['micro_f1']:.4f}"
+    else:
+        checkpoint[TEMPERATURE_KEY] = model.temperature
+        before, after = model.calibration["before"], model.calibration["after"]
+        fitted = (
+            f"temperature {model.temperature:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}, "
+            f"NLL {before['nll']:.4f} -> {after['nll']:.4f}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output) as tmp:
         torch.save(checkpoint, tmp)
-    before, after = model.calibration["before"], model.calibration["after"]
-    fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
-    print(
-        f"Calibrated {ckpt} on {model.calibration['rows']} validation rows: {fused}"
-        f"temperature {model.temperature:.4f}, "
-        f"ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
-        f"wrote {output}."
-    )
-    return output
-
-
-def _write_thresholds(model: Any, checkpoint: dict, ckpt: Path, output: Path) -> Path:
-    """`calibrate` of a multi-label checkpoint: its refitted thresholds (and lexical expert and weight) written."""
-    checkpoint[THRESHOLDS_KEY] = list(model.thresholds)
-    checkpoint[CALIBRATION_KEY] = {**model.calibration, "global_step": checkpoint.get("global_step")}
-    if model.lexical is not None:
-        checkpoint[LEXICAL_KEY], checkpoint[LEXICAL_WEIGHT_KEY] = model.lexical.state(), model.lexical_weight
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as tmp:
-        torch.save(checkpoint, tmp)
-    fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
-    thresholds = ", ".join(f"{t:.2f}" for t in model.thresholds)
-    print(
-        f"Calibrated {ckpt} (multi-label) on {model.calibration['rows']} validation rows: {fused}thresholds "
-        f"{thresholds}, micro-F1 {model.calibration['micro_f1']:.4f}; wrote {output}."
-    )
+    print(f"Calibrated {ckpt} on {model.calibration['rows']} validation rows: {fused}{fitted}; wrote {output}.")
     return output

@@ -10,13 +10,13 @@ import torch
 from conftest import TINY_CONFIGS, tokenizer_for
 from test_cli import trainer_args
 
-from lightning_cls.cli import main
+from lightning_cls.cli import calibrate, main
 from lightning_cls.data import ScientificTextDataModule
 from lightning_cls.errors import DataError
 from lightning_cls.export import export
 from lightning_cls.export_format import read_export_metadata
 from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
+from lightning_cls.model import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
 from lightning_cls.sample_data import generate_texts
 
 SUBJECTS = sorted(DEFAULT_LABELS)
@@ -274,6 +274,12 @@ def test_a_fused_lexical_expert_answers_label_sets_alike_in_test_predict_and_the
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint[LEXICAL_KEY]["coef"].shape[0] == 10 and checkpoint[LEXICAL_WEIGHT_KEY] > 0
 
+    # `calibrate` refits the weight and the thresholds of a multi-label checkpoint (no temperature to fit).
+    output = f"--output_path={tmp_path / 'calibrated.ckpt'}"
+    calibrate([*args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}"), output])
+    calibrated = torch.load(tmp_path / "calibrated.ckpt", weights_only=True)
+    assert len(calibrated[THRESHOLDS_KEY]) == 10 and calibrated[LEXICAL_WEIGHT_KEY] > 0
+    assert calibrated[CALIBRATION_KEY]["split"] == "validation" and 0 < calibrated[CALIBRATION_KEY]["micro_f1"] <= 1
     run = main(["test", *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}")])
     metrics = run.trainer.callback_metrics
     assert {"test/f1_micro_neural", "test/f1_micro_lexical"} <= set(metrics)
