@@ -76,12 +76,17 @@ def main() -> None:
         "per_class": classification_report(y["test"], pred, target_names=plan.names, output_dict=True, digits=4),
     }
     report = classification_report(y["test"], pred, target_names=plan.names, digits=4)
+    write_results(args.out, result, report, details="per_class")
+
+
+def write_results(out: Path | None, result: dict, report: str, details: str) -> None:
+    """Print the report and the result (less its per-label details); write both into `out` when given."""
     print(report)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
-        (args.out / "report.txt").write_text(report)
+    print(json.dumps({k: v for k, v in result.items() if k != details}))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        (out / "report.txt").write_text(report)
 
 
 def multi_label(args, plan, features, y, start: float, cpu_start: float) -> None:
@@ -120,12 +125,7 @@ def multi_label(args, plan, features, y, start: float, cpu_start: float) -> None
         "per_label": test["per_label"],
     }
     report = format_report(test)
-    print(report)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_label"}))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
-        (args.out / "report.txt").write_text(report)
+    write_results(args.out, result, report, details="per_label")
 
 
 if __name__ == "__main__":
