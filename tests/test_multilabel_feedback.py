@@ -85,7 +85,7 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_rows(tmp_path):
         conn.execute("INSERT INTO feedback VALUES (1, 'p1', 'a', 0)")
     conn.close()
     store = FeedbackStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     for table in ("predictions", "feedback"):
         assert "labels" in {r[1] for r in store.conn.execute(f"PRAGMA table_info({table})")}, table
     assert store.feedback_since(0, VERSION, limit=10) == ([("a", "a")], 1)  # single labels read as before

@@ -136,7 +136,7 @@ def test_a_stop_during_a_lock_spills_and_the_next_start_replays_the_file_once(tm
     with sqlite3.connect(db) as conn:
         conn.execute(
             "INSERT INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, truncated, "
-            "abstained, temperature, model_version, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "abstained, temperature, model_version, labels, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             held[0],
         )
     with spill.open("a") as f:

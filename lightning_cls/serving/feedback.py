@@ -23,8 +23,14 @@ model's label order) with `feedback.label` the same names joined by "; " (as `pr
 plain `SELECT prediction_id, label FROM feedback` still reads. A true label is a `str`, a true set a `tuple` of names.
 
 Schema versions (`PRAGMA user_version`): 1, single labels; 2 adds the two `labels` columns (NULL for single-label
-models). Opening a version-1 file adds them (`ALTER TABLE ... ADD COLUMN`: no row is rewritten); a file of a newer
-version than this code writes is refused.
+models). 3 adds `predictions.text` (NULL unless `serve --keep_texts`: the texts `fit` retrains on,
+`lightning_cls.feedback_data`), the `shadow_predictions` of a challenger run in shadow (`serving.router`) and the
+`deployments` history (`serving.deployment`). Opening an older file adds what it lacks (`ALTER TABLE ... ADD COLUMN`,
+`CREATE TABLE IF NOT EXISTS`: no row is rewritten); a file of a newer version than this code writes is refused.
+
+Which model answered: every prediction row names its `model_version`. With two models in the service (a canary),
+each answer's row names the version that produced it, so feedback on it lands against that version, also after the
+version is retired.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any
 
 from lightning_cls.errors import InputError
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; a database of a newer version is refused (2: the `labels` columns)
+SCHEMA_VERSION = 3  # PRAGMA user_version; a newer database is refused (2: the `labels` columns; 3: texts, shadows, deployments)
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another one before "database is locked"
 _CHUNK = 500  # ids per `IN (...)` query, well under SQLite's limit on bound parameters
 
@@ -66,9 +72,27 @@ CREATE TABLE IF NOT EXISTS predictions (
     abstained INTEGER NOT NULL,
     temperature REAL,                -- the temperature applied (NULL: plain softmax)
     model_version TEXT NOT NULL,
-    labels TEXT                      -- JSON list: a multi-label answer's label set, most probable first
+    labels TEXT,                     -- JSON list: a multi-label answer's label set, most probable first
+    text TEXT                        -- the text itself, only with serve --keep_texts (retraining from feedback)
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
+CREATE TABLE IF NOT EXISTS shadow_predictions (
+    id TEXT NOT NULL,                -- the prediction_id of the answer it shadows (the answered request's)
+    model_version TEXT NOT NULL,     -- the shadow (challenger) model that made it, never returned to the client
+    time REAL NOT NULL,
+    label TEXT NOT NULL,
+    probability REAL NOT NULL,
+    labels TEXT,                     -- JSON list: a multi-label shadow answer's set
+    PRIMARY KEY (id, model_version)
+);
+CREATE INDEX IF NOT EXISTS shadow_predictions_time ON shadow_predictions (time);
+CREATE TABLE IF NOT EXISTS deployments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    state TEXT NOT NULL,             -- JSON: `deployment.Deployment` (champion, challenger, mode, share, previous)
+    action TEXT NOT NULL,            -- start, set, promote, rollback
+    reason TEXT
+);
 CREATE TABLE IF NOT EXISTS secrets (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL              -- hex. prediction_ids: the key that tags the ids this database's servers issue
@@ -82,10 +106,21 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 """
 # Columns added by a schema version after the table's first: (table, column, type), added to older files on open.
-_ADDED_COLUMNS = (("predictions", "labels", "TEXT"), ("feedback", "labels", "TEXT"))
-_ROW_FIELDS = 12  # values of a `predictions` row (`rows_of`); rows spilled by version 1 have 11 (no `labels`)
+_ADDED_COLUMNS = (("predictions", "labels", "TEXT"), ("feedback", "labels", "TEXT"), ("predictions", "text", "TEXT"))
+_ROW_FIELDS = 13  # values of a `predictions` row (`rows_of`); rows spilled by version 1 have 11, by version 2 12
 
 Truth = str | tuple[str, ...]  # a true (or predicted) label, or a label set
+
+
+@dataclass(frozen=True)
+class LabelledAnswer:
+    """One model's answer to a request that got feedback: which version, whether it was the answer returned to the
+    client (False: a shadow's), what it said and the true label."""
+
+    version: str
+    answered: bool
+    predicted: Truth
+    true: Truth
 
 
 def model_version(model_dir: str | Path) -> str:
@@ -207,8 +242,12 @@ class FeedbackStore:
     @staticmethod
     def rows_of(batch: dict[str, Any], version: str, temperature: float | None) -> list[tuple]:
         """The `predictions` rows of one server batch (the inference worker's message): plain JSON-able values. A
-        multi-label model's message has ``label_sets`` (each answer's set), stored as JSON lists."""
-        sets = batch.get("label_sets") or [None] * len(batch["ids"])
+        multi-label model's message has ``label_sets`` (each answer's set), stored as JSON lists; ``versions`` (each
+        answer's model, when two models answer) overrides ``version``; ``texts`` (serve --keep_texts) are stored."""
+        n = len(batch["ids"])
+        sets = batch.get("label_sets") or [None] * n
+        versions = batch.get("versions") or [version] * n
+        texts = batch.get("texts") or [None] * n
         return [
             (
                 pid,
@@ -221,10 +260,11 @@ class FeedbackStore:
                 int(cut),
                 int(abstained),
                 temperature,
-                version,
+                v,
                 json.dumps(list(label_set)) if label_set is not None else None,
+                text,
             )
-            for pid, label, p, probs, n, w, cut, abstained, label_set in zip(
+            for pid, label, p, probs, n, w, cut, abstained, label_set, v, text in zip(
                 batch["ids"],
                 batch["labels"],
                 batch["probabilities"],
@@ -234,9 +274,31 @@ class FeedbackStore:
                 batch["truncated"],
                 batch["abstained"],
                 sets,
+                versions,
+                texts,
                 strict=True,
             )
         ]
+
+    @staticmethod
+    def shadow_rows_of(shadow: dict[str, Any]) -> list[tuple]:
+        """The `shadow_predictions` rows of one shadow message (`serving.router`): the challenger's answers to
+        copies of answered requests, keyed by the answered prediction's id."""
+        sets = shadow.get("label_sets") or [None] * len(shadow["ids"])
+        return [
+            (pid, shadow["version"], shadow["time"], label, p, json.dumps(list(s)) if s is not None else None)
+            for pid, label, p, s in zip(shadow["ids"], shadow["labels"], shadow["probabilities"], sets, strict=True)
+        ]
+
+    def insert_shadow_rows(self, rows: Sequence[Sequence[Any]]) -> int:
+        """Insert `shadow_rows_of` rows inside the caller's transaction (a repeated one is skipped)."""
+        before = self.conn.total_changes
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO shadow_predictions (id, model_version, time, label, probability, labels) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return self.conn.total_changes - before
 
     def insert_rows(self, rows: Sequence[Sequence[Any]]) -> int:
         """Insert `rows_of` rows inside the caller's transaction; a row whose id is stored already is skipped (a
@@ -245,7 +307,7 @@ class FeedbackStore:
         before = self.conn.total_changes
         self.conn.executemany(
             "INSERT OR IGNORE INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
-            "truncated, abstained, temperature, model_version, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "truncated, abstained, temperature, model_version, labels, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(*r, *[None] * (_ROW_FIELDS - len(r))) for r in rows],
         )
         return self.conn.total_changes - before
@@ -273,6 +335,10 @@ class FeedbackStore:
             if max_days is not None:
                 cutoff = now - max_days * 86400
                 deleted += self.conn.execute("DELETE FROM predictions WHERE time < ?", (cutoff,)).rowcount
+            # Shadow answers go with the answers they shadowed (older than the oldest kept prediction).
+            self.conn.execute(
+                "DELETE FROM shadow_predictions WHERE time < (SELECT coalesce(min(time), 1e300) FROM predictions)"
+            )
         return deleted
 
     # -------------------------------------------------------------------------------------------- feedback
@@ -307,18 +373,32 @@ class FeedbackStore:
         return FeedbackResult(stored=len(new), repeated=len(items) - len(new))
 
     def feedback_since(self, after_seq: int, version: str, limit: int) -> tuple[list[tuple[Truth, Truth]], int]:
-        """The (predicted, true) labels of the feedback rows after ``after_seq`` on predictions of model ``version``,
-        oldest first, at most the newest ``limit``; and the last feedback seq read (of any model). A label set (a
-        multi-label prediction, or a true set) is a tuple of names; a single label a string."""
+        """The (predicted, true) labels of the feedback rows after ``after_seq`` on answers of model ``version``,
+        oldest first, at most the newest ``limit``; and the last feedback seq read (of any model)."""
+        answers, seq = self.answers_since(after_seq, limit)
+        pairs = [(a.predicted, a.true) for a in answers if a.answered and a.version == version]
+        return pairs[-limit:], seq
+
+    def answers_since(self, after_seq: int, limit: int) -> tuple[list[LabelledAnswer], int]:
+        """The feedback rows after ``after_seq``, oldest first, at most the newest ``limit``, each as the answers it
+        judges: the answered prediction's (its model version, answered=True) and every shadow answer to the same
+        request (answered=False); and the last feedback seq read. A label set (a multi-label prediction, or a true
+        set) is a tuple of names; a single label a string."""
         with self.transaction(write=False):
             top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM feedback").fetchone()[0]
             rows = self.conn.execute(
-                "SELECT p.label, p.labels, f.label, f.labels FROM feedback f JOIN predictions p "
-                "ON p.id = f.prediction_id WHERE f.seq > ? AND f.seq <= ? AND p.model_version = ? "
-                "ORDER BY f.seq DESC LIMIT ?",
-                (after_seq, top, version, limit),
+                "SELECT f.seq, p.model_version, 1, p.label, p.labels, f.label, f.labels FROM feedback f "
+                "JOIN predictions p ON p.id = f.prediction_id WHERE f.seq > ? AND f.seq <= ? "
+                "UNION ALL SELECT f.seq, s.model_version, 0, s.label, s.labels, f.label, f.labels FROM feedback f "
+                "JOIN shadow_predictions s ON s.id = f.prediction_id WHERE f.seq > ? AND f.seq <= ? "
+                "ORDER BY 1 DESC LIMIT ?",
+                (after_seq, top, after_seq, top, 2 * limit),
             ).fetchall()
-        return [(_truth(p, ps), _truth(t, ts)) for p, ps, t, ts in reversed(rows)], max(top, after_seq)
+        answers = [
+            LabelledAnswer(v, bool(answered), _truth(p, ps), _truth(t, ts))
+            for _, v, answered, p, ps, t, ts in reversed(rows)
+        ]
+        return answers, max(top, after_seq)
 
     def _where_in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple]:
         """The rows of ``sql`` with its ``{}`` filled by placeholders for ``ids``, queried in chunks."""
