@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from lightning_cls.atomic import atomic_folder
 from lightning_cls.errors import ConfigError, DataError
 from lightning_cls.export_format import SplitReference
+from lightning_cls.feedback_data import FeedbackSummary, fingerprint, parse_time, prepare_feedback, read_feedback
 from lightning_cls.labels import (
     DEFAULT_LABELS,
     label_maps,
@@ -199,6 +200,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
         predict_path: str | None = None,
         predict_text_column: str | None = None,
         predict_id_column: str | None = "id",
+        feedback_db: str | None = None,
+        feedback_after: str | float | None = None,
+        feedback_drop_unknown: bool = False,
     ) -> None:
         """
         Args:
@@ -248,14 +252,29 @@ class ScientificTextDataModule(pl.LightningDataModule):
                 `text_column`).
             predict_id_column: Column of `predict_path` whose values identify its rows in the predictions; files
                 without it are identified by line number (.txt, .jsonl) or 0-based data row (.csv).
+            feedback_db: The service's feedback database (`serve --feedback_db`, with `--keep_texts`): its labelled
+                predictions are added to the training split only, after the split (validation and test stay the
+                data's own rows), one per text (the latest feedback), none repeating a text of the data
+                (`lightning_cls.feedback_data`). Read once per run: train on a copy of a live database
+                (`sqlite3 DB ".backup copy.sqlite3"`) to make the run repeatable.
+            feedback_after: Only feedback received after this time: Unix seconds or an ISO 8601 date or date and time
+                (UTC unless it has an offset), e.g. `2026-03-01`.
+            feedback_drop_unknown: Leave out feedback whose true label is not one of the training labels (for label
+                sets: those names, and the row if none is left), counted in the summary; by default it is an error
+                naming the prediction and the label.
         """
         super().__init__()
         if labels is not None and min_count is not None:
             raise ConfigError("Set either `data.labels` or `data.min_count`, not both.")
         self.save_hyperparameters()
         self.window_spec  # noqa: B018 (checks max_windows and window_stride now, not after reading the data)
+        if feedback_after is not None and not feedback_db:
+            raise ConfigError("data.feedback_after filters the feedback of data.feedback_db: set data.feedback_db.")
+        parse_time(feedback_after)  # a malformed time fails now, not after reading the data
         self.splits: dict[str, TokenizedSplit] = {}
         self._label_names: list[str] | None = None
+        self._feedback: pd.DataFrame | None = None
+        self.feedback_summary: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------- labels and sources
     @property
@@ -301,6 +320,12 @@ class ScientificTextDataModule(pl.LightningDataModule):
         return plan.table["row_id"].to_numpy()[rows], plan.table["text"].to_numpy()[rows].tolist(), plan.label_ids[rows]
 
     def _split(self, source: pd.DataFrame) -> SplitPlan:
+        plan = self._split_source(source)
+        if self.hparams.get("feedback_db"):
+            plan = self._add_feedback(plan, source)
+        return plan
+
+    def _split_source(self, source: pd.DataFrame) -> SplitPlan:
         h = self.hparams
         fractions = h.val_fraction, h.test_fraction
         if h.get("multi_label"):
@@ -319,6 +344,43 @@ class ScientificTextDataModule(pl.LightningDataModule):
             )
         return plan_splits(
             source, h.labels, h.min_count, h.max_samples, *fractions, h.seed, self.source, split_by=h.split_by
+        )
+
+    # ------------------------------------------------------------------------------------------------ feedback
+    def _read_feedback(self) -> pd.DataFrame:
+        """The feedback database's labelled rows with texts, read once per module: the cache key and the rows
+        added come from the same reading, however many rows the service adds meanwhile."""
+        if self._feedback is None:
+            h = self.hparams
+            self._feedback = read_feedback(h.feedback_db, parse_time(h.get("feedback_after")))
+        return self._feedback
+
+    def _add_feedback(self, plan: SplitPlan, source: pd.DataFrame) -> SplitPlan:
+        """The plan with the feedback rows (`feedback_data.prepare_feedback`: labels checked, the latest per text,
+        none repeating a text of `source`) appended to its training split. They get row ids after the source's."""
+        h = self.hparams
+        multi = bool(h.get("multi_label"))
+        rows, summary = prepare_feedback(
+            self._read_feedback(), source["text"], plan.names, multi, bool(h.get("feedback_drop_unknown"))
+        )
+        rank_zero_info(summary.line())
+        self.feedback_summary = summary.to_dict()
+        first = int(source["row_id"].max()) + 1 if len(source) else 0
+        # `label` as feedback_data gives it (a name, or a tuple of names): the split is made, nothing parses it again.
+        added = pd.DataFrame(
+            {"row_id": np.arange(first, first + len(rows)), "text": rows["text"], "label": rows["label"]}
+        )
+        if multi:
+            ids = multi_hot(rows["label"].tolist(), plan.names).astype(plan.label_ids.dtype)
+        else:
+            ids = rows["label"].map(label_maps(plan.names)[1]).to_numpy(dtype=plan.label_ids.dtype)
+        positions = len(plan.table) + np.arange(len(rows))
+        return SplitPlan(
+            plan.names,
+            pd.concat([plan.table, added], ignore_index=True),
+            np.concatenate([plan.label_ids, ids]),
+            {**plan.rows, "train": np.concatenate([plan.rows["train"], positions])},
+            plan.kept,
         )
 
     def _read_source(self) -> pd.DataFrame:
@@ -385,6 +447,12 @@ class ScientificTextDataModule(pl.LightningDataModule):
             ),
             "tokenizer": tokenizer_fingerprint(load_tokenizer(h.tokenizer)),
             "max_length": h.max_length,
+            # absent without feedback: older caches stay valid
+            **(
+                {"feedback": [fingerprint(self._read_feedback()), bool(h.get("feedback_drop_unknown"))]}
+                if h.get("feedback_db")
+                else {}
+            ),
             # absent when texts are truncated: older caches stay valid
             **({"windows": [h.max_windows, h.window_stride]} if h.max_windows > 1 else {}),
         }
@@ -406,6 +474,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
         folder = self.cache_path()
         if (folder / "meta.json").is_file():
             rank_zero_info(f"Reusing tokenized splits from {folder}")
+            feedback = json.loads((folder / "meta.json").read_text()).get("feedback")
+            if feedback:  # the same feedback rows as when the cache was made (its key hashes them)
+                rank_zero_info(FeedbackSummary(**feedback).line())
             return
         h = self.hparams
         source = self._read_source()
@@ -418,10 +489,13 @@ class ScientificTextDataModule(pl.LightningDataModule):
         texts, source_rows = table["text"].to_numpy(), table["row_id"].to_numpy()
 
         meta = {"labels": names, "source": str(self.source), "dropped_rows": int((~keep).sum()), "splits": {}}
-        # Every row read is accounted for: rows_read = duplicate_rows + dropped_rows + subsampled out + split rows.
+        # Every row read is accounted for: rows_read = duplicate_rows + dropped_rows + subsampled out + split rows
+        # (less feedback.added: the feedback rows in the training split, `feedback_data.FeedbackSummary`).
         meta.update(
             rows_read=source.attrs.get("rows_read", len(source)), duplicate_rows=source.attrs.get("duplicate_rows", 0)
         )
+        if self.feedback_summary is not None:
+            meta["feedback"] = self.feedback_summary
         with atomic_folder(folder, exist_ok=True) as tmp:  # a reader never sees a half-written cache
             for name, rows in split_rows.items():
                 text_chunks = (texts[part].tolist() for part in _chunks(rows))
@@ -464,6 +538,13 @@ class ScientificTextDataModule(pl.LightningDataModule):
             raise DataError(f"Cached labels {self.meta['labels']} differ from the selected {self._label_names}.")
         self._label_names = self.meta["labels"]
         self.splits = {name: TokenizedSplit.load(folder, name) for name in SPLITS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: what feedback the training split holds (`FeedbackSummary.to_dict`: the
+        database, the rows added and the latest feedback time read), so that `compare` can tell which feedback the
+        model has seen. Empty without feedback (Lightning then saves nothing)."""
+        feedback = getattr(self, "meta", {}).get("feedback") or self.feedback_summary
+        return {"feedback": feedback} if feedback else {}
 
     # ------------------------------------------------------------------------------------------------ loaders
     @property
