@@ -180,7 +180,7 @@ def test_predict_the_export_the_onnx_path_and_the_service_give_one_fused_answer(
             got = {a["label"]: a["probability"] for a in answer["top_k"]}
             assert got == pytest.approx(expected, abs=1e-5), backend
     # The fusion matters: the network alone (what transformers.pipeline runs) answers otherwise.
-    api.fusion = None
+    api.models.champion.fusion = None
     alone = api.predict((texts, 10))
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(alone, answers, strict=True)) > 1e-3
 
@@ -229,7 +229,7 @@ def test_a_planted_pickle_is_never_loaded(tmp_path, fused_export):
     api = ClassifierAPI(str(folder), 64)  # the folder loads and answers, fused
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
-    assert api.fusion is not None and api.predict((["galaxies and stars"], 1))[0]["label"]
+    assert api.models.champion.fusion is not None and api.predict((["galaxies and stars"], 1))[0]["label"]
     assert not marker.exists()
 
     # A pickle in the lexical file's place, its SHA-256 recorded as if it were the export's: refused, not unpickled.

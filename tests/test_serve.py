@@ -29,7 +29,7 @@ WINDOW = 100
 
 
 def parse(body: bytes | str, max_texts: int = MAX_TEXTS) -> tuple[list[str], int]:
-    return parse_predict_body(body.encode() if isinstance(body, str) else body, max_texts, NUM_LABELS, 3)
+    return parse_predict_body(body.encode() if isinstance(body, str) else body, max_texts, NUM_LABELS, 3)[:2]
 
 
 # ------------------------------------------------------------------------------------------------ request checks
@@ -104,7 +104,7 @@ def test_batched_answers_equal_single_text_answers(sample_dir, tmp_path, family)
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
     # one monitoring message per batch, with one entry per text
     messages = [api._logger_queue.get_nowait() for _ in range(api._logger_queue.qsize())]
-    key, first = messages[1]  # messages[0] is "start" from setup
+    key, first = next(m for m in messages if m[0] == "batch")  # after "start" and "deployed" from setup
     assert key == "batch" and first["requests"] == 3 and first["labels"] == [a["label"] for a in flat]
 
 
@@ -301,5 +301,5 @@ def test_a_server_with_an_api_key(model_dir, tmp_path, monkeypatch):
         metrics = client.get("/metrics", headers={"Authorization": "Bearer k3y"}).text
         assert metric(metrics, "lightning_cls_http_requests_total", path="/predict", status="401") == 1
         info = client.get("/info").json()["model"]
-        assert info["api_key"] == {"required_for": ["/predict", "/feedback", "/metrics"]}
+        assert info["api_key"] == {"required_for": ["/predict", "/feedback", "/deployment", "/metrics"]}
         assert "k3y" not in json.dumps(info)

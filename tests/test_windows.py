@@ -155,7 +155,8 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
     batched = api.unbatch(api.predict(api.batch([api.decode_request({"texts": t, "top_k": k}) for t, k in requests])))
     flat = [answer for answers in batched for answer in answers]
     alone = [api.predict(([text], 2))[0] for text in texts]
-    windows = window_token_ids(api.tokenizer, texts, api.windows)
+    champion = api.models.champion
+    windows = window_token_ids(champion.tokenizer, texts, champion.windows)
     assert [a["windows"] for a in flat] == windows.counts.tolist() and flat[0]["windows"] == 6
     assert [a["truncated"] for a in flat] == windows.cut.tolist() and windows.cut[0] and not windows.cut[1:3].any()
     assert windows.counts[2:].max() > 1  # more than one text read as several windows
@@ -168,7 +169,7 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
     expected = mean_logits_per_text(per_window, windows.text_index, len(texts)).softmax(-1)
     assert [a["probability"] for a in flat] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
     messages = [api._logger_queue.get_nowait() for _ in range(api._logger_queue.qsize())]
-    assert messages[1][1]["windows"] == windows.counts.tolist()
+    assert next(m for key, m in messages if key == "batch")["windows"] == windows.counts.tolist()
 
 
 def test_the_drift_report_compares_windows_per_text_with_the_training_texts():

@@ -9,24 +9,33 @@ mean of its windows' logits (plus the lexical expert's, times its weight, when t
 `lightning_cls.fusion`), divided by the export's temperature when it has one (calibrated probabilities). Each
 answer has a `prediction_id`, the key of POST /feedback. Each batch is sent to the logger process
 (`metrics.MonitoringLogger`) with `self.log`, which stores its predictions and updates the metrics.
+
+Two models: the worker answers with the deployment recorded in the feedback database (`serving.deployment`): the
+champion's `Scorer`, and a challenger's beside it as a canary (it answers its share of the requests) or in shadow
+(a copy of its share goes to `router.ShadowRunner`, off the answer path). Every answer says which `model_version`
+produced it. Between batches the worker looks for a newer deployment; its models load in a thread while the old
+ones answer, and take over at the start of a batch: no request is dropped or failed by a swap.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import litserve as ls
 import torch
 
-from lightning_cls.fusion import FolderFusion
-from lightning_cls.inference import InferenceSettings, Runner
+from lightning_cls.inference import InferenceSettings
+from lightning_cls.serving.deployment import Deployment, DeploymentWatch, local_slot
 from lightning_cls.serving.http import PREDICT_PATH
 from lightning_cls.serving.prediction_log import IdIssuer
-from lightning_cls.tokenization import load_tokenizer
-from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
+from lightning_cls.serving.router import ShadowJob, ShadowRunner, canary_routes, shadow_sample
+from lightning_cls.serving.scorer import Scorer, ScorerSettings, Scores
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +47,29 @@ class TextBatch:
     texts: list[str]
     sizes: list[int]  # texts per request
     top_ks: list[int]  # top-k per request
+    client_ids: list[str | None] | None = None  # per request (canary routing is sticky per client)
+
+
+@dataclass
+class Models:
+    """The models of one deployment, loaded: the champion's scorer, and the challenger's with its shadow thread."""
+
+    deployment: Deployment
+    champion: Scorer
+    challenger: Scorer | None = None
+    shadow: ShadowRunner | None = None
 
 
 class ClassifierAPI(ls.LitAPI):
-    """Tokenizes, runs the exported classifier in fp32 under `torch.inference_mode`, answers top-k.
+    """Tokenizes, runs the deployed model(s) under `torch.inference_mode`, answers top-k.
 
-    ``temperature``: answer softmax(logits / temperature), the calibrated probabilities (None: the plain softmax).
+    ``model_dir``: the export answering when there is no ``deployment_db`` (tests, tools); with one, the worker
+    answers with the deployment recorded there (`serving.deployment`: serve records it at start).
+    ``use_temperature``: answer softmax(logits / T) with each export's temperature T, the calibrated probabilities
+    (False: the plain softmax). ``temperature`` overrides the champion's (None: as ``use_temperature`` says).
     ``min_confidence``: an answer whose probability is below it says ``"abstained": true`` (and keeps its label).
     ``id_key``: the feedback database's key for prediction ids (`FeedbackStore.id_key`).
+    ``keep_texts``: send the texts to the logger process, which stores them with the predictions (retraining).
     """
 
     def __init__(
@@ -56,11 +80,14 @@ class ClassifierAPI(ls.LitAPI):
         batch_timeout: float = 0.002,
         inference: InferenceSettings | None = None,
         num_threads: int | None = None,
-        max_windows: int = 1,
+        max_windows: int | None = None,
         window_stride: int | None = None,
         temperature: float | None = None,
         min_confidence: float | None = None,
         id_key: bytes | None = None,
+        use_temperature: bool | None = None,
+        deployment_db: str | None = None,
+        keep_texts: bool = False,
     ) -> None:
         with warnings.catch_warnings():  # LitServe warns when batch/unbatch exist but max_batch_size is 1: fine here
             warnings.simplefilter("ignore", UserWarning)
@@ -68,10 +95,13 @@ class ClassifierAPI(ls.LitAPI):
         self.model_dir, self.max_length = str(model_dir), max_length
         self.inference, self.num_threads = inference or InferenceSettings(), num_threads
         self.max_windows, self.window_stride = max_windows, window_stride
-        # softmax(logits / temperature): the calibrated probabilities (None: the plain softmax, T = 1).
+        # Without use_temperature (older callers): the temperature given, or none (the plain softmax).
+        self.use_temperature = use_temperature if use_temperature is not None else temperature is not None
         self.temperature, self.min_confidence = temperature, min_confidence
         # Ids POST /feedback can recognise as this database's (`prediction_log.IdIssuer`; None: a key of its own).
         self.ids = IdIssuer(id_key)
+        self.deployment_db, self.keep_texts = deployment_db, keep_texts
+        self.rng = random.Random()
 
     def setup(self, device: str) -> None:
         if self.num_threads:
@@ -82,119 +112,189 @@ class ClassifierAPI(ls.LitAPI):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.tokenizer = load_tokenizer(self.model_dir)
-        # The backend (torch or ONNX Runtime) and precision, chosen once (`lightning_cls.inference`).
-        self.runner = Runner(self.model_dir, self.inference, device=device, tokenizer=self.tokenizer)
-        log.info(self.runner.describe())
-        # A folder that fuses a lexical expert (lightning_cls.json `lexical`): checked and loaded here, or refused.
-        self.fusion = FolderFusion.from_folder(self.model_dir, self.runner.metadata)
-        # A multi-label export's per-label thresholds: each answer is a label set (None: one label, a softmax).
-        thresholds = getattr(self.runner.metadata, "thresholds", None)
-        self.thresholds = torch.tensor(thresholds, dtype=torch.float32) if thresholds is not None else None
-        self.names = self.runner.labels
-        self.special_tokens = self.tokenizer.num_special_tokens_to_add()
-        self.windows = WindowSpec(self.max_length, self.max_windows, self.window_stride)
-        self.windows.step(self.tokenizer)  # a stride longer than a window fails here, at start, not per request
-        self._logits(window_token_ids(self.tokenizer, ["warm up"], self.windows).input_ids)  # the slow first pass
+        self.settings = ScorerSettings(
+            self.inference, device, self.max_windows, self.window_stride, self.use_temperature
+        )
+        self.watch = None
+        if self.deployment_db is not None:
+            self.watch = DeploymentWatch(self.deployment_db, self.load)
+            self.seq, _, self.models = self.watch.first()
+        else:
+            self.seq, self.models = 0, self.load(Deployment(local_slot(self.model_dir)))
         self.log("start", None)  # the monitoring process makes its metrics now, so /metrics lists them from the start
+        self._report_deployed()
 
-    def decode_request(self, request: dict) -> tuple[list[str], int]:
+    def load(self, deployment: Deployment) -> Models:
+        """The models of a deployment (a model already loaded is reused: a promotion loads nothing)."""
+        loaded = {}
+        current = getattr(self, "models", None)
+        if current is not None:
+            loaded = {s.version: s for s in (current.champion, current.challenger) if s is not None}
+
+        def scorer(slot: Any) -> Scorer:
+            return loaded.get(slot.version) or Scorer(slot.model_dir, slot.version, self.settings)
+
+        champion = scorer(deployment.champion)
+        if self.temperature is not None and deployment.champion.model_dir == str(Path(self.model_dir).resolve()):
+            champion.temperature = self.temperature  # an explicit temperature for the folder it was given with
+        challenger = scorer(deployment.challenger) if deployment.challenger is not None else None
+        shadow = None
+        if challenger is not None and deployment.mode == "shadow":
+            shadow = ShadowRunner(challenger.score, challenger.version, list(challenger.names), self.log)
+        return Models(deployment, champion, challenger, shadow)
+
+    def _report_deployed(self) -> None:
+        d = self.models.deployment
+        self.log("deployed", {"seq": self.seq, "roles": d.roles(), "mode": d.mode, "share": d.share})
+
+    def _swap_if_ready(self) -> None:
+        """Between batches: a newer deployment whose models have loaded takes over now."""
+        if self.watch is None:
+            return
+        ready = self.watch.ready()
+        if ready is None:
+            return
+        old = self.models
+        self.seq, _, self.models = ready
+        if old.shadow is not None:
+            old.shadow.stop()
+        log.info(f"Deployment {self.seq}: {self.models.deployment.roles()} ({self.models.deployment.mode})")
+        self._report_deployed()
+
+    # The champion's pieces, as callers of a one-model API know them.
+    @property
+    def runner(self) -> Any:
+        return self.models.champion.runner
+
+    @property
+    def names(self) -> list[str]:
+        return self.models.champion.names
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.models.champion.probabilities(logits)
+
+    def decode_request(self, request: dict) -> tuple[list[str], int, str | None]:
         # Already checked and made canonical by RequestGuard in the HTTP process.
-        return request["texts"], request["top_k"]
+        return request["texts"], request["top_k"], request.get("client_id")
 
-    def batch(self, inputs: list[tuple[list[str], int]]) -> TextBatch:
+    def batch(self, inputs: list[tuple]) -> TextBatch:
         return TextBatch(
-            texts=[t for texts, _ in inputs for t in texts],
-            sizes=[len(texts) for texts, _ in inputs],
-            top_ks=[k for _, k in inputs],
+            texts=[t for texts, *_ in inputs for t in texts],
+            sizes=[len(x[0]) for x in inputs],
+            top_ks=[x[1] for x in inputs],
+            client_ids=[x[2] if len(x) > 2 else None for x in inputs],
         )
 
-    def predict(self, x: TextBatch | tuple[list[str], int]) -> list[list[dict]] | list[dict]:
+    def predict(self, x: TextBatch | tuple) -> list[list[dict]] | list[dict]:
         """Answers per request (a list per request when batched; one request's list when `max_batch_size` is 1)."""
         batched = isinstance(x, TextBatch)
         batch = x if batched else self.batch([x])
-        windows = window_token_ids(self.tokenizer, batch.texts, self.windows)
-        # The windows of every text of every request are batched together; each text's answer is its windows' mean.
-        logits = mean_logits_per_text(self._logits(windows.input_ids), windows.text_index, windows.num_texts)
-        if self.fusion is not None:  # plus the lexical expert's logits of the whole texts, times its weight
-            logits = self.fusion.fused(logits, batch.texts)
-        probs = self.probabilities(logits)  # (N, num_labels)
-        order = probs.argsort(dim=-1, descending=True).tolist()
-        probs = probs.tolist()
-        top = [p[o[0]] for p, o in zip(probs, order, strict=True)]
-        abstained = [self.min_confidence is not None and p < self.min_confidence for p in top]
-        now = time.time()
-        # The issue time, random digits and a tag: an id says nothing about the text or the traffic.
-        ids = [self.ids.new(now) for _ in top]
-        tokens = (windows.tokens + self.special_tokens).tolist()  # as the model read them, special tokens included
-        counts, cut = windows.counts.tolist(), windows.cut.tolist()
-        sets = self.label_sets(probs) if self.thresholds is not None else None
-        answers, start = [], 0
-        for size, k in zip(batch.sizes, batch.top_ks, strict=True):
-            answers.append(
-                [
-                    {
-                        **self._answer(probs[i], order[i], k, tokens[i], counts[i], cut[i]),
-                        **(self._set_answer(sets[i], probs[i]) if sets else {}),
-                        "abstained": abstained[i],
-                        "prediction_id": ids[i],
-                    }
-                    for i in range(start, start + size)
-                ]
-            )
-            start += size
+        self._swap_if_ready()
+        models = self.models  # this batch's models, whatever deployment arrives meanwhile
+        if models.shadow is not None:
+            models.shadow.busy()
+        try:
+            answers, message = self._answer_batch(batch, models)
+        finally:
+            if models.shadow is not None:
+                models.shadow.idle()
         # One message per batch to the logger process: it stores the predictions and updates the metrics there.
-        self.log(
-            "batch",
-            {
-                "time": now,
-                "requests": len(batch.sizes),
-                "ids": ids,
-                "labels": [self.names[o[0]] for o in order],
-                "probabilities": top,
-                "all_probabilities": probs,
-                "lengths": tokens,
-                "windows": counts,
-                "truncated": cut,
-                "abstained": abstained,
-                "label_sets": sets,  # a multi-label model's answers (None: one label each)
-            },
-        )
+        self.log("batch", message)
+        if models.shadow is not None:
+            self._copy_to_shadow(batch, message, models)
         return answers if batched else answers[0]
 
-    def label_sets(self, probs: list[list[float]]) -> list[list[str]]:
-        """A multi-label answer per text: every label whose probability reaches its threshold (its most probable
-        label when none does), most probable first, as `predict` writes them (`multilabel.decide`)."""
-        p = torch.tensor(probs)
-        chosen = p >= self.thresholds
-        chosen[torch.arange(len(p)), p.argmax(-1)] |= ~chosen.any(-1)
-        order = p.argsort(-1, descending=True).tolist()
-        return [[self.names[j] for j in row if chosen[i, j]] for i, row in enumerate(order)]
+    def _answer_batch(self, batch: TextBatch, models: Models) -> tuple[list[list[dict]], dict]:
+        d = models.deployment
+        n = len(batch.sizes)
+        canary = models.challenger is not None and d.mode == "canary"
+        by_challenger = canary_routes(batch.client_ids or [None] * n, d.share, self.rng) if canary else [False] * n
+        # Each text's model: its request's.
+        text_model = [c for c, size in zip(by_challenger, batch.sizes, strict=True) for _ in range(size)]
+        scores: list[tuple[Scorer, Scores, list[int]]] = []
+        for scorer, chosen in ((models.champion, False), (models.challenger, True)):
+            rows = [i for i, c in enumerate(text_model) if c == chosen]
+            if rows:
+                started = time.perf_counter()
+                result = scorer.score([batch.texts[i] for i in rows])
+                scores.append((scorer, result, rows, time.perf_counter() - started))
+        per_text: list[tuple[Scorer, Scores, int]] = [None] * len(batch.texts)  # type: ignore[list-item]
+        for scorer, result, rows, _ in scores:
+            for j, i in enumerate(rows):
+                per_text[i] = (scorer, result, j)
+        now = time.time()
+        ids = [self.ids.new(now) for _ in batch.texts]
+        fields: dict[str, list] = {k: [] for k in ("labels", "probabilities", "all_probabilities", "lengths")}
+        fields.update({k: [] for k in ("windows", "truncated", "abstained", "label_sets", "versions")})
+        answers, flat = [], []
+        for i, (scorer, r, j) in enumerate(per_text):
+            probs, order = r.probs[j], r.order[j]
+            top = probs[order[0]]
+            abstained = self.min_confidence is not None and top < self.min_confidence
+            answer = {
+                **self._answer(scorer.names, probs, order, batch_top_k(batch, i), r.tokens[j], r.windows[j], r.cut[j]),
+                **(self._set_answer(scorer.names, r.sets[j], probs) if r.sets is not None else {}),
+                "abstained": abstained,
+                "prediction_id": ids[i],
+                "model_version": scorer.version,
+            }
+            flat.append(answer)
+            for key, value in (
+                ("labels", scorer.names[order[0]]),
+                ("probabilities", top),
+                ("all_probabilities", probs),
+                ("lengths", r.tokens[j]),
+                ("windows", r.windows[j]),
+                ("truncated", r.cut[j]),
+                ("abstained", abstained),
+                ("label_sets", r.sets[j] if r.sets is not None else None),
+                ("versions", scorer.version),
+            ):
+                fields[key].append(value)
+        start = 0
+        for size in batch.sizes:
+            answers.append(flat[start : start + size])
+            start += size
+        message = {
+            "time": now,
+            "requests": n,
+            "ids": ids,
+            **fields,
+            "label_sets": fields["label_sets"] if models.champion.thresholds is not None else None,
+            "seconds": {s.version: sec for s, _, _, sec in scores},  # forward time per model (latency by version)
+            **({"texts": batch.texts} if self.keep_texts else {}),
+        }
+        return answers, message
 
-    def _set_answer(self, labels: list[str], probs: list[float]) -> dict:
+    def _copy_to_shadow(self, batch: TextBatch, message: dict, models: Models) -> None:
+        """A sampled share of the answered requests, copied to the shadow's queue (never waits)."""
+        chosen = shadow_sample(len(batch.sizes), models.deployment.share, self.rng)
+        rows, start = [], 0
+        for take, size in zip(chosen, batch.sizes, strict=True):
+            if take:
+                rows.extend(range(start, start + size))
+            start += size
+        if not rows:
+            return
+        sets = message["label_sets"]
+        labels = [tuple(sets[i]) if sets else message["labels"][i] for i in rows]
+        job = ShadowJob([batch.texts[i] for i in rows], [message["ids"][i] for i in rows], labels, message["time"])
+        models.shadow.submit(job)
+
+    @staticmethod
+    def _set_answer(names: list[str], labels: list[str], probs: list[float]) -> dict:
         """A multi-label answer's set and scores; its `label` is the set's most probable, as in `predict`."""
-        scores = [probs[self.names.index(name)] for name in labels]
+        scores = [probs[names.index(name)] for name in labels]
         return {"labels": labels, "scores": scores, "label": labels[0], "probability": scores[0]}
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """softmax(logits / temperature) over the labels: `lightning_cls.calibration.calibrated_probabilities`
-        (a test checks they agree), written out here because importing that module loads torchmetrics, seconds of
-        start-up for every worker. A multi-label model's: each label's sigmoid."""
-        if self.thresholds is not None:
-            return logits.float().sigmoid()
-        t = 1.0 if self.temperature is None else self.temperature
-        return (logits.float() / t).softmax(-1)  # (N, num_labels)
-
-    def _logits(self, ids: list[list[int]]) -> torch.Tensor:
-        """Logits (N, num_labels) of token id lists (whole texts or windows), float32, in input order: the runner
-        runs them longest first, at most `max_batch_tokens` tokens per forward pass."""
-        return self.runner.logits(ids)
-
-    def _answer(self, probs: list[float], order: list[int], k: int, tokens: int, windows: int, cut: bool) -> dict:
+    @staticmethod
+    def _answer(
+        names: list[str], probs: list[float], order: list[int], k: int, tokens: int, windows: int, cut: bool
+    ) -> dict:
         return {
-            "label": self.names[order[0]],
+            "label": names[order[0]],
             "probability": probs[order[0]],
-            "top_k": [{"label": self.names[j], "probability": probs[j]} for j in order[:k]],
+            "top_k": [{"label": names[j], "probability": probs[j]} for j in order[:k]],
             "num_tokens": tokens,
             "windows": windows,
             "truncated": cut,
@@ -205,3 +305,13 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, output: list[dict]) -> dict:
         return {"predictions": output}
+
+
+def batch_top_k(batch: TextBatch, text: int) -> int:
+    """The top-k of the request a text (by its index in the batch) came in."""
+    start = 0
+    for size, k in zip(batch.sizes, batch.top_ks, strict=True):
+        if text < start + size:
+            return k
+        start += size
+    raise IndexError(text)

@@ -48,8 +48,10 @@ from typing import Any
 
 from lightning_cls.errors import InputError
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; a newer database is refused (2: the `labels` columns; 3: texts, shadows, deployments)
+# PRAGMA user_version; a newer database is refused (2: the `labels` columns; 3: texts, shadows, deployments)
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another one before "database is locked"
+SHADOW_ROW = "shadow"  # first value of a shadow answer's row in the prediction log (a prediction id is hex)
 _CHUNK = 500  # ids per `IN (...)` query, well under SQLite's limit on bound parameters
 
 _SCHEMA = """
@@ -283,31 +285,39 @@ class FeedbackStore:
     @staticmethod
     def shadow_rows_of(shadow: dict[str, Any]) -> list[tuple]:
         """The `shadow_predictions` rows of one shadow message (`serving.router`): the challenger's answers to
-        copies of answered requests, keyed by the answered prediction's id."""
+        copies of answered requests, keyed by the answered prediction's id. Tagged ``SHADOW_ROW`` first, so that
+        they travel with the predictions through the prediction log (`insert_rows` tells them apart)."""
         sets = shadow.get("label_sets") or [None] * len(shadow["ids"])
         return [
-            (pid, shadow["version"], shadow["time"], label, p, json.dumps(list(s)) if s is not None else None)
+            (
+                SHADOW_ROW,
+                pid,
+                shadow["version"],
+                shadow["time"],
+                label,
+                p,
+                json.dumps(list(s)) if s is not None else None,
+            )
             for pid, label, p, s in zip(shadow["ids"], shadow["labels"], shadow["probabilities"], sets, strict=True)
         ]
-
-    def insert_shadow_rows(self, rows: Sequence[Sequence[Any]]) -> int:
-        """Insert `shadow_rows_of` rows inside the caller's transaction (a repeated one is skipped)."""
-        before = self.conn.total_changes
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO shadow_predictions (id, model_version, time, label, probability, labels) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        return self.conn.total_changes - before
 
     def insert_rows(self, rows: Sequence[Sequence[Any]]) -> int:
         """Insert `rows_of` rows inside the caller's transaction; a row whose id is stored already is skipped (a
         spill file replayed twice stores each row once; a row spilled by an older version, without a label set, is
-        stored without one). Returns how many were new."""
+        stored without one). `shadow_rows_of` rows among them go to `shadow_predictions`. Returns how many were new."""
+        shadows = [r[1:] for r in rows if r and r[0] == SHADOW_ROW]
+        if shadows:
+            rows = [r for r in rows if not (r and r[0] == SHADOW_ROW)]
         before = self.conn.total_changes
         self.conn.executemany(
+            "INSERT OR IGNORE INTO shadow_predictions (id, model_version, time, label, probability, labels) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            shadows,
+        )
+        self.conn.executemany(
             "INSERT OR IGNORE INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
-            "truncated, abstained, temperature, model_version, labels, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "truncated, abstained, temperature, model_version, labels, text) "
+            f"VALUES ({', '.join('?' * _ROW_FIELDS)})",
             [(*r, *[None] * (_ROW_FIELDS - len(r))) for r in rows],
         )
         return self.conn.total_changes - before

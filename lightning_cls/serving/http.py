@@ -32,6 +32,9 @@ FEEDBACK_POLL = 0.05  # seconds between looks for ids still on their way to the 
 PENDING_RETRY_AFTER = 2  # seconds: the Retry-After of a 503 for ids served but not stored yet
 
 
+MAX_CLIENT_ID = 256  # characters of a /predict body's "client_id"
+
+
 class PendingIds(Exception):
     """Prediction ids this database's servers issued that are not stored yet: a 503 the client retries."""
 
@@ -48,15 +51,20 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-def parse_predict_body(body: bytes, max_texts: int, num_labels: int, default_top_k: int) -> tuple[list[str], int]:
-    """The texts and top-k of a /predict body, ``{"text": str}`` or ``{"texts": [str, ...]}`` with an optional
-    ``"top_k": int``; anything else raises `RequestError` (400 for malformed JSON, 422 for a bad payload)."""
+def parse_predict_body(
+    body: bytes, max_texts: int, num_labels: int, default_top_k: int
+) -> tuple[list[str], int, str | None]:
+    """The texts, top-k and client id of a /predict body, ``{"text": str}`` or ``{"texts": [str, ...]}`` with an
+    optional ``"top_k": int`` and ``"client_id": str`` (a canary answers a client from one model: `router`);
+    anything else raises `RequestError` (400 for malformed JSON, 422 for a bad payload)."""
     payload = _json(body)
     if not isinstance(payload, dict):
         raise RequestError(422, f'Expected a JSON object {{"text": ...}} or {{"texts": [...]}}, got {_kind(payload)}.')
-    unknown = sorted(set(payload) - {"text", "texts", "top_k"})
+    unknown = sorted(set(payload) - {"text", "texts", "top_k", "client_id"})
     if unknown:
-        raise RequestError(422, f'Unknown field(s) {unknown}: expected "text" or "texts", and optionally "top_k".')
+        raise RequestError(
+            422, f'Unknown field(s) {unknown}: expected "text" or "texts", and optionally "top_k" and "client_id".'
+        )
     if ("text" in payload) == ("texts" in payload):
         raise RequestError(422, 'Give exactly one of "text" (a string) or "texts" (a list of strings).')
     if "text" in payload:
@@ -82,7 +90,10 @@ def parse_predict_body(body: bytes, max_texts: int, num_labels: int, default_top
     top_k = payload.get("top_k", default_top_k)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_labels:
         raise RequestError(422, f'"top_k" must be an integer from 1 to {num_labels}, got {top_k!r}.')
-    return texts, top_k
+    client = payload.get("client_id")
+    if client is not None and (not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID):
+        raise RequestError(422, f'"client_id" must be a string of 1 to {MAX_CLIENT_ID} characters: {_short(client)}.')
+    return texts, top_k, client
 
 
 def parse_feedback_body(
@@ -262,10 +273,12 @@ class RequestGuard:
                     raise too_large
                 if not message.get("more_body", False):
                     break
-            texts, top_k = parse_predict_body(b"".join(chunks), self.max_texts, self.num_labels, self.default_top_k)
+            texts, top_k, client = parse_predict_body(
+                b"".join(chunks), self.max_texts, self.num_labels, self.default_top_k
+            )
         except RequestError as e:
             return await _send_json(send, e.status, {"detail": e.message})
-        body = json.dumps({"texts": texts, "top_k": top_k}).encode()
+        body = json.dumps({"texts": texts, "top_k": top_k, "client_id": client}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         replayed = False

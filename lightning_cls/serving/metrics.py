@@ -48,6 +48,7 @@ from lightning_cls.drift import (
 from lightning_cls.multilabel_drift import LabelSetWindow, SetFeedbackWindow
 from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
 from lightning_cls.serving.prediction_log import LogSettings, PredictionLog
+from lightning_cls.serving.version_metrics import VersionMetrics
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,8 @@ class Monitor:
         self.predictions = PredictionMetrics(s["names"], s["max_batch_size"], s["max_length"], window, self.label_sets)
         self.accuracy = AccuracyMetrics(a)
         self.feedback = (SetFeedbackWindow if self.multi_label else FeedbackWindow)(s["names"], a.window, a.min_labels)
+        # By version and role, for two models in one service (`version_metrics`).
+        self.versions = VersionMetrics(s["names"], self.multi_label, a.window, a.min_labels)
         self.store_settings: StoreSettings | None = s["store"]
         self.store: FeedbackStore | None = None
         self.log: PredictionLog | None = None
@@ -404,6 +407,8 @@ class Monitor:
             st = self.store_settings
             self.store = FeedbackStore(st.path, setup=False)  # reads only; `serve` made the tables
             self.log = PredictionLog(st.path, s.get("log") or LogSettings(), LogMetrics(), self._after_write)
+        self.champion = self.store_settings.model_version if self.store_settings is not None else None
+        if self.store_settings is not None:
             self.refresh_feedback(count=False)  # after a restart: the stored feedback on this model's predictions
 
     def on_batch(self, batch: dict[str, Any]) -> None:
@@ -411,11 +416,18 @@ class Monitor:
             st = self.store_settings
             self.log.add(FeedbackStore.rows_of(batch, st.model_version, st.temperature))
         report = self.predictions.observe(batch)
+        self.versions.batch(batch)
         over = f"over the last {report['texts']} predictions"
         self.accuracy.check("estimated", report["estimated_accuracy"], over)
         if self.multi_label:
             self.accuracy.check("estimated", report["estimated_micro_f1"], over, metric="micro-F1")
         self.refresh_feedback()
+
+    def on_shadow(self, value: dict[str, Any]) -> None:
+        """A shadow's answers (`router.ShadowRunner`): stored beside the answers they shadow, and compared."""
+        if self.log is not None:
+            self.log.add(FeedbackStore.shadow_rows_of(value))
+        self.versions.shadow(value)
 
     def close(self) -> None:
         """At a stop: the prediction log stores what it holds (or spills it for the next start)."""
@@ -425,16 +437,18 @@ class Monitor:
             self.store.close()
 
     def refresh_feedback(self, count: bool = True) -> None:
-        """Read the feedback rows stored since the last look (an indexed range: cheap when there are none)."""
+        """Read the feedback rows stored since the last look (an indexed range: cheap when there are none). The
+        unlabelled live gauges read the answers returned by the champion (`champion`: the version the workers
+        report; at start the flags'); the by-version gauges every version's, shadow answers included."""
         if self.store is None:
             return
         try:
-            pairs, self._feedback_seq = self.store.feedback_since(
-                self._feedback_seq, self.store_settings.model_version, self.accuracy_settings.window
-            )
+            answers, self._feedback_seq = self.store.answers_since(self._feedback_seq, self.accuracy_settings.window)
         except sqlite3.Error as err:
             log.error(f"Could not read the feedback from {self.store_settings.path}: {err}")
             return
+        self.versions.feedback(answers, self._readable)
+        pairs = [(a.predicted, a.true) for a in answers if a.answered and a.version == self.champion]
         if pairs or not count:
             self.feedback.add(self._readable(pairs))
             if count:
@@ -535,3 +549,10 @@ class MonitoringLogger(ls.Logger):
             self._monitor.on_batch(value)
         elif key == "feedback":
             self._monitor.refresh_feedback()
+        elif key == "shadow":
+            self._monitor.on_shadow(value)
+        elif key == "shadow_dropped":
+            self._monitor.versions.shadow_dropped(value)
+        elif key == "deployed":  # a worker switched models (`serving.deployment`)
+            self._monitor.versions.deployed(value)
+            self._monitor.champion = next(v for v, role in value["roles"].items() if role == "champion")

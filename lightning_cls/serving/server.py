@@ -41,9 +41,16 @@ from lightning_cls.inference import (
     detect_hardware,
     padded_width,
 )
-from lightning_cls.registry import is_model_uri
 from lightning_cls.serving.api import ClassifierAPI
-from lightning_cls.serving.feedback import FeedbackStore, StoreSettings, model_version
+from lightning_cls.serving.deployment import (
+    DEPLOYMENT_PATH,
+    MODES,
+    DeploymentEndpoint,
+    check_compatible,
+    resolve_slot,
+    start_deployment,
+)
+from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
 from lightning_cls.serving.http import (
     FEEDBACK_PATH,
     PREDICT_PATH,
@@ -76,6 +83,15 @@ class ServeSettings:
             (`lightning_cls.registry`; downloaded once into runs/mlflow/cache). /info says which version serves.
         registry_uri: The MLflow registry of a `models:/` model_dir (default: $MLFLOW_TRACKING_URI, else the
             embedded sqlite:///runs/mlflow/mlflow.db).
+        challenger: A second model beside the champion (--model_dir): an export folder or a registry reference, with
+            the same labels. It answers --challenger_share of the requests as a canary, or sees a copy of that share
+            in shadow (its answers stored and compared, never returned). POST /deployment changes both without a
+            restart (promote, rollback, set); every answer says its model_version. See docs/lifecycle.md.
+        challenger_mode: shadow or canary.
+        challenger_share: Share of the requests the challenger sees (shadow) or answers (canary, sticky per
+            "client_id" when a request gives one).
+        keep_texts: Store each prediction's text in --feedback_db beside its answer (off by default: texts are
+            never stored otherwise), so that labelled feedback can be trained on (`fit --data.feedback_db`).
         host: Interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
         port: TCP port.
         max_batch_size: Most requests the server batches into one forward pass (1: no batching).
@@ -136,6 +152,10 @@ class ServeSettings:
 
     model_dir: str
     registry_uri: str | None = None
+    challenger: str | None = None
+    challenger_mode: str = "shadow"
+    challenger_share: float = 0.1
+    keep_texts: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 16
@@ -237,6 +257,10 @@ def check_settings(s: ServeSettings, num_labels: int) -> None:
         problems.append(f"--feedback_wait must be at least 0 seconds, got {s.feedback_wait}")
     if not 0 <= s.accuracy_alert_margin <= 1:
         problems.append(f"--accuracy_alert_margin must be in [0, 1], got {s.accuracy_alert_margin}")
+    if s.challenger_mode not in MODES:
+        problems.append(f"--challenger_mode must be one of {list(MODES)}, got {s.challenger_mode!r}")
+    if not 0 <= s.challenger_share <= 1:
+        problems.append(f"--challenger_share must be from 0 to 1, got {s.challenger_share}")
     if problems:
         raise InputError("; ".join(problems) + ".")
 
@@ -338,13 +362,12 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     s = settings
     if s.feedback_db is None:
         raise ConfigError("build_server needs settings.feedback_db (serve() picks a temporary file without one).")
-    registered = None
-    if is_model_uri(s.model_dir):  # a registered version: its export, downloaded (once) from the registry
-        from lightning_cls.registry import Registry
-
-        registered = Registry(s.registry_uri).resolve(s.model_dir)
-        log.info(f"{s.model_dir}: version {registered.version} of {registered.name!r}, from {registered.folder}")
-        s = dataclasses.replace(s, model_dir=registered.folder)
+    # A folder, or a registered version: its export, downloaded (once) from the registry.
+    champion = resolve_slot(s.model_dir, s.registry_uri)
+    registered = champion.registry
+    if registered:
+        log.info(f"{s.model_dir}: version {registered['version']} of {registered['name']!r}, from {champion.model_dir}")
+    s = dataclasses.replace(s, model_dir=champion.model_dir)
     meta = read_export_metadata(s.model_dir)
     names, max_length = meta.labels, int(meta.max_length)
     reference = meta.reference.to_dict() if meta.reference is not None else None
@@ -353,15 +376,23 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     temperature = exported_temperature if s.use_temperature else None
     valid_accuracy = validation_accuracy(meta)
     multi_label = getattr(meta, "thresholds", None) is not None  # answers are label sets; feedback sends sets
-    version = model_version(s.model_dir)
-    # Create or check the database now (a bad path fails here, not in a process), record the model, and read the key
-    # of the prediction ids (`prediction_log.IdIssuer`): the worker tags ids with it, POST /feedback checks them.
+    version = champion.version
+    challenger = None
+    if s.challenger is not None:
+        challenger = resolve_slot(s.challenger, s.registry_uri)
+        check_compatible(names, multi_label, challenger)
+    # Create or check the database now (a bad path fails here, not in a process), record the models and the
+    # deployment the workers start from, and read the key of the prediction ids (`prediction_log.IdIssuer`): the
+    # worker tags ids with it, POST /feedback checks them.
     db = FeedbackStore(s.feedback_db)
     try:
-        db.register_model(version, names, str(Path(s.model_dir).resolve()))
+        for slot in (champion, challenger):
+            if slot is not None:
+                db.register_model(slot.version, names, slot.model_dir)
         id_key = db.id_key()
     finally:
         db.close()
+    start_deployment(s.feedback_db, champion, challenger, s.challenger_mode, s.challenger_share)
     num_threads = s.num_threads or default_threads(s.workers_per_device)
     inference = InferenceSettings(s.precision, s.backend, s.max_batch_tokens, s.agreement_gate, s.gate, s.max_f1_drop)
     inference.check(s.model_dir, max_length)  # one line naming every bad flag, before any worker starts
@@ -381,11 +412,13 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         num_threads,
         windows.max_windows,
         windows.stride,
-        temperature=temperature,
         min_confidence=s.min_confidence,
         id_key=id_key,
+        use_temperature=s.use_temperature,
+        deployment_db=str(Path(s.feedback_db).resolve()),
+        keep_texts=s.keep_texts,
     )
-    paths = [PREDICT_PATH, FEEDBACK_PATH, "/health", "/info", "/metrics"]
+    paths = [PREDICT_PATH, FEEDBACK_PATH, DEPLOYMENT_PATH, "/health", "/info", "/metrics"]
     guard = {
         "max_body_bytes": s.max_body_bytes,
         "max_texts": s.max_texts,
@@ -395,7 +428,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     }
     key = os.environ.get(s.api_key_env) or None  # read here, in the main process; never logged nor shown
     # /feedback changes state: it needs the key whenever there is one.
-    protected = [PREDICT_PATH, FEEDBACK_PATH] + (["/metrics"] if s.metrics_need_key else [])
+    protected = [PREDICT_PATH, FEEDBACK_PATH, DEPLOYMENT_PATH] + (["/metrics"] if s.metrics_need_key else [])
     # Added in order, each around the previous: the key is checked before the body is read, and the metrics see
     # both kinds of rejection.
     middlewares = [(RequestGuard, guard)] + ([(ApiKeyGuard, {"key": key, "paths": protected})] if key else [])
@@ -427,7 +460,14 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         "model_dir": str(Path(s.model_dir).resolve()),
         "model_name_or_path": meta.model_name_or_path,
         "model_version": version,
-        "registry": {**registered.to_dict(), "requested": settings.model_dir} if registered else None,
+        "registry": {**registered, "requested": settings.model_dir} if registered else None,
+        "deployment_at_start": {
+            "challenger": {"version": challenger.version, "source": challenger.source} if challenger else None,
+            "mode": s.challenger_mode if challenger else None,
+            "share": s.challenger_share if challenger else 0.0,
+            "now": f"GET {DEPLOYMENT_PATH}",
+        },
+        "keep_texts": s.keep_texts,
         "labels": names,
         "problem_type": "multi_label" if multi_label else "single_label",
         "max_length": max_length,
@@ -506,6 +546,9 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived, id_key, multi_label=multi_label
     )
     server.app.add_api_route(FEEDBACK_PATH, feedback.handle, methods=["POST"], response_model=None)
+    deployment = DeploymentEndpoint(store.path, names, multi_label, s.registry_uri, keyed=key is not None)
+    server.app.add_api_route(DEPLOYMENT_PATH, deployment.handle_get, methods=["GET"], response_model=None)
+    server.app.add_api_route(DEPLOYMENT_PATH, deployment.handle_post, methods=["POST"], response_model=None)
 
     @server.app.get("/metrics")
     def metrics() -> Any:
