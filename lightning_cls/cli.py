@@ -1,6 +1,6 @@
-"""`python -m lightning_cls fit|validate|test|predict|calibrate|export|serve|monitor`: LightningCLI with the project's
-defaults and links, the extra subcommands, and the one place where user errors (errors.py) become one `error: ...`
-line."""
+"""`python -m lightning_cls fit|validate|test|predict|calibrate|export|serve|monitor|registry|compare|deployment`:
+LightningCLI with the project's defaults and links, the extra subcommands, and the one place where user errors
+(errors.py) become one `error: ...` line."""
 
 from __future__ import annotations
 
@@ -70,6 +70,18 @@ def _registry(argv: list[str]) -> Any:
     return main(argv)
 
 
+def _deployment(argv: list[str]) -> Any:
+    from lightning_cls.serving.deployment import main
+
+    return main(argv)
+
+
+def _compare(argv: list[str]) -> Any:
+    from lightning_cls.compare import main
+
+    return main(argv)
+
+
 def _calibrate(argv: list[str]) -> Any:
     return calibrate(argv)  # below: a `validate` run with this module's CLI
 
@@ -80,6 +92,8 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "serve": _serve,
     "monitor": _monitor,
     "registry": _registry,
+    "compare": _compare,
+    "deployment": _deployment,
 }
 
 

@@ -210,13 +210,13 @@ def true_labels(
         if unknown and not drop_unknown:
             raise DataError(
                 f"{where}: prediction {pid} has the true label {unknown[0]!r}, which is not a training label "
-                f"({', '.join(names)}): feedback of another label set? Set data.feedback_drop_unknown true to "
-                "leave such rows out."
+                f"({', '.join(names)}): feedback of another label set? Set data.feedback_drop_unknown (fit) or "
+                "--feedback_drop_unknown (compare) true to leave such rows out."
             )
         known = sorted((n for n in set(given) if n in index), key=index.get)
         keep.append(bool(known))
         labels.append(tuple(known) if multi_label else (known[0] if known else None))
-    out = raw.assign(label=labels)[keep].reset_index(drop=True)
+    out = raw.assign(label=labels).loc[pd.Series(keep, index=raw.index, dtype=bool)].reset_index(drop=True)
     out.attrs = dict(raw.attrs)
     return out, len(raw) - len(out)
 

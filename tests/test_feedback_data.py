@@ -4,12 +4,15 @@ recent feedback."""
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 import uuid
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from lightning_cls.data import ScientificTextDataModule
 from lightning_cls.errors import ConfigError, DataError
@@ -233,3 +236,183 @@ def test_feedback_settings_are_checked_before_reading(sample_dir, tmp_path):
     dm = make_dm(sample_dir, feedback_db=str(tmp_path / "missing.sqlite3"))
     with pytest.raises(DataError, match=r"missing.sqlite3 does not exist"):
         dm.prepare_data()
+
+
+# ------------------------------------------------------------------------------------------------ compare
+@pytest.fixture(scope="module")
+def exports(sample_dir, tmp_path_factory):
+    """Two tiny exports of the same labels: untrained (the champion) and trained a few steps on generated texts of
+    the same subjects (the challenger); made without a checkpoint, in a second or two."""
+    from serving_helpers import fabricate_export
+
+    root = tmp_path_factory.mktemp("exports")
+    tokenizer = sample_dir / "wordpiece"
+    return fabricate_export(tokenizer, root / "a"), fabricate_export(tokenizer, root / "b", train_steps=40, seed=1)
+
+
+def write_config(path, sample_dir, **data) -> str:
+    data = {
+        "path": str(sample_dir / "abstracts.csv"),
+        "tokenizer": str(sample_dir / "wordpiece"),
+        "max_samples": None,
+        **data,
+    }
+    path.write_text(yaml.safe_dump({"trainer": {"max_epochs": 1}, "data": data, "model": {"model_name_or_path": "x"}}))
+    return str(path)
+
+
+def test_compare_scores_both_models_on_the_test_split_and_recent_feedback(tmp_path, sample_dir, exports, capsys):
+    from lightning_cls.cli import main
+
+    champion, challenger = exports
+    source = pd.read_csv(sample_dir / "abstracts.csv")
+    db = tmp_path / "f.sqlite3"
+    # Feedback on texts of the data (scored like any feedback), one relabelled later, and one outside the labels.
+    rows = [(source["text"][i], source["label"][i]) for i in range(12) if source["label"][i] in NAMES]
+    feedback_db(db, [*rows, (rows[0][0], "physics")])
+    config = write_config(tmp_path / "config.yaml", sample_dir)
+    out = tmp_path / "report" / "compare.json"
+    args = ["compare", f"--champion={champion}", f"--challenger={challenger}", f"--config={config}"]
+    report = main([*args, f"--feedback_db={db}", "--recent=5", f"--output_path={out}"])
+    assert json.loads(out.read_text()) == report
+    test, recent = report["sets"]["test"], report["sets"]["recent_feedback"]
+    assert report["problem"] == "single-label" and report["metrics"] == ["accuracy", "macro_f1"]
+    assert test["rows"] == 30 and recent["rows"] == 5 and recent["read"] == len(rows) + 1 and recent["repeated"] == 1
+    for entry in (test, recent):
+        for metric in ("accuracy", "macro_f1"):
+            assert 0 <= entry["champion"][metric] <= 1 and 0 <= entry["challenger"][metric] <= 1
+            assert entry["difference"][metric] == pytest.approx(entry["challenger"][metric] - entry["champion"][metric])
+    assert test["challenger"] != test["champion"]  # two models, two sets of answers
+    assert recent["seen_in_training"] == {"champion": None, "challenger": None}  # no checkpoint to tell
+    assert report["champion"]["model_dir"] == str(champion) and report["challenger"]["version"]
+
+    printed = capsys.readouterr().out
+    assert "test split" in printed and "recent feedback" in printed and f"wrote {out}" in printed
+    assert "note: whether the challenger trained on these rows is unknown" in printed
+
+    # No feedback database, or one without texts: the set is there, empty, and says why.
+    report = main([*args, f"--output_path={out}"])
+    assert report["sets"]["recent_feedback"] == {"rows": 0, "note": "empty: no --feedback_db given"}
+    assert re.search(r"recent feedback +0 +empty: no --feedback_db given", capsys.readouterr().out)
+    bare = tmp_path / "bare.sqlite3"
+    feedback_db(bare, [("a text", "physics")], texts=False)
+    report = main([*args, f"--feedback_db={bare}", f"--output_path={out}"])
+    note = report["sets"]["recent_feedback"]["note"]
+    assert note.startswith("empty: ") and "1 labelled rows have none: serve --keep_texts keeps them" in note
+
+
+@pytest.mark.slow
+def test_compare_answers_as_transformers_reads_the_folders(tmp_path, sample_dir, exports):
+    from transformers import pipeline
+
+    from lightning_cls.compare import compare
+
+    report = compare(*map(str, exports), write_config(tmp_path / "c.yaml", sample_dir), output_path=str(tmp_path / "r"))
+    dm = make_dm(sample_dir)
+    _, texts, truth = dm.split_texts("test")
+    for role, folder in zip(("champion", "challenger"), exports, strict=True):
+        classify = pipeline("text-classification", model=str(folder), device="cpu")
+        predicted = [r["label"] for r in classify(texts, truncation=True)]
+        expected = np.mean([p == dm.label_names[t] for p, t in zip(predicted, truth, strict=True)])
+        assert report["sets"]["test"][role]["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_compare_counts_the_feedback_a_model_trained_on(tmp_path, sample_dir, exports):
+    import shutil
+
+    import torch
+
+    from lightning_cls.compare import compare
+
+    champion, challenger = exports
+    retrained = tmp_path / "retrained"
+    shutil.copytree(challenger, retrained)
+    ckpt = tmp_path / "retrained.ckpt"  # what `fit --data.feedback_db` saves: the data module's feedback state
+    state = {"path": "copy.sqlite3", "read": 3, "added": 3, "after": None, "newest": 1001.0}
+    torch.save({"state_dict": {}, "ScientificTextDataModule": {"feedback": state}}, ckpt)
+    meta = json.loads((retrained / "lightning_cls.json").read_text())
+    (retrained / "lightning_cls.json").write_text(json.dumps({**meta, "checkpoint": str(ckpt)}))
+    db = tmp_path / "f.sqlite3"
+    feedback_db(db, [("first text", "physics"), ("second text", "statistics"), ("third text", "mathematics")])
+    config = write_config(tmp_path / "config.yaml", sample_dir)
+    report = compare(str(champion), str(retrained), config, str(db), output_path=str(tmp_path / "r.json"))
+    recent = report["sets"]["recent_feedback"]
+    # Received at 1000, 1001, 1002: the retrained model read feedback up to 1001 (from a copy: by time, not path).
+    assert recent["seen_in_training"] == {"champion": None, "challenger": 2}
+    assert report["challenger"]["trained_on_feedback"] == state and report["challenger"]["checkpoint_read"]
+    later = compare(
+        str(champion), str(retrained), config, str(db), feedback_after="1001.5", output_path=str(tmp_path / "r.json")
+    )
+    assert later["sets"]["recent_feedback"]["rows"] == 1
+    assert later["sets"]["recent_feedback"]["seen_in_training"]["challenger"] == 0
+
+
+def test_compare_refuses_models_of_other_labels_and_a_config_of_other_data(tmp_path, sample_dir, exports):
+    import shutil
+
+    from lightning_cls.compare import compare
+
+    champion, challenger = exports
+    other = tmp_path / "other"
+    shutil.copytree(challenger, other)
+    meta = json.loads((other / "lightning_cls.json").read_text())
+    (other / "lightning_cls.json").write_text(json.dumps({**meta, "labels": [*meta["labels"][:-1], "astrology"]}))
+    config = write_config(tmp_path / "config.yaml", sample_dir)
+    with pytest.raises(ConfigError, match=r"--champion .* has the labels .*--challenger .*other.*same labels"):
+        compare(str(champion), str(other), config, output_path=str(tmp_path / "r.json"))
+    narrow = write_config(tmp_path / "narrow.yaml", sample_dir, labels=["physics", "statistics"])
+    with pytest.raises(ConfigError, match=r"narrow.yaml: its data has the labels \['physics', 'statistics'\]"):
+        compare(str(champion), str(challenger), narrow, output_path=str(tmp_path / "r.json"))
+    with pytest.raises(ConfigError, match=r"--config .*nope.yaml does not exist"):
+        compare(str(champion), str(challenger), str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"--challenger .*missing is not a folder"):
+        compare(str(champion), str(tmp_path / "missing"), config)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_compare_multi_label_exports_by_micro_f1(tmp_path, sample_dir, exports):
+    import shutil
+
+    from lightning_cls.compare import compare
+
+    folders = []
+    for export in exports:  # the same folders answering label sets: a sigmoid per label and thresholds
+        folder = tmp_path / export.name
+        shutil.copytree(export, folder)
+        meta = json.loads((folder / "lightning_cls.json").read_text())
+        meta.update(format_version=2, thresholds=[0.5] * len(meta["labels"]))
+        (folder / "lightning_cls.json").write_text(json.dumps(meta))
+        folders.append(str(folder))
+    config = write_config(tmp_path / "config.yaml", sample_dir, multi_label=True, label_separator=",")
+    db = tmp_path / "f.sqlite3"
+    feedback_db(db, [("one text", ("physics", "statistics")), ("two", ("mathematics",))])
+    report = compare(*folders, config, str(db), output_path=str(tmp_path / "r.json"))
+    assert report["problem"] == "multi-label" and report["metrics"] == ["micro_f1", "macro_f1", "subset_accuracy"]
+    assert report["sets"]["test"]["rows"] == 30 and report["sets"]["recent_feedback"]["rows"] == 2
+    assert 0 <= report["sets"]["recent_feedback"]["champion"]["micro_f1"] <= 1
+    with pytest.raises(ConfigError, match=r"single-label.*multi-label|multi-label.*single-label"):
+        compare(folders[0], str(exports[1]), config, output_path=str(tmp_path / "r.json"))
+
+
+@pytest.mark.slow
+def test_fit_with_feedback_then_compare_with_the_champion(tmp_path, sample_dir, exports):
+    """`fit --data.feedback_db`: the run's checkpoint says which feedback it trained on, its export is compared with
+    the champion, and the recent feedback it trained on is counted as seen."""
+    import torch
+    from test_cli import fit
+
+    from lightning_cls.cli import main
+
+    db = tmp_path / "f.sqlite3"
+    feedback_db(db, [("a served text about proofs and lemmas", "mathematics"), ("a served text on qubits", "physics")])
+    fit(tmp_path, sample_dir, "distilbert", f"--data.feedback_db={db}", "--trainer.max_epochs=1")
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["ScientificTextDataModule"]["feedback"]
+    assert state["added"] == 2 and state["newest"] == 1001.0
+    assert torch.load(ckpt, weights_only=True)["lightning_cls_data_reference"]["train"]["rows"] == 242
+    main(["export", f"--ckpt_path={ckpt}", f"--output_dir={tmp_path / 'challenger'}"])
+    config = write_config(tmp_path / "config.yaml", sample_dir)
+    models = [f"--champion={exports[0]}", f"--challenger={tmp_path / 'challenger'}"]
+    report = main(["compare", *models, f"--config={config}", f"--feedback_db={db}", f"--output_path={tmp_path / 'r'}"])
+    assert report["sets"]["test"]["rows"] == 30 and report["sets"]["recent_feedback"]["rows"] == 2
+    assert report["sets"]["recent_feedback"]["seen_in_training"] == {"champion": None, "challenger": 2}
