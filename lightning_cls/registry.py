@@ -32,6 +32,8 @@ DEFAULT_URI = "sqlite:///runs/mlflow/mlflow.db"
 EXPORTS_EXPERIMENT = "lightning_cls-exports"
 DEPLOYMENTS_EXPERIMENT = "lightning_cls-deployments"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+# How MLflow words a server that does not answer (after its retries), as opposed to an answer that says no.
+_UNREACHABLE = re.compile(r"Failed to establish a new connection|Max retries exceeded|Connection (refused|reset)")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -80,13 +82,16 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------------ calls
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one MLflow call; any failure becomes one line naming the registry and what was asked."""
+        """Run one MLflow call; any failure becomes one line naming the registry and what was asked (``what``
+        names the question, e.g. "model 'x' has no alias 'y'", only when the server answered it)."""
         from mlflow.exceptions import MlflowException
 
         try:
             return fn(*args, **kwargs)
         except MlflowException as err:
             message = str(err.message if hasattr(err, "message") else err).strip().splitlines()[0]
+            if _UNREACHABLE.search(message):  # MLflow wraps the connection error after its retries
+                raise RegistryError(f"MLflow registry {self.uri} is unreachable ({what}): {message}") from None
             raise RegistryError(f"MLflow registry {self.uri}: {what}: {message}") from None
         except (OSError, ConnectionError) as err:  # requests' connection errors are OSErrors
             raise RegistryError(f"MLflow registry {self.uri} is unreachable ({what}): {err}") from None

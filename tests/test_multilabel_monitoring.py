@@ -254,7 +254,7 @@ def test_the_api_sends_each_answers_label_set_to_the_logger_process(ml_export):
     assert key == "batch" and sent["label_sets"] == [a["labels"] for a in answers]
     assert sent["labels"] == [a["label"] for a in answers]  # each set's most probable label
     rows = FeedbackStore.rows_of(sent, VERSION, None)
-    assert [json.loads(r[-1]) for r in rows] == sent["label_sets"]
+    assert [json.loads(r[11]) for r in rows] == sent["label_sets"]  # the labels column (the text, not kept, last)
 
 
 # ------------------------------------------------------------------------------------------------ a real server

@@ -23,6 +23,7 @@ same version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -32,6 +33,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from lightning_cls.errors import InputError, UserError
 from lightning_cls.serving.feedback import FeedbackStore, model_version
@@ -329,13 +333,11 @@ class DeploymentEndpoint:
         finally:
             store.close()
 
-    async def handle_get(self, request: Any) -> Any:
-        from fastapi.responses import JSONResponse
+    async def handle_get(self, request: Request) -> JSONResponse:
 
         return JSONResponse(await asyncio.to_thread(self.read))
 
-    async def handle_post(self, request: Any) -> Any:
-        from fastapi.responses import JSONResponse
+    async def handle_post(self, request: Request) -> JSONResponse:
 
         if not self.keyed:
             detail = "Changing the deployment needs an API key: start serve with one (see --api_key_env)."
@@ -376,3 +378,48 @@ def start_deployment(db_path: str, champion: Slot, challenger: Slot | None, mode
             return found[0]
         new = replace(new, previous=last.champion if last.champion.version != champion.version else last.previous)
     return record(db_path, new, "start", "serve started")
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def main(argv: list[str]) -> None:
+    """`python -m lightning_cls deployment show|set|promote|rollback --url URL ...`: the running service's
+    deployment, through its /deployment endpoint (the API key from $LIGHTNING_CLS_API_KEY, or --api_key_env)."""
+    import argparse
+    import os
+    import urllib.error
+    import urllib.request
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_cls deployment", description=main.__doc__)
+    parser.add_argument("action", choices=["show", *ACTIONS])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
+    parser.add_argument("--champion", help="set: the model that answers (an export folder or models:/NAME@ALIAS)")
+    parser.add_argument("--challenger", help="set: the model beside it ('none': no challenger)")
+    parser.add_argument("--mode", choices=MODES, help="set: how the challenger runs")
+    parser.add_argument("--share", type=float, help="set: share of the requests it sees (shadow) or answers (canary)")
+    parser.add_argument("--reason", default="", help="recorded with the change")
+    parser.add_argument("--api_key_env", default="LIGHTNING_CLS_API_KEY", help="variable holding the API key")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (a registry download)")
+    args = parser.parse_args(argv)
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(args.api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[args.api_key_env]}"
+    data = None
+    if args.action != "show":
+        body: dict[str, Any] = {"action": args.action, "reason": args.reason}
+        for name in ("champion", "mode", "share"):
+            if getattr(args, name) is not None:
+                body[name] = getattr(args, name)
+        if args.challenger is not None:
+            body["challenger"] = None if args.challenger.lower() == "none" else args.challenger
+        data = json.dumps(body).encode()
+    request = urllib.request.Request(f"{args.url.rstrip('/')}{DEPLOYMENT_PATH}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail).get("detail", detail)
+        raise SystemExit(f"deployment {args.action}: {err.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise SystemExit(f"deployment {args.action}: {args.url} is unreachable: {err}") from None

@@ -88,7 +88,7 @@ class VersionMetrics:
         self.shadow_texts = Counter(
             "lightning_cls_shadow_texts", "Texts the shadow answered (never returned)", by_version, **UNREGISTERED
         )
-        self.shadow_dropped = Counter(
+        self.dropped = Counter(
             "lightning_cls_shadow_dropped",
             "Texts copied to the shadow and dropped because the worker was saturated",
             by_version,
@@ -148,7 +148,7 @@ class VersionMetrics:
         self._set_estimated(version)
 
     def shadow_dropped(self, value: dict[str, Any]) -> None:
-        self.shadow_dropped.labels(value["version"]).inc(value["texts"])
+        self.dropped.labels(value["version"]).inc(value["texts"])
 
     def feedback(self, answers: Sequence[LabelledAnswer], readable: Any) -> None:
         """Labelled answers of every version (``readable`` turns (predicted, true) pairs into the window's kind)."""
