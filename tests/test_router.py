@@ -166,11 +166,15 @@ def two_exports(sample_dir, tmp_path_factory):
     return fabricate_export(tok, root / "v1", seed=1), fabricate_export(tok, root / "v2", seed=2)
 
 
-def worker(db: str, model_dir, **kwargs) -> ClassifierAPI:
-    api = ClassifierAPI(str(model_dir), MAX_LENGTH, max_batch_size=8, deployment_db=db, **kwargs)
+def worker(db: str, model_dir, watching: bool = False) -> ClassifierAPI:
+    """A worker's API on the deployment in ``db``; without ``watching`` its watch thread is stopped and the tests
+    look for a new deployment themselves (`poll_once`)."""
+    api = ClassifierAPI(str(model_dir), MAX_LENGTH, max_batch_size=8, deployment_db=db)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
-    api.watch.every = 0.0  # look at every batch
+    if not watching:
+        api.watch.stop()
+        api.watch._thread.join(5)
     return api
 
 
@@ -216,24 +220,26 @@ def test_a_new_deployment_takes_over_between_batches_and_a_batch_keeps_its_model
     api = worker(db, two_exports[0])
     one = (["quantum spin chains"], 1, None)
     assert api.predict(api.batch([one]))[0][0]["model_version"] == v1.version
+    assert not api.watch.poll_once()  # nothing new
     record(db, Deployment(v2, previous=v1), "set", "test")
-    # The new models load in a thread while v1 keeps answering; then they answer from the next batch on.
-    seen = set()
-    deadline = time.monotonic() + 60
-    while v2.version not in seen:
-        assert time.monotonic() < deadline
-        seen.add(api.predict(api.batch([one]))[0][0]["model_version"])
-        time.sleep(0.05)
+    assert api.watch.poll_once()  # loaded and switched
+    assert api.predict(api.batch([one]))[0][0]["model_version"] == v2.version
     deployed = [v for k, v in messages(api) if k == "deployed"]
     assert deployed[-1]["roles"] == {v2.version: "champion"}
-    # a batch that began before a swap is answered by the models it began with
+    # A swap while a batch is being answered: that batch keeps the models it began with, the next has the new ones.
     record(db, Deployment(v1, previous=v2), "rollback", "test")
-    models = api.models
-    assert api.watch.ready() is None  # it starts loading the rollback's models...
-    api.watch._loading.join(30)
-    assert api.models is models  # ...loaded, not yet taken over: no batch has begun since
+    champion = api.models.champion
+    answer = champion.score
+
+    def swap_midway(texts):
+        assert api.watch.poll_once()  # the rollback's models take over while this batch runs
+        return answer(texts)
+
+    champion.score = swap_midway
     answers = api.predict(api.batch([one, one]))
-    assert {a[0]["model_version"] for a in answers} == {v1.version}  # the swap came at the start of this batch
+    champion.score = answer
+    assert {a[0]["model_version"] for a in answers} == {v2.version}
+    assert api.predict(api.batch([one]))[0][0]["model_version"] == v1.version
 
 
 def test_a_shadow_sees_its_share_and_its_answers_are_never_returned(two_exports, tmp_path):
@@ -269,22 +275,19 @@ def test_a_deployment_that_fails_to_load_leaves_the_models_serving(two_exports, 
     broken = Slot(str(tmp_path / "gone"), "deadbeef0000", "gone")
     record(db, Deployment(broken, previous=v1), "set", "a folder deleted since")
     one = (["a lemma"], 1, None)
-    for _ in range(20):
-        assert api.predict(api.batch([one]))[0][0]["model_version"] == v1.version
-        time.sleep(0.02)
-    assert api.watch._loading is not None
-    api.watch._loading.join(10)
+    assert not api.watch.poll_once()  # logged, skipped
     assert api.predict(api.batch([one]))[0][0]["model_version"] == v1.version
+    assert api.watch.seq == latest(FeedbackStore(db, setup=False))[0]  # not retried at every look
 
 
 def test_predict_in_flight_during_a_swap_from_another_thread_fails_nothing(two_exports, tmp_path):
-    """Requests answered back to back from one thread (as the worker does) while the deployment changes under
-    them from another: every answer comes, from one of the two versions."""
+    """Requests answered back to back (as the worker does) while the watch thread switches the deployment under
+    them: every answer comes, from one of the two versions, and both answer in turn."""
     db = str(tmp_path / "f.sqlite3")
     FeedbackStore(db).close()
     v1, v2 = local_slot(two_exports[0]), local_slot(two_exports[1])
     start_deployment(db, v1, None, "shadow", 0.0)
-    api = worker(db, two_exports[0])
+    api = worker(db, two_exports[0], watching=True)  # its own thread switches, as in the service
     got, stop = [], threading.Event()
 
     def serve():

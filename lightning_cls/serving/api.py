@@ -13,8 +13,8 @@ answer has a `prediction_id`, the key of POST /feedback. Each batch is sent to t
 Two models: the worker answers with the deployment recorded in the feedback database (`serving.deployment`): the
 champion's `Scorer`, and a challenger's beside it as a canary (it answers its share of the requests) or in shadow
 (a copy of its share goes to `router.ShadowRunner`, off the answer path). Every answer says which `model_version`
-produced it. Between batches the worker looks for a newer deployment; its models load in a thread while the old
-ones answer, and take over at the start of a batch: no request is dropped or failed by a swap.
+produced it. A thread of the worker looks for a newer deployment; its models load while the old ones answer, then
+take over: each batch is answered by the models it began with, so no request is dropped or failed by a swap.
 """
 
 from __future__ import annotations
@@ -117,12 +117,14 @@ class ClassifierAPI(ls.LitAPI):
         )
         self.watch = None
         if self.deployment_db is not None:
-            self.watch = DeploymentWatch(self.deployment_db, self.load)
+            self.watch = DeploymentWatch(self.deployment_db, self.load, self.switch)
             self.seq, _, self.models = self.watch.first()
         else:
             self.seq, self.models = 0, self.load(Deployment(local_slot(self.model_dir)))
         self.log("start", None)  # the monitoring process makes its metrics now, so /metrics lists them from the start
         self._report_deployed()
+        if self.watch is not None:
+            self.watch.start()
 
     def load(self, deployment: Deployment) -> Models:
         """The models of a deployment (a model already loaded is reused: a promotion loads nothing)."""
@@ -147,18 +149,13 @@ class ClassifierAPI(ls.LitAPI):
         d = self.models.deployment
         self.log("deployed", {"seq": self.seq, "roles": d.roles(), "mode": d.mode, "share": d.share})
 
-    def _swap_if_ready(self) -> None:
-        """Between batches: a newer deployment whose models have loaded takes over now."""
-        if self.watch is None:
-            return
-        ready = self.watch.ready()
-        if ready is None:
-            return
-        old = self.models
-        self.seq, _, self.models = ready
-        if old.shadow is not None:
+    def switch(self, seq: int, deployment: Deployment, models: Models) -> None:
+        """A newer deployment's models, loaded, take over (from the watch's thread: a batch already begun keeps the
+        models it read at its start)."""
+        old, self.models, self.seq = self.models, models, seq
+        if old.shadow is not None and old.shadow is not models.shadow:
             old.shadow.stop()
-        log.info(f"Deployment {self.seq}: {self.models.deployment.roles()} ({self.models.deployment.mode})")
+        log.info(f"Deployment {seq}: {deployment.roles()} ({deployment.mode})")
         self._report_deployed()
 
     # The champion's pieces, as callers of a one-model API know them.
@@ -189,7 +186,6 @@ class ClassifierAPI(ls.LitAPI):
         """Answers per request (a list per request when batched; one request's list when `max_batch_size` is 1)."""
         batched = isinstance(x, TextBatch)
         batch = x if batched else self.batch([x])
-        self._swap_if_ready()
         models = self.models  # this batch's models, whatever deployment arrives meanwhile
         if models.shadow is not None:
             models.shadow.busy()

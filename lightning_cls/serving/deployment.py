@@ -203,18 +203,24 @@ def history(store: FeedbackStore, limit: int = 100) -> list[dict[str, Any]]:
 
 
 class DeploymentWatch:
-    """In an inference worker: looks for a newer deployment at most every ``every`` seconds (one indexed read),
-    loads its models in a thread beside the ones serving (``load``), and hands them over when they are ready
-    (`ready`), so that the switch happens between two batches. A deployment that fails to load is logged and
+    """In an inference worker: a thread that looks for a newer deployment every ``every`` seconds (one indexed
+    read), loads its models beside the ones serving (``load``), and hands them over (``switch``). The worker reads
+    its models once at the start of each batch, so a batch is answered by the models it began with and the next one
+    by the new ones, also when the worker is idle when they arrive. A deployment that fails to load is logged and
     skipped: the models serving keep serving."""
 
-    def __init__(self, db_path: str, load: Callable[[Deployment], Any], every: float = 0.5) -> None:
-        self.db_path, self.load, self.every = db_path, load, every
+    def __init__(
+        self,
+        db_path: str,
+        load: Callable[[Deployment], Any],
+        switch: Callable[[int, Deployment, Any], None],
+        every: float = 0.5,
+    ) -> None:
+        self.db_path, self.load, self.switch, self.every = db_path, load, switch, every
         self.store = FeedbackStore(db_path, setup=False)
-        self.seq, self._next_look = 0, 0.0
-        self._loading: threading.Thread | None = None
-        self._ready: tuple[int, Deployment, Any] | None = None
-        self._lock = threading.Lock()
+        self.seq = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def first(self) -> tuple[int, Deployment, Any]:
         """The newest deployment, loaded now (at the worker's start)."""
@@ -224,38 +230,34 @@ class DeploymentWatch:
         self.seq = found[0]
         return found[0], found[1], self.load(found[1])
 
-    def ready(self) -> tuple[int, Deployment, Any] | None:
-        """The loaded models of a newer deployment, once (None: nothing new, or still loading)."""
-        with self._lock:
-            if self._ready is not None:
-                out, self._ready = self._ready, None
-                return out
-        now = time.monotonic()
-        if now < self._next_look or (self._loading is not None and self._loading.is_alive()):
-            return None
-        self._next_look = now + self.every
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="deployment-watch")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll_once()
+
+    def poll_once(self) -> bool:
+        """One look; a newer deployment is loaded and switched to now. True when it switched."""
         try:
-            seq = latest_seq(self.store)
+            found = latest(self.store) if latest_seq(self.store) > self.seq else None
         except sqlite3.Error as err:
             log.error(f"Could not read the deployment from {self.db_path}: {err}")
-            return None
-        if seq > self.seq:
-            self.seq = seq  # tried once: a broken deployment is not retried at every batch
-            self._loading = threading.Thread(target=self._load, args=(seq,), daemon=True, name="deployment-load")
-            self._loading.start()
-        return None
-
-    def _load(self, seq: int) -> None:
+            return False
+        if found is None:
+            return False
+        self.seq = found[0]  # tried once: a broken deployment is not retried at every look
         try:
-            found = latest(self.store)
-            if found is None or found[0] < seq:
-                return
             models = self.load(found[1])
         except Exception as err:  # the models serving keep serving
-            log.error(f"Deployment {seq} could not be loaded ({type(err).__name__}: {err}); serving on.")
-            return
-        with self._lock:
-            self._ready = (found[0], found[1], models)
+            log.error(f"Deployment {found[0]} could not be loaded ({type(err).__name__}: {err}); serving on.")
+            return False
+        self.switch(found[0], found[1], models)
+        return True
 
 
 # ------------------------------------------------------------------------------------------------ the endpoint
