@@ -1,6 +1,6 @@
-"""`python -m lightning_cls fit|validate|test|predict|calibrate|export|serve|monitor|registry|compare|deployment`:
-LightningCLI with the project's defaults and links, the extra subcommands, and the one place where user errors
-(errors.py) become one `error: ...` line."""
+"""`python -m lightning_cls fit|validate|test|predict|calibrate|export|serve|monitor|registry|compare|deployment|
+distill`: LightningCLI with the project's defaults and links, the extra subcommands, and the one place where user
+errors (errors.py) become one `error: ...` line."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def _registry(argv: list[str]) -> Any:
     return main(argv)
 
 
+def _distill(argv: list[str]) -> Any:
+    from lightning_cls.distill import main
+
+    return main(argv)
+
+
 def _deployment(argv: list[str]) -> Any:
     from lightning_cls.serving.deployment import main
 
@@ -94,6 +100,7 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "registry": _registry,
     "compare": _compare,
     "deployment": _deployment,
+    "distill": _distill,
 }
 
 

@@ -1,4 +1,4 @@
-"""`python -m lightning_cls.distill`: a shallower student distilled from a fine-tuned checkpoint.
+"""`python -m lightning_cls distill`: a shallower student distilled from a fine-tuned checkpoint.
 
 The student is the teacher with fewer transformer layers (default: half, evenly spaced and ending with the last, e.g.
 layers 1, 3, 5 of 6), initialised from the teacher's weights (embeddings, the kept layers, the head), then trained
@@ -7,7 +7,7 @@ the true labels are not used. What comes out is a checkpoint like any other, wit
 measures it on the validation split (macro-F1 beside the teacher's is the accuracy it costs), `serve` and `predict`
 run it.
 
-    python -m lightning_cls.distill --ckpt_path runs/.../last.ckpt --output student.ckpt --layers 3 --texts 8000
+    python -m lightning_cls distill --ckpt_path runs/.../last.ckpt --output student.ckpt --layers 3 --texts 8000
     python -m lightning_cls export --ckpt_path student.ckpt --output_dir runs/export/student --format onnx \\
         --quantize int8
 
@@ -242,7 +242,7 @@ def distill(
 def main(argv: list[str] | None = None) -> Path:
     from jsonargparse import CLI
 
-    return CLI(distill, args=argv, as_positional=False, prog="python -m lightning_cls.distill")
+    return CLI(distill, args=argv, as_positional=False, prog="python -m lightning_cls distill")
 
 
 if __name__ == "__main__":

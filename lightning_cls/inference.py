@@ -154,6 +154,11 @@ class InferenceSettings:
     gate: Gate = "macro_f1"
     max_f1_drop: float = DEFAULT_MAX_F1_DROP
 
+    def __post_init__(self) -> None:
+        # --backend auto (serve's default) with an explicit precision: the backend that precision runs on.
+        if self.backend == "auto" and self.precision in PRECISIONS and self.precision != "auto":
+            object.__setattr__(self, "backend", "onnx" if self.precision == "int8" else "torch")
+
     def problems(self, model_dir: str | Path, max_length: int | None = None) -> list[str]:
         """Everything wrong with these settings for this folder, each naming the flag and the fix."""
         folder, problems = Path(model_dir), []
@@ -161,11 +166,6 @@ class InferenceSettings:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.backend not in BACKENDS:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.backend == "auto" and self.precision != "auto":
-            problems.append(
-                f"--backend auto chooses with --precision auto; --precision {self.precision} runs on one backend: "
-                f"give --backend {'onnx' if self.precision == 'int8' else 'torch'}"
-            )
         if self.backend == "torch" and self.precision == "int8":
             problems.append(
                 "--precision int8 is the ONNX backend's quantized model: use --backend onnx (with a folder exported "

@@ -67,3 +67,11 @@ def test_a_student_trains_on_the_teacher_and_exports_loads_serves_and_predicts(t
     api.setup("cpu")
     answers = api.predict((texts, 2))
     assert [a["label"] for a in answers] == [meta.labels[i] for i in logits.argmax(-1).tolist()]
+
+
+def test_distill_is_a_subcommand(capsys):
+    from lightning_cls.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["distill", "--help"])
+    assert done.value.code == 0 and "python -m lightning_cls distill" in capsys.readouterr().out

@@ -96,6 +96,21 @@ def test_the_shadow_runs_only_while_the_worker_is_idle_and_reports_agreement():
     assert not runner.thread.is_alive()
 
 
+def test_the_shadow_waits_for_a_quiet_worker_and_back_to_back_batches_starve_it():
+    reports = []
+    scorer = FakeScorer(label=0)
+    runner = ShadowRunner(scorer.score, "v2", ["a", "b", "c"], lambda k, v: reports.append((k, v)), quiet=0.1)
+    runner.submit(ShadowJob(["t"], ["i"], ["a"], time.time()))
+    for _ in range(20):  # batches 10 ms apart: never quiet for 100 ms
+        runner.busy()
+        time.sleep(0.005)
+        runner.idle()
+        time.sleep(0.01)
+    assert scorer.calls == []
+    wait_for(lambda: scorer.calls == [["t"]])  # quiet now
+    runner.stop()
+
+
 def test_a_saturated_worker_drops_shadow_copies_instead_of_queueing_them():
     reports = []
     scorer = FakeScorer(label=0)

@@ -7,9 +7,11 @@ hash falls (sticky: a client sees one model while the share stays), one without 
 Shadow: a sampled share of the answered requests is copied to the challenger, whose answers are stored beside the
 champion's (`feedback.shadow_predictions`: the feedback on the request judges both) and compared with them (the
 agreement gauge); they are never returned. The copies go to `ShadowRunner`, a thread of the inference worker with
-a small bounded queue. It runs only while the worker is idle (no batch being answered: on a 2-core CPU a forward
-pass beside the answer's would slow the answer), one small slice of texts at a time, and when the queue is full (the
-machine is saturated) the oldest copies are dropped and counted, never queued without bound.
+a small bounded queue. It runs only once the worker has been idle for a moment (``quiet``: no batch answered for
+20 ms; on a 2-core CPU a forward pass beside the answer's slows the answer, measured: scripts/lifecycle_bench.py),
+one small slice of texts at a time, so that a batch arriving meanwhile shares the cores with one slice at most. Under
+saturation the worker is never quiet: the queue fills and the oldest copies are dropped and counted, never queued
+without bound. The shadow uses the spare capacity only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SHADOW_QUEUE = 4  # shadow jobs (one per answered batch) waiting at most; older ones are dropped beyond it
-SHADOW_SLICE = 8  # texts per shadow forward pass: short, so that a new batch waits at most one slice
+SHADOW_SLICE = 2  # texts per shadow forward pass: short, so that a new batch shares the cores with one slice at most
+SHADOW_QUIET = 0.02  # seconds the worker must have been idle before a slice starts (saturated: never)
 
 
 def sticky_fraction(client_id: str) -> float:
@@ -69,9 +72,11 @@ class ShadowRunner:
         report: Callable[[str, Any], None],
         max_jobs: int = SHADOW_QUEUE,
         slice_size: int = SHADOW_SLICE,
+        quiet: float = SHADOW_QUIET,
     ) -> None:
         self.score, self.version, self.names, self.report = score, version, names, report
-        self.slice_size = slice_size
+        self.slice_size, self.quiet = slice_size, quiet
+        self._idle_since = time.monotonic()
         self.jobs: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=max_jobs)
         self._idle = threading.Event()
         self._idle.set()
@@ -82,7 +87,17 @@ class ShadowRunner:
         self._idle.clear()
 
     def idle(self) -> None:
+        self._idle_since = time.monotonic()
         self._idle.set()
+
+    def _wait_quiet(self) -> None:
+        """Until the worker has been idle for ``quiet`` seconds (a batch in between starts the wait again)."""
+        while True:
+            self._idle.wait()
+            left = self.quiet - (time.monotonic() - self._idle_since)
+            if left <= 0 and self._idle.is_set():
+                return
+            time.sleep(max(left, 0.001))
 
     def submit(self, job: ShadowJob) -> None:
         """Never blocks: a full queue drops its oldest job (the newest traffic is the one worth comparing)."""
@@ -113,7 +128,7 @@ class ShadowRunner:
             if job is None:
                 return
             for start in range(0, len(job.texts), self.slice_size):
-                self._idle.wait()  # never beside an answered batch's forward pass
+                self._wait_quiet()  # not beside an answered batch's forward pass
                 end = start + self.slice_size
                 try:
                     self._one(job.texts[start:end], job.ids[start:end], job.labels[start:end])

@@ -103,8 +103,10 @@ class ServeSettings:
         precision: auto (the fastest variant this hardware runs well that passes --gate, by the measurements
             recorded at export on the validation split; else fp32), fp32, bf16, fp16 (torch backend) or int8 (onnx
             backend: model.int8.onnx, from `export --format onnx --quantize int8`). /info says what runs and why.
-        backend: torch (the folder's safetensors weights), onnx (ONNX Runtime on model.opt.onnx or model.onnx,
-            from `export --format onnx`) or auto (with --precision auto: the fastest variant of either).
+        backend: auto (the default: with --precision auto, the fastest variant of either backend that passes --gate;
+            with an explicit precision, the backend it runs on: int8 on onnx, the others on torch), torch (the
+            folder's safetensors weights) or onnx (ONNX Runtime on model.opt.onnx or model.onnx, from `export
+            --format onnx`).
         max_batch_tokens: Most tokens per forward pass, padding included (rows x padded length); sequences (texts,
             or windows of long texts) run longest first, and on a CPU a pass carries at most 24 padding tokens (a
             burst of short queries and long abstracts runs as two passes). Default: 4096 on a CPU, 32768 on a GPU.
@@ -164,7 +166,7 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000
     top_k: int = 3
     precision: Precision = "auto"
-    backend: Backend = "torch"
+    backend: Backend = "auto"
     max_batch_tokens: int | None = None
     agreement_gate: float = DEFAULT_AGREEMENT_GATE
     gate: Gate = "macro_f1"
