@@ -128,30 +128,44 @@ def shadow(args: argparse.Namespace, texts: list[str]) -> dict:
             }
             rounds[name].append(run)
             print(f"round {r + 1}, {name}: {json.dumps(run)}", flush=True)
+    return {"runs": report_shadow(rounds, names, len(texts), args), "rounds": rounds}
+
+
+def report_shadow(rounds: dict[str, list[dict]], names: dict, requests: int, args: argparse.Namespace) -> dict:
+    """The mean over the rounds per configuration and level, printed against the baseline's."""
     runs = {}
     for name, share in names.items():
         levels = {}
         for c in args.concurrency:
-            by_speed = sorted((run["levels"][c] for run in rounds[name]), key=lambda x: x["throughput"])
-            levels[c] = by_speed[len(by_speed) // 2]  # the median round
+            measured = [run["levels"][str(c)] if str(c) in run["levels"] else run["levels"][c] for run in rounds[name]]
+            levels[c] = {k: float(np.mean([m[k] for m in measured])) for k in ("throughput", "p50_ms", "p99_ms")}
+            levels[c]["failed"] = sum(m["failed"] for m in measured)
         shadowed = sum(run["shadow_texts"] for run in rounds[name])
         dropped = sum(run["shadow_dropped"] for run in rounds[name])
         runs[name] = {"share": share, "levels": levels, "shadow_texts": shadowed, "shadow_dropped": dropped}
     base = runs["no challenger"]["levels"]
-    sent = len(texts) * len(args.concurrency) * args.rounds
-    print(f"\nShadow share against no challenger ({len(texts)} requests a level, {args.rounds} rounds, {cpu_name()}):")
+    sent = requests * len(args.concurrency) * len(rounds["no challenger"])
+    print(f"\nShadow share against no challenger ({requests} requests a level, means of {args.rounds} rounds):")
     print(
-        f"{'run':>14} {'conc':>5} {'req/s':>7} {'ratio':>6} {'p99 ms':>8} {'p99 x':>6} "
+        f"{'run':>14} {'conc':>5} {'req/s':>7} {'ratio':>6} {'p99 ms':>8} {'p99 x':>6} {'failed':>6} "
         f"{'shadowed':>9} {'dropped':>8} {'of sent':>8}"
     )
     for name, run in runs.items():
         for c, level in run["levels"].items():
             print(
                 f"{name:>14} {c:>5} {level['throughput']:7.2f} {level['throughput'] / base[c]['throughput']:6.2f} "
-                f"{level['p99_ms']:8.0f} {level['p99_ms'] / base[c]['p99_ms']:6.2f} "
+                f"{level['p99_ms']:8.0f} {level['p99_ms'] / base[c]['p99_ms']:6.2f} {level['failed']:6d} "
                 f"{run['shadow_texts']:9.0f} {run['shadow_dropped']:8.0f} {run['shadow_texts'] / sent:8.1%}"
             )
-    return {"runs": runs, "rounds": rounds}
+    return runs
+
+
+def reprint(path: str) -> None:
+    """The table of a saved shadow run (--out), with this script's aggregation."""
+    saved = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**saved["args"])
+    names = {"no challenger": None, **{f"shadow {share:.0%}": share for share in args.shares}}
+    report_shadow(saved["result"]["rounds"], names, args.requests, args)
 
 
 def swap(args: argparse.Namespace, texts: list[str]) -> dict:
@@ -207,9 +221,9 @@ def swap(args: argparse.Namespace, texts: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["shadow", "swap"])
-    parser.add_argument("--champion", required=True)
-    parser.add_argument("--challenger", required=True)
+    parser.add_argument("what", choices=["shadow", "swap", "reprint"])
+    parser.add_argument("--champion")
+    parser.add_argument("--challenger")
     parser.add_argument("--texts", help="CSV with a text column (default: generated texts)")
     parser.add_argument("--requests", type=int, default=300, help="requests per level (shadow)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
@@ -223,6 +237,10 @@ def main() -> None:
     parser.add_argument("--serve_args", default="", help="more serve flags for every server, e.g. '--backend torch'")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    if args.what == "reprint":  # python scripts/lifecycle_bench.py reprint --out shadow.json
+        return reprint(args.out)
+    if not (args.champion and args.challenger):
+        parser.error("--champion and --challenger are needed")
     SERVE_ARGS.extend(shlex.split(args.serve_args))
     texts = load_texts(args.texts, args.requests, args.seed)
     if args.what == "swap":
