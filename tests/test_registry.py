@@ -156,3 +156,42 @@ def test_lightnings_mlflow_logger_records_a_training_run_in_the_registrys_databa
     experiment = client.get_experiment_by_name("lightning_cls-training")
     (run,) = client.search_runs([experiment.experiment_id])
     assert "val/f1_macro" in run.data.metrics and "learning_rate" in run.data.params
+
+
+def test_the_service_promotes_registered_versions_and_moves_their_aliases(registry, sample_dir, tmp_path, monkeypatch):
+    """POST /deployment with registry references: an alias that points nowhere is a 502 line and changes nothing;
+    promote and rollback in the service move the registry's aliases too."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from lightning_cls.serving.deployment import DeploymentEndpoint, resolve_slot, start_deployment
+    from lightning_cls.serving.feedback import FeedbackStore
+
+    monkeypatch.chdir(tmp_path)  # the download cache, runs/mlflow/cache, lands here
+    a = fabricate_export(sample_dir / "wordpiece", tmp_path / "a", seed=1)
+    b = fabricate_export(sample_dir / "wordpiece", tmp_path / "b", seed=2)
+    registry.register(a, "served2", alias="champion")
+    registry.register(b, "served2", alias="challenger")
+    db = str(tmp_path / "f.sqlite3")
+    FeedbackStore(db).close()
+    start_deployment(db, resolve_slot("models:/served2@champion", registry.uri), None, "shadow", 0.0)
+    endpoint = DeploymentEndpoint(db, read_export_metadata(a).labels, False, registry.uri, keyed=True)
+    app = FastAPI()
+    app.add_api_route("/deployment", endpoint.handle_post, methods=["POST"])
+
+    async def post(body: dict) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/deployment", json=body)
+
+    nowhere = asyncio.run(post({"challenger": "models:/served2@nowhere", "mode": "shadow"}))
+    assert nowhere.status_code == 502 and "has no alias 'nowhere'" in nowhere.json()["detail"]
+    assert [h["action"] for h in endpoint.read()["history"]] == ["start"]  # nothing changed
+    assert asyncio.run(post({"challenger": "models:/served2@challenger", "mode": "shadow"})).status_code == 200
+    promoted = asyncio.run(post({"action": "promote", "reason": "better"})).json()["deployment"]
+    assert promoted["champion"]["registry"]["version"] == "2"
+    assert registry.aliases("served2") == {"champion": "2", "previous": "1"}
+    assert asyncio.run(post({"action": "rollback"})).status_code == 200
+    assert registry.aliases("served2") == {"champion": "1", "previous": "2"}
+    assert [h["action"] for h in endpoint.read()["history"]] == ["start", "set", "promote", "rollback"]
