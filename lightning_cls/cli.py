@@ -4,6 +4,7 @@ errors (errors.py) become one `error: ...` line."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,48 +45,24 @@ With --ckpt_path, the model is rebuilt from the checkpoint alone (no download of
 Beside the Trainer subcommands: {extra} (each with --help)."""
 
 
-# Subcommands that are not Trainer methods, each a `main(argv)` (parsed by jsonargparse from its signature and
-# docstring, like the rest of the CLI). Imported when run, so that `fit` does not import the server's libraries.
-def _export(argv: list[str]) -> Any:
-    from lightning_cls.export import main
-
-    return main(argv)
-
-
-def _serve(argv: list[str]) -> Any:
-    from lightning_cls.serving.server import main
-
-    return main(argv)
-
-
-def _monitor(argv: list[str]) -> Any:
-    from lightning_cls.monitor import main
-
-    return main(argv)
+# Subcommands that are not Trainer methods: the module whose `main(argv)` runs each (parsed by jsonargparse or
+# argparse from its signature and docstring). Imported when run, so that `fit` does not import the server's libraries.
+EXTRA_MODULES = {
+    "export": "lightning_cls.export",
+    "serve": "lightning_cls.serving.server",
+    "monitor": "lightning_cls.monitor",
+    "registry": "lightning_cls.registry",
+    "compare": "lightning_cls.compare",
+    "deployment": "lightning_cls.serving.deployment",
+    "distill": "lightning_cls.distill",
+}
 
 
-def _registry(argv: list[str]) -> Any:
-    from lightning_cls.registry import main
+def _module_main(module: str) -> Callable[[list[str]], Any]:
+    def run(argv: list[str]) -> Any:
+        return importlib.import_module(module).main(argv)
 
-    return main(argv)
-
-
-def _distill(argv: list[str]) -> Any:
-    from lightning_cls.distill import main
-
-    return main(argv)
-
-
-def _deployment(argv: list[str]) -> Any:
-    from lightning_cls.serving.deployment import main
-
-    return main(argv)
-
-
-def _compare(argv: list[str]) -> Any:
-    from lightning_cls.compare import main
-
-    return main(argv)
+    return run
 
 
 def _calibrate(argv: list[str]) -> Any:
@@ -94,13 +71,7 @@ def _calibrate(argv: list[str]) -> Any:
 
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "calibrate": _calibrate,
-    "export": _export,
-    "serve": _serve,
-    "monitor": _monitor,
-    "registry": _registry,
-    "compare": _compare,
-    "deployment": _deployment,
-    "distill": _distill,
+    **{name: _module_main(module) for name, module in EXTRA_MODULES.items()},
 }
 
 

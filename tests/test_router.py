@@ -193,6 +193,16 @@ def worker(db: str, model_dir, watching: bool = False) -> ClassifierAPI:
     return api
 
 
+def deploy(tmp_path, exports, mode="shadow", share=0.0, challenger=False, watching=False):
+    """A feedback database whose deployment is the first export (and the second as challenger), and a worker on it:
+    (db, v1, v2, api)."""
+    db = str(tmp_path / "f.sqlite3")
+    FeedbackStore(db).close()
+    v1, v2 = local_slot(exports[0]), local_slot(exports[1])
+    start_deployment(db, v1, v2 if challenger else None, mode, share)
+    return db, v1, v2, worker(db, exports[0], watching)
+
+
 def messages(api: ClassifierAPI) -> list:
     q = api._logger_queue
     return [q.get_nowait() for _ in range(q.qsize())]
@@ -212,11 +222,7 @@ def test_a_model_of_another_label_set_cannot_join(two_exports, tmp_path):
 
 
 def test_a_canary_answers_its_share_and_every_answer_names_its_version(two_exports, tmp_path):
-    db = str(tmp_path / "f.sqlite3")
-    FeedbackStore(db).close()
-    v1, v2 = local_slot(two_exports[0]), local_slot(two_exports[1])
-    start_deployment(db, v1, v2, "canary", 0.5)
-    api = worker(db, two_exports[0])
+    _, v1, v2, api = deploy(tmp_path, two_exports, "canary", 0.5, challenger=True)
     requests = [(["a galaxy far away"], 1, f"client-{i}") for i in range(16)]
     answers = api.predict(api.batch(requests))
     versions = [a[0]["model_version"] for a in answers]
@@ -228,11 +234,7 @@ def test_a_canary_answers_its_share_and_every_answer_names_its_version(two_expor
 
 
 def test_a_new_deployment_takes_over_between_batches_and_a_batch_keeps_its_models(two_exports, tmp_path):
-    db = str(tmp_path / "f.sqlite3")
-    FeedbackStore(db).close()
-    v1, v2 = local_slot(two_exports[0]), local_slot(two_exports[1])
-    start_deployment(db, v1, None, "shadow", 0.0)
-    api = worker(db, two_exports[0])
+    db, v1, v2, api = deploy(tmp_path, two_exports)
     one = (["quantum spin chains"], 1, None)
     assert api.predict(api.batch([one]))[0][0]["model_version"] == v1.version
     assert not api.watch.poll_once()  # nothing new
@@ -258,11 +260,7 @@ def test_a_new_deployment_takes_over_between_batches_and_a_batch_keeps_its_model
 
 
 def test_a_shadow_sees_its_share_and_its_answers_are_never_returned(two_exports, tmp_path):
-    db = str(tmp_path / "f.sqlite3")
-    FeedbackStore(db).close()
-    v1, v2 = local_slot(two_exports[0]), local_slot(two_exports[1])
-    start_deployment(db, v1, v2, "shadow", 1.0)
-    api = worker(db, two_exports[0])
+    db, v1, v2, api = deploy(tmp_path, two_exports, "shadow", 1.0, challenger=True)
     answers = api.predict(api.batch([(["stars and galaxies", "a proof of a lemma"], 2, None)]))
     assert {a["model_version"] for a in answers[0]} == {v1.version}
     wait_for(lambda: api._logger_queue.qsize() >= 4)  # start, deployed, batch, shadow
@@ -282,11 +280,7 @@ def test_a_shadow_sees_its_share_and_its_answers_are_never_returned(two_exports,
 
 
 def test_a_deployment_that_fails_to_load_leaves_the_models_serving(two_exports, tmp_path):
-    db = str(tmp_path / "f.sqlite3")
-    FeedbackStore(db).close()
-    v1 = local_slot(two_exports[0])
-    start_deployment(db, v1, None, "shadow", 0.0)
-    api = worker(db, two_exports[0])
+    db, v1, _, api = deploy(tmp_path, two_exports)
     broken = Slot(str(tmp_path / "gone"), "deadbeef0000", "gone")
     record(db, Deployment(broken, previous=v1), "set", "a folder deleted since")
     one = (["a lemma"], 1, None)
@@ -298,11 +292,7 @@ def test_a_deployment_that_fails_to_load_leaves_the_models_serving(two_exports, 
 def test_predict_in_flight_during_a_swap_from_another_thread_fails_nothing(two_exports, tmp_path):
     """Requests answered back to back (as the worker does) while the watch thread switches the deployment under
     them: every answer comes, from one of the two versions, and both answer in turn."""
-    db = str(tmp_path / "f.sqlite3")
-    FeedbackStore(db).close()
-    v1, v2 = local_slot(two_exports[0]), local_slot(two_exports[1])
-    start_deployment(db, v1, None, "shadow", 0.0)
-    api = worker(db, two_exports[0], watching=True)  # its own thread switches, as in the service
+    db, v1, v2, api = deploy(tmp_path, two_exports, watching=True)  # its own thread switches, as in the service
     got, stop = [], threading.Event()
 
     def serve():
