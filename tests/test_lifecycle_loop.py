@@ -154,9 +154,11 @@ def test_drift_feedback_retrain_shadow_promote(tmp_path, sample_dir, monkeypatch
         assert shown["deployment"]["challenger"]["version"] == v2
         wait_metric(client, "lightning_cls_model_role", 1, version=v2, role="challenger")
         fresh, fresh_truth = keyword_texts(10, half=1, seed=2)
-        answers = serve_texts(client, fresh)
+        answers = []
+        for start in range(0, len(fresh), 8):  # light traffic: the shadow answers each request before the next
+            answers += serve_texts(client, fresh[start : start + 8])  # (a saturated worker drops its copies)
+            wait_metric(client, "lightning_cls_shadow_texts_total", len(answers), version=v2)
         assert {a["model_version"] for a in answers} == {v1}  # the shadow's answers are never returned
-        wait_metric(client, "lightning_cls_shadow_texts_total", len(fresh), version=v2)
         time.sleep(1.0)  # the shadow answers reach the database a moment after they are counted
         send_feedback(client, answers, fresh_truth)
         page = wait_metric(client, "lightning_cls_version_feedback_texts", len(fresh), version=v2, role="challenger")
