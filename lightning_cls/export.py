@@ -108,7 +108,11 @@ def split_sample(checkpoint: dict[str, Any], split: str, limit: int) -> tuple[li
         raise DataError(f"the {name} split of {source} is empty")
     picked = rows[_sample(len(rows), limit)]
     texts = plan.table["text"].to_numpy()[picked].tolist()
-    labels = [plan.names[i] for i in plan.label_ids[picked]]
+    ids = plan.label_ids[picked]
+    if ids.ndim == 2:  # label sets (a multi-hot matrix): each row's names, as a tuple
+        labels = [tuple(plan.names[j] for j in np.flatnonzero(row)) for row in ids]
+    else:
+        labels = [plan.names[i] for i in ids]
     return texts, labels, f"{name} split of {source} ({len(picked)} of its {len(rows)} texts)"
 
 
@@ -142,14 +146,18 @@ def agreement_inputs(
         return [], None, why
 
 
-def label_ids(names: list[str] | None, labels: list[str]) -> tuple[list[int] | None, str]:
-    """Label names as the model's class ids, or None and why not (no labels, or labels the model does not have)."""
+def label_ids(names: list | None, labels: list[str]) -> tuple[list | None, str]:
+    """Label names as the model's class ids (label sets, tuples of names: multi-hot rows), or None and why not (no
+    labels, or labels the model does not have)."""
     if names is None:
         return None, "the texts have no labels (--agreement_data); --gate agreement judges by labels alone"
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted(set(names) - set(index))
+    sets = bool(names) and isinstance(names[0], tuple)
+    unknown = sorted({n for item in names for n in (item if sets else (item,))} - set(index))
     if unknown:
         return None, f"the validation labels {unknown[:3]} are not the model's"
+    if sets:
+        return [[int(name in item) for name in labels] for item in names], ""
     return [index[n] for n in names], ""
 
 

@@ -46,6 +46,7 @@ from lightning_utilities.core.imports import RequirementCache
 
 from lightning_cls.errors import ConfigError
 from lightning_cls.export_format import INT8_ONNX_FILE, ONNX_FILE, ExportMetadata, read_export_metadata
+from lightning_cls.multilabel import decide, multilabel_scores
 from lightning_cls.onnx_optimize import OPTIMIZED_ONNX_FILE
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
@@ -521,11 +522,20 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def compare(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """(share of identical labels, largest probability difference) of logits against the fp32 reference."""
+def compare(
+    reference: torch.Tensor, logits: torch.Tensor, thresholds: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """(share of identical labels, largest probability difference) of logits against the fp32 reference; with a
+    multi-label model's ``thresholds``, identical label sets and each label's sigmoid."""
+    if not len(reference):
+        return 1.0, 0.0
+    if thresholds is not None:
+        p, q = reference.float().sigmoid(), logits.float().sigmoid()
+        a, b = (decide(x.numpy(), np.asarray(thresholds)) for x in (p, q))
+        return float((a == b).all(1).mean()), (p - q).abs().max().item()
     p, q = reference.float().softmax(-1), logits.float().softmax(-1)
-    same = (p.argmax(-1) == q.argmax(-1)).float().mean().item() if len(p) else 1.0
-    return same, (p - q).abs().max().item() if len(p) else 0.0
+    same = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    return same, (p - q).abs().max().item()
 
 
 def task_scores(predicted: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
@@ -561,7 +571,10 @@ def measure_variants(
     `agreement` (share of labels identical to fp32's), `max_prob_diff` (largest probability difference, raw
     softmax), `texts`, `texts_per_s` (the network, on this machine as it was loaded) and, with labels, `macro_f1`,
     `accuracy`, `changed` (labels unlike fp32's), `now_right` / `now_wrong` (of those, how many became right /
-    wrong); without labels `unscored` (why). A skipped one says `skipped` (why): its folder lacks the file, or its
+    wrong); without labels `unscored` (why). A multi-label folder (thresholds in its metadata) answers label sets:
+    `labels` are then multi-hot rows, an answer is the set its thresholds decide (`multilabel.decide`), `agreement`
+    counts identical sets, `max_prob_diff` compares each label's sigmoid, `macro_f1` is over the labels (what the
+    gate reads), `micro_f1` is added and `accuracy` is the subset accuracy. A skipped one says `skipped` (why): its folder lacks the file, or its
     first batch says the whole measurement would take longer than both `seconds` and three times fp32's time (bf16
     on a CPU without AMX / AVX512-BF16: several times slower than fp32).
     """
@@ -577,8 +590,9 @@ def measure_variants(
     if not texts:
         return {name: {**base, "skipped": f"no texts to measure on ({source})"} for name in names}
     truth = None if labels is None else np.asarray(labels)
-    if getattr(meta, "thresholds", None) is not None:  # label sets: one argmax is not its answer
-        truth, unscored = None, "a multi-label model: its label sets are not scored here"
+    thresholds = getattr(meta, "thresholds", None)  # label sets: each answer is the set its thresholds decide
+    if thresholds is not None and truth is not None and truth.ndim != 2:
+        truth, unscored = None, "a multi-label model: its labels are label sets, the texts' are single labels"
     if truth is not None and len(truth) != len(texts):
         raise ValueError(f"{len(truth)} labels for {len(texts)} texts")
     lexical = fusion.expert.scores(texts) if fusion is not None else None  # the same for every variant: once
@@ -595,16 +609,29 @@ def measure_variants(
     def answered(logits: torch.Tensor) -> torch.Tensor:
         return logits if lexical is None else fuse(logits, lexical, fusion.weight)
 
+    def decided(logits: torch.Tensor) -> np.ndarray:
+        """Each text's answer: its label id, or a multi-label model's set (a multi-hot row)."""
+        if thresholds is None:
+            return logits.argmax(-1).numpy()
+        return decide(logits.float().sigmoid().numpy(), np.asarray(thresholds))
+
     def scored(logits: torch.Tensor) -> dict[str, Any]:
         if truth is None:
             return {"unscored": unscored}
-        predicted = logits.argmax(-1).numpy()
-        changed = predicted != reference_labels
+        predicted = decided(logits)
+        if thresholds is None:
+            changed, right, was_right = predicted != reference_labels, predicted == truth, reference_labels == truth
+            scores = task_scores(predicted, truth)
+        else:  # label sets: macro-F1 over the labels (what the gate reads), micro-F1, subset accuracy
+            changed = (predicted != reference_labels).any(1)
+            right, was_right = (predicted == truth).all(1), (reference_labels == truth).all(1)
+            found = multilabel_scores(predicted, truth, meta.labels)
+            scores = {k: found[k] for k in ("macro_f1", "micro_f1")} | {"accuracy": found["subset_accuracy"]}
         return {
-            **{k: round(v, 6) for k, v in task_scores(predicted, truth).items()},
+            **{k: round(v, 6) for k, v in scores.items()},
             "changed": int(changed.sum()),
-            "now_right": int((changed & (predicted == truth)).sum()),
-            "now_wrong": int((changed & (reference_labels == truth)).sum()),
+            "now_right": int((changed & right).sum()),
+            "now_wrong": int((changed & was_right).sum()),
         }
 
     reference_runner = Runner(folder, InferenceSettings(precision="fp32"), device, metadata=meta)
@@ -612,7 +639,7 @@ def measure_variants(
     run(reference_runner, texts[:1])  # the first pass is slow (kernels chosen, memory allocated)
     reference, reference_s = timed(reference_runner, texts)
     reference = answered(reference)
-    reference_labels = reference.argmax(-1).numpy()
+    reference_labels = decided(reference)
     records = {"fp32": {**base, "agreement": 1.0, "max_prob_diff": 0.0, "texts": len(texts)}}
     records["fp32"].update(texts_per_s=round(len(texts) / reference_s, 2), **scored(reference))
     del reference_runner
@@ -643,7 +670,7 @@ def measure_variants(
             continue
         logits, elapsed = timed(runner, texts)
         logits = answered(logits)
-        same, diff = compare(reference, logits)
+        same, diff = compare(reference, logits, thresholds)
         records[name] = {
             **base,
             "agreement": round(same, 6),

@@ -460,3 +460,40 @@ def test_export_refuses_quantize_without_onnx_and_missing_agreement_data(trained
     with pytest.raises(ExportError, match=r"--agreement_data .*nope\.txt does not exist"):
         export(ckpt, str(tmp_path / "out"), agreement_data=str(tmp_path / "nope.txt"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_multi_label_exports_variants_are_scored_on_label_sets(sample_dir, tmp_path):
+    """measure_variants on a multi-label folder: each variant's answers are the sets its thresholds decide, scored
+    against true sets (macro-F1 over the labels, which the gate reads; micro-F1; subset accuracy)."""
+    import json
+
+    from serving_helpers import fabricate_export
+
+    from lightning_cls.export import label_ids
+    from lightning_cls.inference import measure_variants
+    from lightning_cls.multilabel import decide, multilabel_scores
+    from lightning_cls.sample_data import generate_texts
+
+    folder = fabricate_export(sample_dir / "wordpiece", tmp_path / "ml", train_steps=5)
+    meta = json.loads((folder / "lightning_cls.json").read_text())
+    names = meta["labels"]
+    thresholds = [0.3 + 0.02 * i for i in range(len(names))]
+    (folder / "lightning_cls.json").write_text(json.dumps({**meta, "format_version": 2, "thresholds": thresholds}))
+    texts, single = generate_texts(rows_per_label=2, seed=5, rare_rows=0)
+    sets = [
+        (label, names[(names.index(label) + 1) % len(names)]) if i % 3 else (label,) for i, label in enumerate(single)
+    ]
+    ids, why = label_ids(sets, names)
+    assert (
+        why == "" and np.asarray(ids).shape == (len(texts), len(names)) and np.asarray(ids).sum() == sum(map(len, sets))
+    )
+    records = measure_variants(folder, texts, "generated", variants=["fp32", "bf16"], labels=ids)
+    runner = Runner(folder, InferenceSettings(precision="fp32"))
+    probs = runner.logits(runner.tokenizer(texts, truncation=True, max_length=96)["input_ids"]).sigmoid().numpy()
+    expected = multilabel_scores(decide(probs, np.asarray(thresholds)), np.asarray(ids), names)
+    fp32 = records["fp32"]
+    assert fp32["macro_f1"] == pytest.approx(expected["macro_f1"], abs=1e-5)
+    assert fp32["micro_f1"] == pytest.approx(expected["micro_f1"], abs=1e-5)
+    assert fp32["accuracy"] == pytest.approx(expected["subset_accuracy"], abs=1e-5)
+    assert 0 <= records["bf16"].get("agreement", 1.0) <= 1  # sets compared with fp32's (or skipped on a slow CPU)
+    assert label_ids([("physics", "zoology")], names) == (None, "the validation labels ['zoology'] are not the model's")

@@ -126,9 +126,13 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     assert 1 <= np.mean([len(r["labels"]) for r in rows]) < 10  # sets, neither every label nor only ever one
 
     folder = tmp_path / "export"
-    export(str(last), str(folder), format="onnx", agreement_texts=0)
+    export(str(last), str(folder), format="onnx", agreement_texts=16)
     meta = read_export_metadata(folder)
     assert meta.thresholds == thresholds
+    # Each variant scored on validation label sets, so that `auto`'s macro-F1 gate can judge it.
+    assert meta.inference["fp32"]["agreement"] == 1.0 and meta.inference["fp32"]["texts"] == 16
+    assert {"macro_f1", "micro_f1", "accuracy"} <= set(meta.inference["onnx_fp32"])
+    assert meta.inference["onnx_fp32"]["macro_f1"] == pytest.approx(meta.inference["fp32"]["macro_f1"], abs=1e-6)
     # The validation scores at those thresholds: the baseline of the service's micro-F1 alerts.
     from lightning_cls.serving.server import validation_micro_f1
 
