@@ -574,9 +574,9 @@ def measure_variants(
     wrong); without labels `unscored` (why). A multi-label folder (thresholds in its metadata) answers label sets:
     `labels` are then multi-hot rows, an answer is the set its thresholds decide (`multilabel.decide`), `agreement`
     counts identical sets, `max_prob_diff` compares each label's sigmoid, `macro_f1` is over the labels (what the
-    gate reads), `micro_f1` is added and `accuracy` is the subset accuracy. A skipped one says `skipped` (why): its folder lacks the file, or its
-    first batch says the whole measurement would take longer than both `seconds` and three times fp32's time (bf16
-    on a CPU without AMX / AVX512-BF16: several times slower than fp32).
+    gate reads), `micro_f1` is added and `accuracy` is the subset accuracy. A skipped one says `skipped` (why): its
+    folder lacks the file, or its first batch says the whole measurement would take longer than both `seconds` and
+    three times fp32's time (bf16 on a CPU without AMX / AVX512-BF16: several times slower than fp32).
     """
     from lightning_cls.fusion import FolderFusion, fuse
     from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
