@@ -403,12 +403,12 @@ class Monitor:
         self.log: PredictionLog | None = None
         self._feedback_seq = 0  # the last feedback row read from the database
         self._since_prune, self._last_prune = 0, -math.inf  # the first write applies the bound
+        # The version whose answers the unlabelled live gauges read: the flags' at start, then as workers report.
+        self.champion = self.store_settings.model_version if self.store_settings is not None else None
         if self.store_settings is not None:
             st = self.store_settings
             self.store = FeedbackStore(st.path, setup=False)  # reads only; `serve` made the tables
             self.log = PredictionLog(st.path, s.get("log") or LogSettings(), LogMetrics(), self._after_write)
-        self.champion = self.store_settings.model_version if self.store_settings is not None else None
-        if self.store_settings is not None:
             self.refresh_feedback(count=False)  # after a restart: the stored feedback on this model's predictions
 
     def on_batch(self, batch: dict[str, Any]) -> None:
