@@ -82,7 +82,7 @@ def test_the_shadow_runs_only_while_the_worker_is_idle_and_reports_agreement():
     scorer = FakeScorer(label=1)
     runner = ShadowRunner(scorer.score, "v2", ["a", "b", "c"], lambda k, v: reports.append((k, v)), slice_size=2)
     runner.busy()  # a batch is being answered
-    runner.submit(ShadowJob(["t1", "t2", "t3"], ["i1", "i2", "i3"], ["b", "a", "b"], time.time()))
+    runner.submit(ShadowJob(["t1", "t2", "t3"], ["i1", "i2", "i3"], ["b", "a", "b"]))
     time.sleep(0.2)
     assert scorer.calls == []  # never beside the answer's forward pass
     runner.idle()
@@ -100,7 +100,7 @@ def test_the_shadow_waits_for_a_quiet_worker_and_back_to_back_batches_starve_it(
     reports = []
     scorer = FakeScorer(label=0)
     runner = ShadowRunner(scorer.score, "v2", ["a", "b", "c"], lambda k, v: reports.append((k, v)), quiet=0.1)
-    runner.submit(ShadowJob(["t"], ["i"], ["a"], time.time()))
+    runner.submit(ShadowJob(["t"], ["i"], ["a"]))
     for _ in range(20):  # batches 10 ms apart: never quiet for 100 ms
         runner.busy()
         time.sleep(0.005)
@@ -117,7 +117,7 @@ def test_a_saturated_worker_drops_shadow_copies_instead_of_queueing_them():
     runner = ShadowRunner(scorer.score, "v2", ["a", "b", "c"], lambda k, v: reports.append((k, v)), max_jobs=2)
     runner.busy()  # saturated: never idle
     for i in range(10):
-        runner.submit(ShadowJob([f"t{i}"], [f"i{i}"], ["a"], time.time()))  # never blocks
+        runner.submit(ShadowJob([f"t{i}"], [f"i{i}"], ["a"]))  # never blocks
     assert runner.jobs.qsize() == 2
     dropped = sum(v["texts"] for k, v in reports if k == "shadow_dropped")
     assert dropped == 8  # the oldest went; the newest two wait

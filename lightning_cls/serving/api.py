@@ -207,6 +207,7 @@ class ClassifierAPI(ls.LitAPI):
         by_challenger = canary_routes(batch.client_ids or [None] * n, d.share, self.rng) if canary else [False] * n
         # Each text's model: its request's.
         text_model = [c for c, size in zip(by_challenger, batch.sizes, strict=True) for _ in range(size)]
+        text_top_k = [k for k, size in zip(batch.top_ks, batch.sizes, strict=True) for _ in range(size)]
         scores: list[tuple[Scorer, Scores, list[int]]] = []
         for scorer, chosen in ((models.champion, False), (models.challenger, True)):
             rows = [i for i, c in enumerate(text_model) if c == chosen]
@@ -228,7 +229,7 @@ class ClassifierAPI(ls.LitAPI):
             top = probs[order[0]]
             abstained = self.min_confidence is not None and top < self.min_confidence
             answer = {
-                **self._answer(scorer.names, probs, order, batch_top_k(batch, i), r.tokens[j], r.windows[j], r.cut[j]),
+                **self._answer(scorer.names, probs, order, text_top_k[i], r.tokens[j], r.windows[j], r.cut[j]),
                 **(self._set_answer(scorer.names, r.sets[j], probs) if r.sets is not None else {}),
                 "abstained": abstained,
                 "prediction_id": ids[i],
@@ -274,7 +275,7 @@ class ClassifierAPI(ls.LitAPI):
             return
         sets = message["label_sets"]
         labels = [tuple(sets[i]) if sets else message["labels"][i] for i in rows]
-        job = ShadowJob([batch.texts[i] for i in rows], [message["ids"][i] for i in rows], labels, message["time"])
+        job = ShadowJob([batch.texts[i] for i in rows], [message["ids"][i] for i in rows], labels)
         models.shadow.submit(job)
 
     @staticmethod
@@ -301,13 +302,3 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, output: list[dict]) -> dict:
         return {"predictions": output}
-
-
-def batch_top_k(batch: TextBatch, text: int) -> int:
-    """The top-k of the request a text (by its index in the batch) came in."""
-    start = 0
-    for size, k in zip(batch.sizes, batch.top_ks, strict=True):
-        if text < start + size:
-            return k
-        start += size
-    raise IndexError(text)

@@ -56,7 +56,6 @@ class ShadowJob:
     texts: list[str]
     ids: list[str]
     labels: list[Any]  # the champion's label (or label set) per text
-    time: float
 
 
 class ShadowRunner:
