@@ -20,10 +20,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cls.arg_parser import OneLineErrorParser
 from lightning_cls.atomic import atomic_file
-from lightning_cls.checkpoints import load_checkpoint
-from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.data.datamodule import ScientificTextDataModule
 from lightning_cls.errors import CheckpointError, ConfigError, UserError
-from lightning_cls.model import (
+from lightning_cls.model.checkpoints import load_checkpoint
+from lightning_cls.model.classifier import (
     CALIBRATION_KEY,
     LEXICAL_KEY,
     LEXICAL_WEIGHT_KEY,
@@ -31,8 +31,8 @@ from lightning_cls.model import (
     THRESHOLDS_KEY,
     TextClassifier,
 )
-from lightning_cls.predictions import PredictionWriter
-from lightning_cls.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
+from lightning_cls.model.predictions import PredictionWriter
+from lightning_cls.model.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
 
 DESCRIPTION = """Fine-tune DistilBERT, GPT-2 or any Hugging Face encoder/decoder with a sequence-classification head
 on labelled scientific text, with PyTorch Lightning.
@@ -48,13 +48,13 @@ Beside the Trainer subcommands: {extra} (each with --help)."""
 # Subcommands that are not Trainer methods: the module whose `main(argv)` runs each (parsed by jsonargparse or
 # argparse from its signature and docstring). Imported when run, so that `fit` does not import the server's libraries.
 EXTRA_MODULES = {
-    "export": "lightning_cls.export",
+    "export": "lightning_cls.export.exporter",
     "serve": "lightning_cls.serving.server",
-    "monitor": "lightning_cls.monitor",
-    "registry": "lightning_cls.registry",
-    "compare": "lightning_cls.compare",
+    "monitor": "lightning_cls.monitoring.monitor",
+    "registry": "lightning_cls.lifecycle.registry",
+    "compare": "lightning_cls.lifecycle.compare",
     "deployment": "lightning_cls.serving.deployment",
-    "distill": "lightning_cls.distill",
+    "distill": "lightning_cls.lifecycle.distill",
 }
 
 
@@ -239,7 +239,7 @@ it into a copy of the checkpoint: runs `validate` with the same options (--confi
 --ckpt_path), fits T there, and writes the validation report with ECE, NLL and Brier before and after.
 
 With --model.lexical true on a checkpoint without a lexical expert, it first fits one on the training split, then
-fits its fusion weight beside the temperature (`lightning_cls.fusion`); a checkpoint that has one gets its weight
+fits its fusion weight beside the temperature (`lightning_cls.model.fusion`); a checkpoint that has one gets its weight
 refitted.
 
   python -m lightning_cls calibrate validate --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt"""

@@ -30,9 +30,9 @@ def worker(spec: dict) -> None:
     if spec["side"] == "datasets.map":
         from datasets import load_dataset
 
-        from lightning_cls.tokenization import load_tokenizer
+        from lightning_cls.data.tokenization import load_tokenizer
     else:
-        from lightning_cls.data import ScientificTextDataModule
+        from lightning_cls.data.datamodule import ScientificTextDataModule
     imports = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
 
-    from lightning_cls.export_format import read_export_metadata
+    from lightning_cls.export.folder import read_export_metadata
     from lightning_cls.serving.api import ClassifierAPI
 
     torch.set_num_threads(args.threads)

@@ -38,9 +38,9 @@ MID_SIZE = {
 
 def worker(spec: dict) -> dict:
     """Build the model as `fit` does, train `steps` steps on random tokens, report memory and parameters."""
-    from lightning_cls.labels import DEFAULT_LABELS
-    from lightning_cls.model import TextClassifier
-    from lightning_cls.sample_data import generate_texts, train_bpe_tokenizer
+    from lightning_cls.data.labels import DEFAULT_LABELS
+    from lightning_cls.data.sample_data import generate_texts, train_bpe_tokenizer
+    from lightning_cls.model.classifier import TextClassifier
 
     device = torch.device(spec["device"])
     with tempfile.TemporaryDirectory() as folder:

@@ -1,4 +1,4 @@
-"""A forward pass's fixed cost, in tokens: what `lightning_cls.inference.DEFAULT_MAX_PADDING` is set from.
+"""A forward pass's fixed cost, in tokens: what `lightning_cls.export.runtime.DEFAULT_MAX_PADDING` is set from.
 
 Times forward passes of 1 and 4 rows of 8 to 128 tokens through the Runner (torch fp32 and ONNX int8, one thread)
 and fits time = overhead + per_token x tokens; overhead / per_token is how many tokens a pass costs by itself, so
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from lightning_cls.inference import InferenceSettings, Runner
+from lightning_cls.export.runtime import InferenceSettings, Runner
 
 
 def main() -> None:

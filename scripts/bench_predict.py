@@ -1,5 +1,5 @@
 """Prediction speed of an exported model: `transformers.pipeline(batch_size=32)` in fp32 (the baseline) against
-`lightning_cls.inference.Runner` (what `serve` runs) at fp32, bf16 (where the CPU runs it well), ONNX fp32 (the plain
+`export.runtime.Runner` (what `serve` runs) at fp32, bf16 (where the CPU runs it well), ONNX fp32 (the plain
 graph and ONNX Runtime's optimized one), ONNX int8 and `auto` (what `serve --backend auto` takes, by the folder's
 recorded gate), on the same texts, in one process, with each side's labels compared with fp32's and, with
 `--split test`, its macro-F1 on the test split's true labels in the same table.
@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import machine_line, matmul_gflops, minilm_dir, non_embedding_params, print_table
 
-from lightning_cls.export_format import (
+from lightning_cls.export.answer import Answers, ExportedModel
+from lightning_cls.export.folder import (
     INT8_ONNX_FILE,
     ONNX_FILE,
     ExportMetadata,
@@ -48,8 +49,10 @@ from lightning_cls.export_format import (
     read_export_metadata,
     write_export_metadata,
 )
-from lightning_cls.inference import InferenceSettings, Runner, compare, cpu_flags, detect_hardware, task_scores
-from lightning_cls.onnx_optimize import OPTIMIZED_ONNX_FILE
+from lightning_cls.export.onnx_optimize import OPTIMIZED_ONNX_FILE
+from lightning_cls.export.runtime import InferenceSettings, cpu_flags, detect_hardware
+from lightning_cls.export.variants import agreement
+from lightning_cls.task.scores import task_scores
 
 SMALL_CONFIG = {"model_type": "distilbert", "n_layers": 2, "n_heads": 4, "dim": 128, "hidden_dim": 512}
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16")
@@ -59,10 +62,10 @@ RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx51
 def small_export(folder: Path) -> tuple[Path, list[str]]:
     """A small DistilBERT-shaped model with random weights and a WordPiece tokenizer trained on generated texts,
     saved as an export folder; and texts to classify."""
-    from lightning_cls.labels import DEFAULT_LABELS
-    from lightning_cls.model import build_classifier
-    from lightning_cls.sample_data import generate_texts, train_wordpiece_tokenizer
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.labels import DEFAULT_LABELS
+    from lightning_cls.data.sample_data import generate_texts, train_wordpiece_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
+    from lightning_cls.model.classifier import build_classifier
 
     texts, _ = generate_texts(rows_per_label=40, seed=0, rare_rows=0)
     tokenizer = load_tokenizer(str(train_wordpiece_tokenizer(texts, folder / "tokenizer", vocab_size=1000)))
@@ -89,10 +92,10 @@ def with_onnx(model_dir: Path, scratch: Path) -> Path:
     files = (ONNX_FILE, OPTIMIZED_ONNX_FILE, INT8_ONNX_FILE)
     if all((model_dir / name).is_file() for name in files):
         return model_dir
-    from lightning_cls.export import export_onnx, quantize_int8
-    from lightning_cls.model import max_positions
-    from lightning_cls.onnx_optimize import optimized_onnx
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
+    from lightning_cls.export.exporter import export_onnx, quantize_int8
+    from lightning_cls.export.onnx_optimize import optimized_onnx
+    from lightning_cls.model.classifier import max_positions
 
     copy = scratch / "with_onnx"
     shutil.copytree(model_dir, copy)
@@ -121,8 +124,8 @@ def without_optimized_graph(model_dir: Path, scratch: Path) -> Path:
 def test_split(model_dir: Path, rows: int) -> tuple[list[str], list[int], str]:
     """Up to `rows` texts of the test split (and their class ids) of the data the export's checkpoint was trained
     on, rebuilt from the checkpoint's data settings."""
-    from lightning_cls.checkpoints import load_checkpoint
-    from lightning_cls.export import split_sample
+    from lightning_cls.export.exporter import split_sample
+    from lightning_cls.model.checkpoints import load_checkpoint
 
     meta = read_export_metadata(model_dir)
     if not meta.checkpoint or not Path(meta.checkpoint).is_file():
@@ -151,25 +154,20 @@ class PipelineSide:
 
 
 class RunnerSide:
-    """lightning_cls.inference.Runner: tokenize (truncated at max_length), then `logits` (fused with the folder's
-    lexical expert, when it has one, as `serve` answers)."""
+    """The package's answer path (`ExportedModel.answer`: windows, the runtime as `settings` say, the folder's lexical
+    expert fused in, the task's decision), as `serve` answers."""
 
     def __init__(self, model_dir: Path, settings: InferenceSettings) -> None:
-        from lightning_cls.fusion import FolderFusion
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an explicitly asked precision that is slow here, or unmeasured
-            self.runner = Runner(model_dir, settings)
-        self.max_length = int(self.runner.metadata.max_length)
-        self.fusion = FolderFusion.from_folder(model_dir, self.runner.metadata)
+            self.model = ExportedModel.load(model_dir, settings, use_temperature=False)
+        self.runner = self.model.runner
 
-    def logits(self, texts: list[str]) -> torch.Tensor:
-        ids = self.runner.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        logits = self.runner.logits(ids)
-        return logits if self.fusion is None else self.fusion.fused(logits, texts)
+    def answers(self, texts: list[str]) -> Answers:
+        return self.model.answer(texts)
 
     def labels(self, texts: list[str]) -> list[int]:
-        return self.logits(texts).argmax(-1).tolist()
+        return self.answers(texts).decided.tolist()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -254,11 +252,11 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
             start = time.perf_counter()
             labels[name] = side.labels(texts)
             seconds[name].append(time.perf_counter() - start)
-    reference_logits = fp32.logits(texts)
+    reference = fp32.answers(texts)
     probs_diff = {}
     for name, side in sides.items():
         if isinstance(side, RunnerSide):
-            probs_diff[name] = compare(reference_logits, side.logits(texts))[1]
+            probs_diff[name] = agreement(fp32.model.task, reference, side.answers(texts))[1]
     scores = {name: task_scores(labels[name], truth) for name in sides} if truth is not None else {}
 
     base_rate = len(texts) / statistics.median(seconds[baseline])

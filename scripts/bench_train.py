@@ -39,7 +39,7 @@ LR, WEIGHT_DECAY, WARMUP = 5e-5, 0.01, 0.1
 
 
 def data_module(spec: dict):
-    from lightning_cls.data import ScientificTextDataModule
+    from lightning_cls.data.datamodule import ScientificTextDataModule
 
     dm = ScientificTextDataModule(
         tokenizer=spec["tokenizer"],
@@ -57,7 +57,7 @@ def data_module(spec: dict):
 
 
 def split_texts(spec: dict, dm) -> dict[str, tuple[list[str], list[int]]]:
-    from lightning_cls.tables import read_table
+    from lightning_cls.data.tables import read_table
 
     table = read_table(spec["data"], "text", "label")
     texts = table["text"].tolist()
@@ -118,7 +118,7 @@ def run_trainer(spec: dict, dm, texts) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
 
     tuned = spec["side"] == "trainer_tuned"
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -172,7 +172,7 @@ def run_trainer(spec: dict, dm, texts) -> dict:
 def run_lightning(spec: dict, dm) -> dict:
     import lightning.pytorch as pl
 
-    from lightning_cls.model import TextClassifier
+    from lightning_cls.model.classifier import TextClassifier
 
     clock = StepClock()
 
@@ -213,7 +213,7 @@ def run_lightning(spec: dict, dm) -> dict:
 
 
 def worker(spec: dict) -> None:
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
 
     dm = data_module(spec)
     texts = split_texts(spec, dm)
@@ -261,8 +261,8 @@ def main() -> None:
     vocab_size = None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="bench_train_")
     if model is None:  # no pretrained extra: a MiniLM-shaped model from its config, a tokenizer trained on the data
-        from lightning_cls.sample_data import train_wordpiece_tokenizer
-        from lightning_cls.tables import read_table
+        from lightning_cls.data.sample_data import train_wordpiece_tokenizer
+        from lightning_cls.data.tables import read_table
 
         tokenizer = os.path.join(cache_dir, "tokenizer")
         train_wordpiece_tokenizer(read_table(args.data, "text", "label")["text"].tolist()[:20000], tokenizer, 30522)

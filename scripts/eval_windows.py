@@ -9,9 +9,10 @@ texts (`--readings`, max_length:max_windows[:stride]): `128:1` is truncation at 
 over the whole abstract (at most 8). A second set of long texts is made by joining `--join` test abstracts of one
 subject (thousands of tokens), to show what happens far past the window, and is scored the same way.
 
-Cost per text: wall seconds of tokenization + forward passes (fp32, `--threads` threads, batches of `--batch`
-windows, longest first) and the windows run per text. The machine should be otherwise idle for the seconds to mean
-anything; the windows per text are the machine-independent part.
+Cost per text: wall seconds of the package's answer path (`ExportedModel.answer`: tokenization, forward passes in
+torch fp32 with `--threads` threads, at most `--max_batch_tokens` tokens per pass, longest first, the folder's
+lexical expert fused in when it has one) and the windows run per text. The machine should be otherwise idle for
+the seconds to mean anything; the windows per text are the machine-independent part.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from sklearn.metrics import accuracy_score, f1_score
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_common import cpu_name, plan_from_config
 
-from lightning_cls.export_format import load_classifier, read_export_metadata
-from lightning_cls.tokenization import load_tokenizer
-from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
+from lightning_cls.data.windows import WindowSpec, window_token_ids
+from lightning_cls.export.answer import ExportedModel
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.export.runtime import InferenceSettings
 
 
 def parse_reading(text: str) -> WindowSpec:
@@ -42,20 +44,13 @@ def parse_reading(text: str) -> WindowSpec:
     return WindowSpec(parts[0], parts[1] if len(parts) > 1 else 1, parts[2] if len(parts) > 2 else None)
 
 
-def classify(model, tokenizer, texts: list[str], spec: WindowSpec, batch: int) -> tuple[np.ndarray, dict]:
-    """Predicted class ids of the texts read with `spec`, and what it cost."""
+def classify(model: ExportedModel, texts: list[str], spec: WindowSpec) -> tuple[np.ndarray, dict]:
+    """Predicted class ids of the texts read with `spec` (the package's answer path), and what it cost."""
     start = time.perf_counter()
-    windows = window_token_ids(tokenizer, texts, spec)
+    windows = window_token_ids(model.tokenizer, texts, spec)  # timed alone: tokenization's share of the cost
     tokenize_s = time.perf_counter() - start
-    ids = windows.input_ids
-    logits = torch.empty(len(ids), model.config.num_labels)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    with torch.inference_mode():
-        for s in range(0, len(order), batch):
-            rows = order[s : s + batch]
-            inputs = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            logits[rows] = model(**inputs).logits.float()
-    per_text = mean_logits_per_text(logits, windows.text_index, len(texts))
+    start = time.perf_counter()
+    answers = model.with_windows(spec).answer(texts)
     seconds = time.perf_counter() - start
     cost = {
         "seconds_per_text": seconds / len(texts),
@@ -65,7 +60,7 @@ def classify(model, tokenizer, texts: list[str], spec: WindowSpec, batch: int) -
         "texts_cut": float(windows.cut.mean()),
         "tokens_read_per_text": float(windows.tokens.mean()),
     }
-    return per_text.argmax(-1).numpy(), cost
+    return answers.decided, cost
 
 
 def main() -> None:
@@ -79,7 +74,9 @@ def main() -> None:
     parser.add_argument("--join", type=int, default=8, help="abstracts joined into one long text (0: skip)")
     parser.add_argument("--long-readings", nargs="+", default=["128:1", "256:1", "128:8", "128:32", "128:64"])
     parser.add_argument("--limit", type=int, help="score only the first N test texts")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--max_batch_tokens", type=int, default=None, help="tokens per forward pass (default: the runtime's)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -93,14 +90,14 @@ def main() -> None:
     meta = read_export_metadata(args.model_dir)
     if meta.labels != plan.names:
         raise SystemExit(f"The model's labels {meta.labels} are not the split's {plan.names}.")
-    model = load_classifier(args.model_dir, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(args.model_dir)
+    model = ExportedModel.load(args.model_dir, InferenceSettings("fp32", "torch", args.max_batch_tokens))
+    tokenizer = model.tokenizer
 
     def score(name: str, texts: list[str], labels: np.ndarray, readings: list[str]) -> list[dict]:
         results = []
         for reading in readings:
             spec = parse_reading(reading)
-            predicted, cost = classify(model, tokenizer, texts, spec, args.batch)
+            predicted, cost = classify(model, texts, spec)
             result = {
                 "texts": name,
                 "reading": reading,

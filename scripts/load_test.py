@@ -172,7 +172,7 @@ def fabricate_model(out: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from serving_helpers import fabricate_export
 
-    from lightning_cls.sample_data import generate_texts, train_wordpiece_tokenizer
+    from lightning_cls.data.sample_data import generate_texts, train_wordpiece_tokenizer
 
     texts, _ = generate_texts(rows_per_label=30, seed=0)
     train_wordpiece_tokenizer(texts, out / "tokenizer", vocab_size=400)
@@ -185,7 +185,7 @@ def load_texts(path: str | None, n: int, seed: int) -> list[str]:
 
         column = pd.read_csv(path, usecols=["text"])["text"].dropna().astype(str)
         return column.sample(n=min(n, len(column)), random_state=seed, replace=len(column) < n).tolist()
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
 
     texts, _ = generate_texts(rows_per_label=n // 10 + 1, seed=seed, rare_rows=0)
     return texts[:n]
@@ -193,9 +193,9 @@ def load_texts(path: str | None, n: int, seed: int) -> list[str]:
 
 def test_split(model_dir: str, n: int) -> tuple[list[str], list[str]]:
     """A seeded sample of `n` texts of the test split of the export's training data, and their label names."""
-    from lightning_cls.checkpoints import load_checkpoint
-    from lightning_cls.export import split_sample
-    from lightning_cls.export_format import read_export_metadata
+    from lightning_cls.export.exporter import split_sample
+    from lightning_cls.export.folder import read_export_metadata
+    from lightning_cls.model.checkpoints import load_checkpoint
 
     meta = read_export_metadata(model_dir)
     if not meta.checkpoint or not Path(meta.checkpoint).is_file():
@@ -206,7 +206,7 @@ def test_split(model_dir: str, n: int) -> tuple[list[str], list[str]]:
 
 def answers_scores(runs: list[list[dict]], truth: list[str]) -> tuple[dict[str, float], int]:
     """Accuracy and macro-F1 of every answer of every level and round against the texts' true labels."""
-    from lightning_cls.inference import task_scores
+    from lightning_cls.task.scores import task_scores
 
     pairs = [(label, truth[i]) for levels in runs for level in levels for i, label in level["labels"].items()]
     names = sorted({x for pair in pairs for x in pair})

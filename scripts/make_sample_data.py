@@ -5,7 +5,7 @@ python scripts/make_sample_data.py --out data/sample --rows-per-label 300
 
 import argparse
 
-from lightning_cls.sample_data import write_sample_dataset
+from lightning_cls.data.sample_data import write_sample_dataset
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,8 +14,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from lightning_cls.export_format import load_classifier, read_export_metadata
-from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.data.tokenization import load_tokenizer
+from lightning_cls.export.folder import load_classifier, read_export_metadata
 
 
 def build_app(model_dir: str, top_k: int = 3, num_threads: int | None = None) -> FastAPI:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lightning_cls.sample_data import generate_texts, train_bpe_tokenizer, train_wordpiece_tokenizer
+from lightning_cls.data.sample_data import generate_texts, train_bpe_tokenizer, train_wordpiece_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,8 +47,8 @@ def tiny_classifier(tokenizer: str, model_config: dict, **kwargs):
     """A TextClassifier with random weights from a tiny config, seeded, in eval mode."""
     import torch
 
-    from lightning_cls.labels import DEFAULT_LABELS
-    from lightning_cls.model import TextClassifier
+    from lightning_cls.data.labels import DEFAULT_LABELS
+    from lightning_cls.model.classifier import TextClassifier
 
     torch.manual_seed(0)
     name = f"tiny-{model_config['model_type']}"

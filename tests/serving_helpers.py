@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import torch
 
-from lightning_cls.data import split_summary
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import build_classifier
-from lightning_cls.sample_data import generate_texts
-from lightning_cls.token_cache import TokenizedSplit
-from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize
+from lightning_cls.data.datamodule import split_summary
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.data.token_cache import TokenizedSplit
+from lightning_cls.data.tokenization import PadCollator, load_tokenizer, tokenize
+from lightning_cls.model.classifier import build_classifier
 
 TINY_SERVE_CONFIG = {"model_type": "distilbert", "n_layers": 2, "n_heads": 2, "dim": 32, "hidden_dim": 64}
 MAX_LENGTH = 96

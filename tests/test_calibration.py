@@ -12,7 +12,11 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import data_args, trainer_args
 
-from lightning_cls.calibration import (
+from lightning_cls.cli import main
+from lightning_cls.errors import CheckpointError, ConfigError, InputError
+from lightning_cls.export.exporter import export
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.model.calibration import (
     T_MAX,
     T_MIN,
     brier_score,
@@ -23,11 +27,7 @@ from lightning_cls.calibration import (
     negative_log_likelihood,
     reliability_figure,
 )
-from lightning_cls.cli import main
-from lightning_cls.errors import CheckpointError, ConfigError, InputError
-from lightning_cls.export import export
-from lightning_cls.export_format import read_export_metadata
-from lightning_cls.model import CALIBRATION_KEY, TEMPERATURE_KEY, TextClassifier
+from lightning_cls.model.classifier import CALIBRATION_KEY, TEMPERATURE_KEY, TextClassifier
 
 
 def synthetic(rows: int, seed: int, sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +135,8 @@ def test_predict_step_divides_by_the_temperature_unless_switched_off(sample_dir)
         model.temperature = 4.0
         out = model.predict_step(batch, 0)
         torch.testing.assert_close(out["probs"], (logits / 4).softmax(-1))
-        torch.testing.assert_close(out["logits"], logits / 4)  # the writer averages windows of the scaled logits
+        # Raw: the writer averages a text's windows' logits, then the task scales them (mean(z) / T = mean(z / T)).
+        torch.testing.assert_close(out["logits"], logits)
         assert out["label"] == model.predict_step(batch, 0)["label"]
         model.use_temperature = False
         torch.testing.assert_close(model.predict_step(batch, 0)["probs"], raw)

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-import lightning_cls.data as data_module
-from lightning_cls.data import ScientificTextDataModule
+import lightning_cls.data.datamodule as data_module
+from lightning_cls.data.datamodule import ScientificTextDataModule
+from lightning_cls.data.samplers import length_grouped_order
+from lightning_cls.data.tables import read_table
+from lightning_cls.data.tokenization import PadCollator
 from lightning_cls.errors import DataError
-from lightning_cls.samplers import length_grouped_order
-from lightning_cls.tables import read_table
-from lightning_cls.tokenization import PadCollator
 
 
 def make_dm(sample_dir, **kwargs) -> ScientificTextDataModule:

@@ -16,7 +16,7 @@ import pytest
 from serving_helpers import ServerProcess, fabricate_export, free_port
 from test_serve import metric
 
-from lightning_cls.serving.feedback import model_version
+from lightning_cls.store.feedback_store import model_version
 
 KEY = "deploy-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -1,4 +1,4 @@
-"""The student (`lightning_cls.distill`): half the teacher's layers, initialised from them, trained on the teacher's
+"""The student (`lifecycle.distill`): half the teacher's layers, initialised from them, trained on the teacher's
 probabilities; a checkpoint that exports, loads, serves and predicts like any other."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import queue
 import pytest
 import torch
 
-from lightning_cls.distill import DISTILLED_KEY, distill, evenly_spaced, student_checkpoint
+from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.errors import ExportError
-from lightning_cls.export import export
-from lightning_cls.export_format import read_export_metadata
-from lightning_cls.inference import InferenceSettings, Runner
-from lightning_cls.model import TextClassifier
-from lightning_cls.sample_data import generate_texts
+from lightning_cls.export.exporter import export
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.export.runtime import InferenceSettings, Runner
+from lightning_cls.lifecycle.distill import DISTILLED_KEY, distill, evenly_spaced, student_checkpoint
+from lightning_cls.model.classifier import TextClassifier
 
 
 def test_layers_kept_are_evenly_spaced_and_end_with_the_last():

@@ -13,8 +13,8 @@ from serving_helpers import fabricate_export
 from test_cli import data_args, fit, trainer_args
 
 from lightning_cls.cli import main
+from lightning_cls.data.labels import select_labels
 from lightning_cls.errors import ConfigError, DataError, UserError
-from lightning_cls.labels import select_labels
 
 
 def command_line_error(monkeypatch, args: list[str]) -> str:

@@ -17,7 +17,7 @@ from torchmetrics.classification import (
 )
 
 from lightning_cls.cli import main
-from lightning_cls.evaluation import classification_report, confusion_figure, format_report, write_evaluation
+from lightning_cls.model.evaluation import classification_report, confusion_figure, format_report, write_evaluation
 
 LONG = "electrical engineering and systems science"
 

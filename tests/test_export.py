@@ -10,9 +10,9 @@ from test_cli import data_args, trainer_args
 from transformers import AutoConfig, AutoTokenizer, pipeline
 
 from lightning_cls.cli import main
-from lightning_cls.export import ExportError, export
-from lightning_cls.model import TextClassifier
-from lightning_cls.sample_data import generate_texts
+from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.export.exporter import ExportError, export
+from lightning_cls.model.classifier import TextClassifier
 
 METADATA_KEYS = {
     "format_version",

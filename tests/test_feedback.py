@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from lightning_cls.drift import ECE_BINS, FeedbackWindow, label_scores, top_label_ece
 from lightning_cls.errors import InputError
-from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
+from lightning_cls.monitoring.drift import ECE_BINS, FeedbackWindow, label_scores, top_label_ece
 from lightning_cls.serving.http import FEEDBACK_PATH, ApiKeyGuard, FeedbackEndpoint, RequestError, parse_feedback_body
 from lightning_cls.serving.metrics import AccuracySettings, Monitor, collect_metrics, enable_multiprocess_metrics
+from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 NAMES = ["a", "b", "c"]
 VERSION = "v1"
@@ -262,7 +262,7 @@ def test_a_body_over_the_limit_is_a_413(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ scores, pure
 def test_label_scores_agree_with_the_evaluation_report():
-    from lightning_cls.evaluation import classification_report
+    from lightning_cls.model.evaluation import classification_report
 
     rng = np.random.default_rng(0)
     names = [f"l{i}" for i in range(6)]
@@ -279,8 +279,8 @@ def test_label_scores_agree_with_the_evaluation_report():
 
 
 def test_top_label_ece_equals_the_calibration_modules_ece():
-    from lightning_cls.calibration import ECE_BINS as CALIBRATION_BINS
-    from lightning_cls.calibration import expected_calibration_error
+    from lightning_cls.model.calibration import ECE_BINS as CALIBRATION_BINS
+    from lightning_cls.model.calibration import expected_calibration_error
 
     assert ECE_BINS == CALIBRATION_BINS
     rng = np.random.default_rng(1)
@@ -418,8 +418,8 @@ def api_for(model_dir, **kwargs):
 def test_the_api_answers_calibrated_probabilities_abstains_and_ids_each_answer(exported):
     import torch
 
-    from lightning_cls.calibration import calibrated_probabilities
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
+    from lightning_cls.model.calibration import calibrated_probabilities
 
     texts, _ = generate_texts(rows_per_label=1, seed=3, rare_rows=0)
     plain = api_for(exported).predict((texts, 3))
@@ -444,8 +444,8 @@ def test_the_api_answers_calibrated_probabilities_abstains_and_ids_each_answer(e
 
 
 def test_serve_reads_the_temperature_and_validation_accuracy_defensively(exported, tmp_path):
-    from lightning_cls.export_format import read_export_metadata
-    from lightning_cls.serving.server import ServeSettings, build_server, export_temperature, validation_accuracy
+    from lightning_cls.export.folder import export_temperature, read_export_metadata
+    from lightning_cls.serving.server import ServeSettings, build_server, validation_accuracy
 
     meta = read_export_metadata(exported)
     assert export_temperature(meta) is None and validation_accuracy(meta) is None
@@ -473,7 +473,7 @@ def test_feedback_end_to_end_then_a_restart_on_the_same_database(exported, tmp_p
     from serving_helpers import ServerProcess, free_port
     from test_serve import metric
 
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
 
     monkeypatch.setenv("FEEDBACK_TEST_KEY", KEY)
     db = tmp_path / "feedback.sqlite3"

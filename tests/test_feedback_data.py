@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from lightning_cls.data import ScientificTextDataModule
-from lightning_cls.errors import ConfigError, DataError
-from lightning_cls.feedback_data import (
+from lightning_cls.data.datamodule import ScientificTextDataModule
+from lightning_cls.data.feedback import (
     COLUMNS,
     format_time,
     parse_time,
@@ -24,8 +23,9 @@ from lightning_cls.feedback_data import (
     read_feedback,
     with_feedback,
 )
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.serving.feedback import FeedbackStore
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.errors import ConfigError, DataError
+from lightning_cls.store.feedback_store import FeedbackStore
 
 NAMES = sorted(DEFAULT_LABELS)
 
@@ -305,7 +305,7 @@ def test_compare_scores_both_models_on_the_test_split_and_recent_feedback(tmp_pa
 def test_compare_answers_as_transformers_reads_the_folders(tmp_path, sample_dir, exports):
     from transformers import pipeline
 
-    from lightning_cls.compare import compare
+    from lightning_cls.lifecycle.compare import compare
 
     report = compare(*map(str, exports), write_config(tmp_path / "c.yaml", sample_dir), output_path=str(tmp_path / "r"))
     dm = make_dm(sample_dir)
@@ -322,7 +322,7 @@ def test_compare_counts_the_feedback_a_model_trained_on(tmp_path, sample_dir, ex
 
     import torch
 
-    from lightning_cls.compare import compare
+    from lightning_cls.lifecycle.compare import compare
 
     champion, challenger = exports
     retrained = tmp_path / "retrained"
@@ -350,7 +350,7 @@ def test_compare_counts_the_feedback_a_model_trained_on(tmp_path, sample_dir, ex
 def test_compare_refuses_models_of_other_labels_and_a_config_of_other_data(tmp_path, sample_dir, exports):
     import shutil
 
-    from lightning_cls.compare import compare
+    from lightning_cls.lifecycle.compare import compare
 
     champion, challenger = exports
     other = tmp_path / "other"
@@ -373,7 +373,7 @@ def test_compare_refuses_models_of_other_labels_and_a_config_of_other_data(tmp_p
 def test_compare_multi_label_exports_by_micro_f1(tmp_path, sample_dir, exports):
     import shutil
 
-    from lightning_cls.compare import compare
+    from lightning_cls.lifecycle.compare import compare
 
     folders = []
     for export in exports:  # the same folders answering label sets: a sigmoid per label and thresholds

@@ -14,14 +14,14 @@ import torch
 from test_cli import data_args, trainer_args
 
 from lightning_cls.cli import main
+from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.errors import ConfigError, InputError
-from lightning_cls.export import export
-from lightning_cls.export_format import METADATA_FILE, read_export_metadata
-from lightning_cls.fusion import FolderFusion, SplitScores, fit_fusion_weight, fuse
-from lightning_cls.inference import InferenceSettings
-from lightning_cls.lexical import LEXICAL_FILE, LexicalExpert, LexicalSettings
-from lightning_cls.model import LEXICAL_KEY, LEXICAL_WEIGHT_KEY
-from lightning_cls.sample_data import generate_texts
+from lightning_cls.export.exporter import export
+from lightning_cls.export.folder import METADATA_FILE, read_export_metadata
+from lightning_cls.export.runtime import InferenceSettings
+from lightning_cls.model.classifier import LEXICAL_KEY, LEXICAL_WEIGHT_KEY
+from lightning_cls.model.fusion import FolderFusion, SplitScores, fit_fusion_weight, fuse
+from lightning_cls.model.lexical import LEXICAL_FILE, LexicalExpert, LexicalSettings
 
 LEXICAL_ARGS = ("--model.lexical=true", "--model.lexical_max_features=2000")
 
@@ -180,7 +180,7 @@ def test_predict_the_export_the_onnx_path_and_the_service_give_one_fused_answer(
             got = {a["label"]: a["probability"] for a in answer["top_k"]}
             assert got == pytest.approx(expected, abs=1e-5), backend
     # The fusion matters: the network alone (what transformers.pipeline runs) answers otherwise.
-    api.models.champion.fusion = None
+    api.models.champion.model.fusion = None
     alone = api.predict((texts, 10))
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(alone, answers, strict=True)) > 1e-3
 
@@ -229,13 +229,13 @@ def test_a_planted_pickle_is_never_loaded(tmp_path, fused_export):
     api = ClassifierAPI(str(folder), 64)  # the folder loads and answers, fused
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
-    assert api.models.champion.fusion is not None and api.predict((["galaxies and stars"], 1))[0]["label"]
+    assert api.models.champion.model.fusion is not None and api.predict((["galaxies and stars"], 1))[0]["label"]
     assert not marker.exists()
 
     # A pickle in the lexical file's place, its SHA-256 recorded as if it were the export's: refused, not unpickled.
     (folder / LEXICAL_FILE).write_bytes(payload)
     meta = json.loads((folder / METADATA_FILE).read_text())
-    from lightning_cls.lexical import sha256
+    from lightning_cls.model.lexical import sha256
 
     meta["lexical"]["sha256"] = sha256(folder / LEXICAL_FILE)
     (folder / METADATA_FILE).write_text(json.dumps(meta))

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.data.datamodule import ScientificTextDataModule
+from lightning_cls.data.tables import read_table
 from lightning_cls.errors import DataError
-from lightning_cls.tables import read_table
 
 # Texts: any Unicode text (control characters, quotes, commas, line breaks, U+2028, emoji...), numbers, very long.
 TEXT = st.one_of(

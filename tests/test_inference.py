@@ -1,4 +1,4 @@
-"""Running an exported folder (`lightning_cls.inference`): the precision gate, the token budget, the ONNX backends,
+"""Running an exported folder (`lightning_cls.export.runtime`): the precision gate, the token budget, the ONNX backends,
 and the agreement that `export` records in lightning_cls.json."""
 
 from __future__ import annotations
@@ -12,24 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_cls import inference
+from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.errors import ConfigError, ExportError
-from lightning_cls.export import agreement_inputs, export, validation_split
-from lightning_cls.export_format import INT8_ONNX_FILE, ONNX_FILE, read_export_metadata
-from lightning_cls.inference import (
-    MIN_SPEEDUP,
-    VARIANTS,
-    Hardware,
-    InferenceSettings,
-    Runner,
-    choose,
-    detect_hardware,
-    measure_agreement,
-    pad_batch,
-    plan_batches,
-    task_scores,
-)
-from lightning_cls.onnx_optimize import (
+from lightning_cls.export import runtime as inference
+from lightning_cls.export import variants
+from lightning_cls.export.exporter import agreement_inputs, export, validation_split
+from lightning_cls.export.folder import INT8_ONNX_FILE, ONNX_FILE, read_export_metadata
+from lightning_cls.export.onnx_optimize import (
     INT8_MAX_PROB_DIFF,
     OPTIMIZED_MAX_PROB_DIFF,
     OPTIMIZED_ONNX_FILE,
@@ -37,8 +27,19 @@ from lightning_cls.onnx_optimize import (
     quantizable_nodes,
     quantize_int8,
 )
-from lightning_cls.sample_data import generate_texts
-from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.export.runtime import (
+    MIN_SPEEDUP,
+    VARIANTS,
+    Hardware,
+    InferenceSettings,
+    Runner,
+    choose,
+    detect_hardware,
+    pad_batch,
+    plan_batches,
+)
+from lightning_cls.export.variants import measure_variants
+from lightning_cls.task.scores import task_scores
 
 SLOW_CPU = Hardware("cpu", bf16=False, fp16=False, note="CPU without AMX / AVX512-BF16 / AVX512-FP16")
 FAST_CPU = Hardware("cpu", bf16=True, fp16=False, note="CPU with amx_bf16")
@@ -389,7 +390,7 @@ def test_export_records_each_variants_scores_on_the_validation_split(onnx_export
 
 
 def test_a_fused_export_is_scored_on_its_fused_answers(trained, tmp_path):
-    from lightning_cls.fusion import FolderFusion
+    from lightning_cls.model.fusion import FolderFusion
 
     run = trained("distilbert", "--model.lexical=true", "--model.lexical_max_features=2000")
     out = tmp_path / "fused"
@@ -407,13 +408,13 @@ def test_a_fused_export_is_scored_on_its_fused_answers(trained, tmp_path):
 
 
 def test_slow_precisions_are_skipped_with_the_reason_recorded(onnx_export, monkeypatch):
-    monkeypatch.setattr(inference, "SKIP_FACTOR", 0.0)  # anything slower than nothing
+    monkeypatch.setattr(variants, "SKIP_FACTOR", 0.0)  # anything slower than nothing
     texts, _ = generate_texts(rows_per_label=1, seed=2)
-    records = measure_agreement(onnx_export, texts, "generated", seconds=0, variants=["fp32", "bf16", "onnx_int8"])
+    records = measure_variants(onnx_export, texts, "generated", seconds=0, variants=["fp32", "bf16", "onnx_int8"])
     assert records["fp32"]["agreement"] == 1.0 and records["fp32"]["texts"] == len(texts)
     for name in ("bf16", "onnx_int8"):
         assert "over the 0 s allowed" in records[name]["skipped"] and "agreement" not in records[name]
-    nothing = measure_agreement(onnx_export, [], "the reason", variants=["fp32", "bf16"])
+    nothing = measure_variants(onnx_export, [], "the reason", variants=["fp32", "bf16"])
     assert all("no texts to measure on (the reason)" in r["skipped"] for r in nothing.values())
 
 
@@ -469,10 +470,9 @@ def test_a_multi_label_exports_variants_are_scored_on_label_sets(sample_dir, tmp
 
     from serving_helpers import fabricate_export
 
-    from lightning_cls.export import label_ids
-    from lightning_cls.inference import measure_variants
-    from lightning_cls.multilabel import decide, multilabel_scores
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
+    from lightning_cls.export.exporter import label_ids
+    from lightning_cls.task.scores import decide, multilabel_scores
 
     folder = fabricate_export(sample_dir / "wordpiece", tmp_path / "ml", train_steps=5)
     meta = json.loads((folder / "lightning_cls.json").read_text())

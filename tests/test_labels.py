@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lightning_cls.labels import DEFAULT_LABELS, label_maps, select_labels, stratified_split, stratified_subsample
+from lightning_cls.data.labels import DEFAULT_LABELS, label_maps, select_labels, stratified_split, stratified_subsample
 
 
 def test_select_explicit_labels_are_sorted_and_checked():

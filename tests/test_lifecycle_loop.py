@@ -23,8 +23,8 @@ from serving_helpers import ServerProcess, free_port
 from test_serve import metric
 
 from lightning_cls.cli import main
-from lightning_cls.sample_data import DEFAULT_LABELS, FILLER, KEYWORDS
-from lightning_cls.serving.feedback import model_version
+from lightning_cls.data.sample_data import DEFAULT_LABELS, FILLER, KEYWORDS
+from lightning_cls.store.feedback_store import model_version
 
 pytestmark = pytest.mark.slow
 KEY = "loop-key"

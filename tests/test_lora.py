@@ -14,12 +14,12 @@ import torch
 from conftest import TINY_CONFIGS, tiny_classifier, tokenizer_for
 from test_cli import data_args, trainer_args
 
-from lightning_cls.adapters import is_peft, merged
 from lightning_cls.cli import main
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.errors import ConfigError
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import TextClassifier
-from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.model.adapters import is_peft, merged
+from lightning_cls.model.classifier import TextClassifier
 
 DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 DECODER |= {"num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -133,7 +133,7 @@ def test_lora_checkpoint_predicts_and_exports_a_merged_folder_the_pipeline_loads
     from test_export import predict_file
     from transformers import pipeline
 
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
 
     fit_lora(tmp_path / "run", sample_dir, "llama")
     ckpt = tmp_path / "run" / "ckpt" / "last.ckpt"
@@ -158,7 +158,7 @@ def test_lora_checkpoint_predicts_and_exports_a_merged_folder_the_pipeline_loads
 def test_lora_onnx_export_agrees_with_pytorch(tmp_path, sample_dir):
     from test_export import assert_onnx_agrees_with_pytorch
 
-    from lightning_cls.export import export
+    from lightning_cls.export.exporter import export
 
     fit_lora(tmp_path / "run", sample_dir, "qwen2")
     ckpt = tmp_path / "run" / "ckpt" / "last.ckpt"
@@ -281,7 +281,7 @@ DECODERS = [family for family in FAMILIES if family not in ENCODERS]
 )  # one family in the fast suite, every decoder family in the slow one
 def test_predict_gives_the_same_answers_whichever_side_the_tokenizer_pads(tmp_path, sample_dir, family):
     """A decoder tokenizer that pads on the left (as Llama's and Qwen's may) through `predict`: same probabilities."""
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
 
     right = tokenizer_path(sample_dir, family)
     left = left_padding_copy(right, tmp_path / "left-tokenizer")

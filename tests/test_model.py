@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_classifier, tokenizer_for
 
-from lightning_cls.finetuning import transformer_blocks
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import TextClassifier
-from lightning_cls.tokenization import PadCollator, load_tokenizer
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.data.tokenization import PadCollator, load_tokenizer
+from lightning_cls.model.classifier import TextClassifier
+from lightning_cls.model.finetuning import transformer_blocks
 
 
 def tiny_model(sample_dir, family, **kwargs) -> TextClassifier:

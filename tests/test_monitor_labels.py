@@ -10,7 +10,7 @@ import pytest
 from serving_helpers import fabricate_export
 
 from lightning_cls.cli import main as cli_main
-from lightning_cls.drift import DriftWindow, drift_report, label_scores, top_label_ece
+from lightning_cls.monitoring.drift import DriftWindow, drift_report, label_scores, top_label_ece
 
 
 @pytest.fixture(scope="module")

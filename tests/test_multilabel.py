@@ -3,18 +3,16 @@
 import numpy as np
 import pytest
 
-from lightning_cls.errors import DataError
-from lightning_cls.multilabel import (
+from lightning_cls.data.label_sets import (
     arxiv_subject,
     arxiv_subject_sets,
-    decide,
-    fit_thresholds,
     iterative_split,
     label_counts,
     multi_hot,
-    multilabel_scores,
     parse_label_sets,
 )
+from lightning_cls.errors import DataError
+from lightning_cls.task.scores import decide, fit_thresholds, multilabel_scores
 
 
 def test_label_sets_split_on_whitespace_or_commas_keep_order_and_drop_repeats():

@@ -11,13 +11,13 @@ from conftest import TINY_CONFIGS, tokenizer_for
 from test_cli import trainer_args
 
 from lightning_cls.cli import calibrate, main
-from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.data.datamodule import ScientificTextDataModule
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.errors import DataError
-from lightning_cls.export import export
-from lightning_cls.export_format import read_export_metadata
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
-from lightning_cls.sample_data import generate_texts
+from lightning_cls.export.exporter import export
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.model.classifier import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
 
 SUBJECTS = sorted(DEFAULT_LABELS)
 ARCHIVES = {
@@ -159,7 +159,7 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
 def service_answers(folder, backend: str, texts: list[str]) -> list[dict]:
     import queue
 
-    from lightning_cls.inference import InferenceSettings
+    from lightning_cls.export.runtime import InferenceSettings
     from lightning_cls.serving.api import ClassifierAPI
 
     api = ClassifierAPI(str(folder), 128, inference=InferenceSettings(backend=backend, precision="fp32"))
@@ -169,8 +169,8 @@ def service_answers(folder, backend: str, texts: list[str]) -> list[dict]:
 
 
 def export_probabilities(folder, text) -> dict[str, float]:
-    from lightning_cls.export_format import load_classifier
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
+    from lightning_cls.export.folder import load_classifier
 
     tokenizer, model = load_tokenizer(str(folder)), load_classifier(folder).eval()
     batch = tokenizer([text], truncation=True, return_tensors="pt")

@@ -13,8 +13,8 @@ import pytest
 from fastapi import FastAPI
 from test_feedback import post
 
-from lightning_cls.serving.feedback import SCHEMA_VERSION, FeedbackStore
 from lightning_cls.serving.http import FEEDBACK_PATH, FeedbackEndpoint, RequestError, parse_feedback_body
+from lightning_cls.store.feedback_store import SCHEMA_VERSION, FeedbackStore
 
 NAMES = ["a", "b", "c", "d"]
 VERSION = "v-ml"

@@ -15,10 +15,9 @@ import pytest
 from test_feedback import multiprocess_metrics  # noqa: F401 (a fixture)
 from test_multilabel_feedback import NAMES, VERSION, set_batch
 
-from lightning_cls.drift import DriftThresholds, psi
 from lightning_cls.errors import InputError
-from lightning_cls.multilabel import decide, multilabel_scores
-from lightning_cls.multilabel_drift import (
+from lightning_cls.monitoring.drift import DriftThresholds, psi
+from lightning_cls.monitoring.label_set_drift import (
     LabelSetWindow,
     SetFeedbackWindow,
     expected_micro_f1,
@@ -27,8 +26,9 @@ from lightning_cls.multilabel_drift import (
     set_matrix,
     set_scores,
 )
-from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
 from lightning_cls.serving.metrics import AccuracySettings, Monitor
+from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
+from lightning_cls.task.scores import decide, multilabel_scores
 
 # 100 training texts: a in 50, b in 30, c in 20, d in 10 (sets: counts add up to more than the rows)
 REFERENCE = {"rows": 100, "label_counts": {"a": 50, "b": 30, "c": 20, "d": 10}}
@@ -241,7 +241,7 @@ def test_the_api_sends_each_answers_label_set_to_the_logger_process(ml_export):
 
     from serving_helpers import MAX_LENGTH
 
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
     from lightning_cls.serving.api import ClassifierAPI
 
     api = ClassifierAPI(str(ml_export), MAX_LENGTH, max_batch_size=4)
@@ -268,7 +268,7 @@ def test_a_multi_label_server_takes_label_set_feedback_and_exposes_per_label_met
     from serving_helpers import ServerProcess, free_port
     from test_prometheus import MULTI_LABEL_ONLY, names_in_rules, promtool
 
-    from lightning_cls.sample_data import generate_texts
+    from lightning_cls.data.sample_data import generate_texts
 
     port = free_port()
     args = ["-m", "lightning_cls", "serve", "--model_dir", str(ml_export), "--port", str(port), "--num_threads", "1"]

@@ -12,13 +12,13 @@ from conftest import TINY_CONFIGS, tiny_classifier, tokenizer_for
 from test_export import assert_onnx_agrees_with_pytorch, predict_file
 
 from lightning_cls.cli import main
-from lightning_cls.export import export
-from lightning_cls.export_format import load_classifier
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.model import TextClassifier
-from lightning_cls.pooling import PooledClassifier, pool
-from lightning_cls.sample_data import generate_texts
-from lightning_cls.tokenization import PadCollator, load_tokenizer
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.data.tokenization import PadCollator, load_tokenizer
+from lightning_cls.export.exporter import export
+from lightning_cls.export.folder import load_classifier
+from lightning_cls.model.classifier import TextClassifier
+from lightning_cls.model.pooling import PooledClassifier, pool
 
 
 def test_pool_takes_the_real_tokens_whichever_side_is_padded():
@@ -164,7 +164,7 @@ def test_validate_rebuilds_a_pooled_checkpoint(tmp_path, sample_dir, trained):
 
 def test_a_folder_from_a_newer_format_version_is_refused_naming_it(tmp_path):
     from lightning_cls.errors import InputError
-    from lightning_cls.export_format import FORMAT_VERSION, METADATA_FILE, read_export_metadata
+    from lightning_cls.export.folder import FORMAT_VERSION, METADATA_FILE, read_export_metadata
 
     (tmp_path / METADATA_FILE).write_text(
         json.dumps({"format_version": FORMAT_VERSION + 1, "labels": ["a"], "max_length": 8})

@@ -12,20 +12,21 @@ import pytest
 import torch
 from test_cli import data_args, trainer_args
 
-from lightning_cls.calibration import calibrated_probabilities
 from lightning_cls.cli import main
+from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.data.tables import read_table, read_text_chunks
+from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.errors import DataError
-from lightning_cls.model import TextClassifier
-from lightning_cls.predictions import (
+from lightning_cls.model.calibration import calibrated_probabilities
+from lightning_cls.model.classifier import TextClassifier
+from lightning_cls.model.predictions import (
     PredictionWriter,
     logit_records,
     merge_in_input_order,
     prediction_rows,
     record_dtype,
 )
-from lightning_cls.sample_data import generate_texts
-from lightning_cls.tables import read_table, read_text_chunks
-from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.task import SingleLabel
 
 # ------------------------------------------------------------------------------------------------ reading the inputs
 
@@ -129,7 +130,7 @@ def test_merge_restores_input_order_from_shuffled_parts(tmp_path):
         parts.append(part)
     merged = merge_in_input_order(parts, row_ids, 4, tmp_path / "merged.npy")
     torch.testing.assert_close(torch.from_numpy(np.array(merged)).float(), logits)
-    rows = list(prediction_rows(merged, iter(["a", "b", "c", "d", "e"]), ["w", "x", "y", "z"], k=2))
+    rows = list(prediction_rows(merged, iter(["a", "b", "c", "d", "e"]), SingleLabel(("w", "x", "y", "z")), k=2))
     assert [r["id"] for r in rows] == ["a", "b", "c", "d", "e"]
     assert [r["label"] for r in rows] == [["w", "x", "y", "z"][i] for i in logits.argmax(-1).tolist()]
     assert all(r["top_k"][0]["probability"] >= r["top_k"][1]["probability"] for r in rows)
@@ -149,7 +150,8 @@ def test_merge_averages_the_windows_of_a_text_wherever_they_were(tmp_path):
     merged = merge_in_input_order(parts, np.arange(3), 3, tmp_path / "merged.npy", counts)
     expected = torch.stack([logits[text_of_window == t].mean(0) for t in range(3)])
     torch.testing.assert_close(torch.from_numpy(np.array(merged)).float(), expected)
-    rows = list(prediction_rows(merged, iter("abc"), ["x", "y", "z"], 1, (counts, np.array([True, False, False]))))
+    task, cut = SingleLabel(("x", "y", "z")), np.array([True, False, False])
+    rows = list(prediction_rows(merged, iter("abc"), task, 1, (counts, cut)))
     assert [(r["windows"], r["truncated"]) for r in rows] == [(3, True), (1, False), (2, False)]
     # A text missing one of its windows is lost, not answered from the others.
     with pytest.raises(RuntimeError, match=r"1 row\(s\) lost \(row ids \[0\]\)"):

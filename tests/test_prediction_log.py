@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from fastapi import FastAPI
 from test_feedback import NAMES, VERSION, batch, post
 
-from lightning_cls.serving.feedback import FeedbackStore
 from lightning_cls.serving.http import FEEDBACK_PATH, FeedbackEndpoint
 from lightning_cls.serving.prediction_log import SPILL_SUFFIX, IdIssuer, LogSettings, PredictionLog
+from lightning_cls.store.feedback_store import FeedbackStore
 
 FAST = LogSettings(spill_after=0.2, write_timeout=0.05, max_backoff=0.1, stop_timeout=0.5)
 

@@ -24,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from lightning_cls.drift import PSI_WARNING
-from lightning_cls.sample_data import generate_texts
+from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.monitoring.drift import PSI_WARNING
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 RULES, CONFIG, RULES_TEST = (PROMETHEUS_DIR / name for name in ("rules.yml", "prometheus.yml", "rules_test.yml"))

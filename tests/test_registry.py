@@ -1,4 +1,4 @@
-"""The MLflow model registry (`lightning_cls.registry`): versions of exported folders, aliases moved and recorded,
+"""The MLflow model registry (`lifecycle.registry`): versions of exported folders, aliases moved and recorded,
 promotion and rollback, `models:/` references resolved to a folder that `serve` reads, and one clear error line for
 an alias that points nowhere, a version of another label set, or an unreachable server."""
 
@@ -9,8 +9,8 @@ import pytest
 from conftest import TINY_CONFIGS
 from serving_helpers import fabricate_export
 
-from lightning_cls.export_format import read_export_metadata, write_export_metadata
-from lightning_cls.registry import Registry, RegistryError, check_same_labels, main
+from lightning_cls.export.folder import read_export_metadata, write_export_metadata
+from lightning_cls.lifecycle.registry import Registry, RegistryError, check_same_labels, main
 from lightning_cls.serving.server import ServeSettings, build_server
 
 
@@ -167,7 +167,7 @@ def test_the_service_promotes_registered_versions_and_moves_their_aliases(regist
     from fastapi import FastAPI
 
     from lightning_cls.serving.deployment import DeploymentEndpoint, resolve_slot, start_deployment
-    from lightning_cls.serving.feedback import FeedbackStore
+    from lightning_cls.store.feedback_store import FeedbackStore
 
     monkeypatch.chdir(tmp_path)  # the download cache, runs/mlflow/cache, lands here
     a = fabricate_export(sample_dir / "wordpiece", tmp_path / "a", seed=1)

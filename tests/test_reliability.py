@@ -18,18 +18,18 @@ from conftest import TINY_CONFIGS
 from jsonargparse import Namespace
 from test_cli import data_args, trainer_args
 
-from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.cli import main, resolve_ckpt_path
+from lightning_cls.data.samplers import LengthGroupedSampler
 from lightning_cls.errors import CheckpointError, ConfigError
-from lightning_cls.predictions import write_rows
-from lightning_cls.resume import (
+from lightning_cls.model.checkpoints import load_checkpoint
+from lightning_cls.model.predictions import write_rows
+from lightning_cls.model.resume import (
     Interruption,
     ResumableDataLoader,
     batch_seed,
     find_last_checkpoint,
     interruption_message,
 )
-from lightning_cls.samplers import LengthGroupedSampler
 
 TESTS = Path(__file__).parent
 THREADS = 1  # the same in the subprocesses and in-process, so that results can be compared bit for bit
@@ -381,7 +381,7 @@ def test_unknown_model_or_tokenizer_names_the_option(option, expected, sample_di
 
 def test_an_empty_tokenizer_name_is_named_as_empty():
     """A config's `${oc.env:MINILM_DIR}` with the variable unset gives "": not "the folder exists" (Path("") is ".")."""
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
 
     with pytest.raises(ConfigError, match=r"^data.tokenizer is empty: give a local folder or a hub name"):
         load_tokenizer("")
@@ -414,7 +414,7 @@ def test_a_prediction_writer_killed_mid_write_leaves_no_file(tmp_path):
     path = tmp_path / "predictions.csv"
     script = (
         "import sys, time; sys.path.insert(0, sys.argv[2]); from test_reliability import prediction_rows; "
-        "from lightning_cls.predictions import write_rows; from pathlib import Path; "
+        "from lightning_cls.model.predictions import write_rows; from pathlib import Path; "
         "write_rows(prediction_rows(1000, pause=0.01), Path(sys.argv[1]), k=1)"
     )
     process = subprocess.Popen([sys.executable, "-c", script, str(path), str(TESTS)], stderr=subprocess.PIPE, text=True)
@@ -429,7 +429,7 @@ def test_a_prediction_writer_killed_mid_write_leaves_no_file(tmp_path):
 
 
 def test_export_crash_leaves_no_folder(trained, tmp_path, monkeypatch):
-    import lightning_cls.export as export_module
+    import lightning_cls.export.exporter as export_module
 
     def crash(*args, **kwargs):
         raise RuntimeError("crash mid-export")

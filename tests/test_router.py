@@ -24,9 +24,9 @@ from lightning_cls.serving.deployment import (
     record,
     start_deployment,
 )
-from lightning_cls.serving.feedback import FeedbackStore
 from lightning_cls.serving.router import ShadowJob, ShadowRunner, canary_routes, shadow_sample, sticky_fraction
 from lightning_cls.serving.scorer import Scores
+from lightning_cls.store.feedback_store import FeedbackStore
 
 
 def slot(version: str) -> Slot:

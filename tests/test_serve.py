@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from serving_helpers import MAX_LENGTH, ServerProcess, fabricate_export, free_port
 from transformers import AutoModelForSequenceClassification
 
-from lightning_cls.drift import PSI_WARNING
-from lightning_cls.inference import InferenceSettings
-from lightning_cls.labels import DEFAULT_LABELS
-from lightning_cls.sample_data import KEYWORDS, generate_texts
+from lightning_cls.data.labels import DEFAULT_LABELS
+from lightning_cls.data.sample_data import KEYWORDS, generate_texts
+from lightning_cls.data.tokenization import load_tokenizer
+from lightning_cls.export.runtime import InferenceSettings
+from lightning_cls.monitoring.drift import PSI_WARNING
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.http import RequestError, parse_predict_body
-from lightning_cls.tokenization import load_tokenizer
 
 MAX_TEXTS, MAX_BODY, NUM_LABELS = 8, 20_000, 10
 WINDOW = 100

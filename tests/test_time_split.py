@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 from conftest import tokenizer_for
 
-from lightning_cls.data import ScientificTextDataModule
+from lightning_cls.data.datamodule import ScientificTextDataModule
+from lightning_cls.data.labels import ordered_split
+from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.errors import DataError
-from lightning_cls.labels import ordered_split
-from lightning_cls.sample_data import generate_texts
 
 
 def test_ordered_split_puts_the_newest_rows_last():

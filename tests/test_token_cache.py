@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lightning_cls.atomic import atomic_folder
-from lightning_cls.token_cache import TokenizedSplit, cache_key
+from lightning_cls.data.token_cache import TokenizedSplit, cache_key
 
 
 def test_written_in_chunks_equals_built_in_memory(tmp_path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_cls.data.tokenization import load_tokenizer
+from lightning_cls.data.windows import WindowedTexts, WindowSpec, mean_logits_per_text, window_token_ids
 from lightning_cls.errors import ConfigError
-from lightning_cls.tokenization import load_tokenizer
-from lightning_cls.windows import WindowedTexts, WindowSpec, mean_logits_per_text, window_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
 
     from serving_helpers import fabricate_export
 
-    from lightning_cls.inference import InferenceSettings
+    from lightning_cls.export.runtime import InferenceSettings
     from lightning_cls.serving.api import ClassifierAPI
 
     model_dir = fabricate_export(sample_dir / "wordpiece", tmp_path / "model", max_length=16)
@@ -156,7 +156,7 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
     flat = [answer for answers in batched for answer in answers]
     alone = [api.predict(([text], 2))[0] for text in texts]
     champion = api.models.champion
-    windows = window_token_ids(champion.tokenizer, texts, champion.windows)
+    windows = window_token_ids(champion.model.tokenizer, texts, champion.model.windows)
     assert [a["windows"] for a in flat] == windows.counts.tolist() and flat[0]["windows"] == 6
     assert [a["truncated"] for a in flat] == windows.cut.tolist() and windows.cut[0] and not windows.cut[1:3].any()
     assert windows.counts[2:].max() > 1  # more than one text read as several windows
@@ -173,7 +173,7 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
 
 
 def test_the_drift_report_compares_windows_per_text_with_the_training_texts():
-    from lightning_cls.drift import drift_report, window_count_bins
+    from lightning_cls.monitoring.drift import drift_report, window_count_bins
 
     reference = {"label_counts": {"a": 50, "b": 50}, "window_counts": {"1": 60, "2": 30, "3": 10}}
     live, ref = window_count_bins([1, 2, 9], reference["window_counts"])

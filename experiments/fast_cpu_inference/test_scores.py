@@ -7,10 +7,10 @@ import json
 import sys
 import time
 
-from lightning_cls.checkpoints import load_checkpoint
-from lightning_cls.export import label_ids, split_sample
-from lightning_cls.export_format import read_export_metadata
-from lightning_cls.inference import measure_variants
+from lightning_cls.export.exporter import label_ids, split_sample
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.export.runtime import measure_variants
+from lightning_cls.model.checkpoints import load_checkpoint
 
 d = sys.argv[1]
 meta = read_export_metadata(d)

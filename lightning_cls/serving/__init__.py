@@ -11,7 +11,7 @@ Processes (LitServe's), and the module that holds what runs in each:
 `metrics` also holds the Prometheus metric classes and the multiprocess wiring that lets GET /metrics merge what
 every process recorded. `feedback` is the SQLite database of predictions and true labels (POST /feedback), shared
 by the HTTP server and the logger process; `prediction_log` stores the served predictions there without losing any
-(retries, a spill file) and makes the prediction ids. The drift and accuracy maths are in `lightning_cls.drift`,
+(retries, a spill file) and makes the prediction ids. The drift and accuracy maths are in `monitoring.drift`,
 shared with the offline `monitor` command.
 
 Nothing is imported here: spawned workers import only the modules their pickled objects need.

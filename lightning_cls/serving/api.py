@@ -4,9 +4,9 @@ Dynamic batching: the worker collects up to `max_batch_size` requests within `ba
 flattens their texts, `predict` runs them (`inference.Runner`: the chosen backend and precision, longest first, at
 most `max_batch_tokens` tokens per forward pass), `unbatch` gives each
 request its answers back. A text longer than the model's window is read as up to `max_windows` overlapping
-windows (`lightning_cls.windows`; 1: truncated), the windows of all texts batched together, and answered with the
+windows (`lightning_cls.data.windows`; 1: truncated), the windows of all texts batched together, and answered with the
 mean of its windows' logits (plus the lexical expert's, times its weight, when the export fuses one:
-`lightning_cls.fusion`), divided by the export's temperature when it has one (calibrated probabilities). Each
+`lightning_cls.model.fusion`), divided by the export's temperature when it has one (calibrated probabilities). Each
 answer has a `prediction_id`, the key of POST /feedback. Each batch is sent to the logger process
 (`metrics.MonitoringLogger`) with `self.log`, which stores its predictions and updates the metrics.
 
@@ -30,7 +30,7 @@ from typing import Any
 import litserve as ls
 import torch
 
-from lightning_cls.inference import InferenceSettings
+from lightning_cls.export.runtime import InferenceSettings
 from lightning_cls.serving.deployment import Deployment, DeploymentWatch, local_slot
 from lightning_cls.serving.http import PREDICT_PATH
 from lightning_cls.serving.prediction_log import IdIssuer
@@ -138,7 +138,7 @@ class ClassifierAPI(ls.LitAPI):
 
         champion = scorer(deployment.champion)
         if self.temperature is not None and deployment.champion.model_dir == str(Path(self.model_dir).resolve()):
-            champion.temperature = self.temperature  # an explicit temperature for the folder it was given with
+            champion.model.with_temperature(self.temperature)  # explicit, for the folder it was given with
         challenger = scorer(deployment.challenger) if deployment.challenger is not None else None
         shadow = None
         if challenger is not None and deployment.mode == "shadow":
@@ -168,7 +168,7 @@ class ClassifierAPI(ls.LitAPI):
         return self.models.champion.names
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.models.champion.probabilities(logits)
+        return self.models.champion.task.probabilities(logits)
 
     def decode_request(self, request: dict) -> tuple[list[str], int, str | None]:
         # Already checked and made canonical by RequestGuard in the HTTP process.
@@ -257,7 +257,7 @@ class ClassifierAPI(ls.LitAPI):
             "requests": n,
             "ids": ids,
             **fields,
-            "label_sets": fields["label_sets"] if models.champion.thresholds is not None else None,
+            "label_sets": fields["label_sets"] if models.champion.task.multi_label else None,
             "seconds": {s.version: sec for s, _, _, sec in scores},  # forward time per model (latency by version)
             **({"texts": batch.texts} if self.keep_texts else {}),
         }

@@ -38,7 +38,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from lightning_cls.errors import InputError, UserError
-from lightning_cls.serving.feedback import FeedbackStore, model_version
+from lightning_cls.store.feedback_store import FeedbackStore, model_version
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,14 @@ def local_slot(model_dir: str | Path, source: str | None = None, registry: dict 
 
 def resolve_slot(reference: str, registry_uri: str | None = None) -> Slot:
     """A folder, or a registry reference (models:/NAME@ALIAS, models:/NAME/VERSION) downloaded once."""
-    from lightning_cls.registry import is_model_uri
+    from lightning_cls.lifecycle.registry import is_model_uri
 
     if is_model_uri(reference):
-        from lightning_cls.registry import Registry
+        from lightning_cls.lifecycle.registry import Registry
 
         ref = Registry(registry_uri).resolve(reference)
         return local_slot(ref.folder, reference, ref.to_dict())
-    from lightning_cls.export_format import METADATA_FILE
+    from lightning_cls.export.folder import METADATA_FILE
 
     if not (Path(reference) / METADATA_FILE).is_file():
         raise InputError(f"{reference}: not an exported model folder (no {METADATA_FILE}).")
@@ -126,13 +126,13 @@ def resolve_slot(reference: str, registry_uri: str | None = None) -> Slot:
 
 def check_compatible(labels: list[str], multi_label: bool, slot: Slot) -> None:
     """A model that joins the service must speak its labels: clients, feedback and monitoring all use them."""
-    from lightning_cls.export_format import read_export_metadata
+    from lightning_cls.export.folder import read_export_metadata
 
     meta = read_export_metadata(slot.model_dir)
     problems = []
     if list(meta.labels) != list(labels):
         problems.append(f"its labels {list(meta.labels)} are not the service's {list(labels)}")
-    if (getattr(meta, "thresholds", None) is not None) != multi_label:
+    if meta.multi_label != multi_label:
         problems.append("it is " + ("not " if multi_label else "") + "a multi-label model and the service's is")
     if problems:
         raise InputError(f"{slot.source} (version {slot.version}) cannot join this service: " + "; ".join(problems))
@@ -319,7 +319,7 @@ class DeploymentEndpoint:
         a, b = current.champion.registry, new.champion.registry
         if not a or not b or a["name"] != b["name"]:
             return
-        from lightning_cls.registry import Registry
+        from lightning_cls.lifecycle.registry import Registry
 
         registry = Registry(self.registry_uri)
         if action == "promote" and registry.aliases(a["name"]).get("challenger") == b["version"]:

@@ -21,9 +21,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from lightning_cls.serving.feedback import FeedbackResult, FeedbackStore, Truth
 from lightning_cls.serving.metrics import HttpMetrics
 from lightning_cls.serving.prediction_log import IdIssuer
+from lightning_cls.store.feedback_store import FeedbackResult, FeedbackStore, Truth
 
 PREDICT_PATH = "/predict"
 FEEDBACK_PATH = "/feedback"

@@ -1,7 +1,7 @@
 """The Prometheus gauges of a multi-label model's label sets, per label and for the sets as a whole, recorded in the
 logger process beside the others (`metrics.Monitor` makes them for a model whose export has per-label thresholds).
 
-The computations are `lightning_cls.multilabel_drift`'s; this module only sets gauges from its reports. Every
+The computations are `lightning_cls.monitoring.label_set_drift`'s; this module only sets gauges from its reports. Every
 per-label series is labelled with one of the model's own label names (never a value from a request), so there are
 as many series as the model has labels, all made at start (NaN until their window is full enough).
 """
@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_cls.multilabel_drift import reference_rates
+from lightning_cls.monitoring.label_set_drift import reference_rates
 from lightning_cls.serving.metrics import GAUGE
 
 

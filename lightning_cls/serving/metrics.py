@@ -15,7 +15,7 @@ It also looks at every batch, so a lost message only delays the gauges.
 
 A multi-label model (its answers are label sets) has the same metrics read for sets (`predictions_total` counts
 every label of each set, the label PSI compares the tags' mix, live accuracy is subset accuracy) and more, per label
-and for the sets (`label_metrics.LabelSetMetrics`, from `lightning_cls.multilabel_drift`'s windows).
+and for the sets (`label_metrics.LabelSetMetrics`, from `lightning_cls.monitoring.label_set_drift`'s windows).
 
 The metrics are not registered in prometheus-client's default registry (``registry=None``): in multiprocess mode
 their values live in the files that `collect_metrics` reads, and unregistered metrics can be made again (tests).
@@ -37,7 +37,7 @@ from typing import Any
 
 import litserve as ls
 
-from lightning_cls.drift import (
+from lightning_cls.monitoring.drift import (
     DEFAULT_THRESHOLDS,
     LABEL_RATE_SIGNAL,
     PSI_SIGNALS,
@@ -45,10 +45,10 @@ from lightning_cls.drift import (
     DriftWindow,
     FeedbackWindow,
 )
-from lightning_cls.multilabel_drift import LabelSetWindow, SetFeedbackWindow
-from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
+from lightning_cls.monitoring.label_set_drift import LabelSetWindow, SetFeedbackWindow
 from lightning_cls.serving.prediction_log import LogSettings, PredictionLog
 from lightning_cls.serving.version_metrics import VersionMetrics
+from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_cls.serving.feedback import FeedbackStore
+from lightning_cls.store.feedback_store import FeedbackStore
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import multiprocessing as mp
 import os
 import signal
@@ -25,10 +24,10 @@ import litserve as ls
 import torch
 
 from lightning_cls import __version__
-from lightning_cls.drift import DriftThresholds
+from lightning_cls.data.windows import WindowSpec
 from lightning_cls.errors import ConfigError, InputError, UserError
-from lightning_cls.export_format import ExportMetadata, read_export_metadata
-from lightning_cls.inference import (
+from lightning_cls.export.folder import ExportMetadata, export_temperature, read_export_metadata
+from lightning_cls.export.runtime import (
     DEFAULT_AGREEMENT_GATE,
     DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_MAX_F1_DROP,
@@ -41,6 +40,7 @@ from lightning_cls.inference import (
     detect_hardware,
     padded_width,
 )
+from lightning_cls.monitoring.drift import DriftThresholds
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.deployment import (
     DEPLOYMENT_PATH,
@@ -50,7 +50,6 @@ from lightning_cls.serving.deployment import (
     resolve_slot,
     start_deployment,
 )
-from lightning_cls.serving.feedback import FeedbackStore, StoreSettings
 from lightning_cls.serving.http import (
     FEEDBACK_PATH,
     PREDICT_PATH,
@@ -66,7 +65,7 @@ from lightning_cls.serving.metrics import (
     enable_multiprocess_metrics,
 )
 from lightning_cls.serving.prediction_log import LogSettings
-from lightning_cls.windows import WindowSpec
+from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 PROG = "python -m lightning_cls serve"
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class ServeSettings:
     Args:
         model_dir: Folder written by `python -m lightning_cls export` (HF model + tokenizer + lightning_cls.json), or
             a registered version: `models:/NAME@ALIAS` (e.g. models:/subjects@champion) or `models:/NAME/VERSION`
-            (`lightning_cls.registry`; downloaded once into runs/mlflow/cache). /info says which version serves.
+            (`lifecycle.registry`; downloaded once into runs/mlflow/cache). /info says which version serves.
         registry_uri: The MLflow registry of a `models:/` model_dir (default: $MLFLOW_TRACKING_URI, else the
             embedded sqlite:///runs/mlflow/mlflow.db).
         challenger: A second model beside the champion (--model_dir): an export folder or a registry reference, with
@@ -204,17 +203,6 @@ def default_threads(workers: int) -> int:
     `--num_threads` sets it.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // workers)
-
-
-def export_temperature(meta: ExportMetadata) -> float | None:
-    """The export's temperature (None: not calibrated); a bad value is an error naming the file."""
-    t = getattr(meta, "temperature", None)
-    t = meta.extra.get("temperature") if t is None else t  # read by an older ExportMetadata, it lands in `extra`
-    if t is None:
-        return None
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-        raise InputError(f"lightning_cls.json: temperature {t!r} must be a positive finite number (or null).")
-    return float(t)
 
 
 def validation_accuracy(meta: ExportMetadata) -> float | None:

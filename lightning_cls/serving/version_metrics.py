@@ -25,9 +25,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_cls.drift import FeedbackWindow
-from lightning_cls.multilabel_drift import SetFeedbackWindow
-from lightning_cls.serving.feedback import LabelledAnswer
+from lightning_cls.monitoring.drift import FeedbackWindow
+from lightning_cls.monitoring.label_set_drift import SetFeedbackWindow
+from lightning_cls.store.feedback_store import LabelledAnswer
 
 ROLES = ("champion", "challenger")
 MODES = ("none", "shadow", "canary")

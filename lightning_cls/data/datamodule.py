@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from lightning_cls.atomic import atomic_folder
 from lightning_cls.errors import ConfigError, DataError
-from lightning_cls.export_format import SplitReference
-from lightning_cls.feedback_data import FeedbackSummary, fingerprint, parse_time, prepare_feedback, read_feedback
-from lightning_cls.labels import (
+from lightning_cls.data.split_reference import SplitReference
+from lightning_cls.data.feedback import FeedbackSummary, fingerprint, parse_time, prepare_feedback, read_feedback
+from lightning_cls.data.labels import (
     DEFAULT_LABELS,
     label_maps,
     ordered_split,
@@ -29,26 +29,25 @@ from lightning_cls.labels import (
     stratified_split,
     stratified_subsample,
 )
-from lightning_cls.multilabel import (
+from lightning_cls.data.label_sets import (
     arxiv_subject_sets,
     iterative_split,
     label_counts,
     multi_hot,
     parse_label_sets,
 )
-from lightning_cls.predict_inputs import (
+from lightning_cls.data.predict_inputs import (
     iter_predict_ids,
     load_predict_inputs,
     load_window_counts,
     predict_cache_key,
     prepare_predict_inputs,
 )
-from lightning_cls.resume import ResumableDataLoader
-from lightning_cls.samplers import LengthGroupedSampler, LengthSortedSampler, SeededShuffleSampler
-from lightning_cls.tables import HUB_DATASET, join_columns, read_hub, read_table, read_text_chunks
-from lightning_cls.token_cache import TokenizedSplit, cache_key, file_fingerprint
-from lightning_cls.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
-from lightning_cls.windows import WindowedTexts, WindowSpec
+from lightning_cls.data.samplers import LengthGroupedSampler, ResumableDataLoader, LengthSortedSampler, SeededShuffleSampler
+from lightning_cls.data.tables import HUB_DATASET, join_columns, read_hub, read_table, read_text_chunks
+from lightning_cls.data.token_cache import TokenizedSplit, cache_key, file_fingerprint
+from lightning_cls.data.tokenization import PadCollator, load_tokenizer, tokenize, tokenizer_fingerprint
+from lightning_cls.data.windows import WindowedTexts, WindowSpec
 
 # Bump when the meaning of the cached splits changes (their file format has its own version, in token_cache).
 CACHE_VERSION = 2  # 2: duplicate texts dropped, labels stripped, stricter file reading
@@ -255,7 +254,7 @@ class ScientificTextDataModule(pl.LightningDataModule):
             feedback_db: The service's feedback database (`serve --feedback_db`, with `--keep_texts`): its labelled
                 predictions are added to the training split only, after the split (validation and test stay the
                 data's own rows), one per text (the latest feedback), none repeating a text of the data
-                (`lightning_cls.feedback_data`). Read once per run: train on a copy of a live database
+                (`lightning_cls.data.feedback`). Read once per run: train on a copy of a live database
                 (`sqlite3 DB ".backup copy.sqlite3"`) to make the run repeatable.
             feedback_after: Only feedback received after this time: Unix seconds or an ISO 8601 date or date and time
                 (UTC unless it has an offset), e.g. `2026-03-01`.

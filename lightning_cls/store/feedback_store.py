@@ -24,7 +24,7 @@ plain `SELECT prediction_id, label FROM feedback` still reads. A true label is a
 
 Schema versions (`PRAGMA user_version`): 1, single labels; 2 adds the two `labels` columns (NULL for single-label
 models). 3 adds `predictions.text` (NULL unless `serve --keep_texts`: the texts `fit` retrains on,
-`lightning_cls.feedback_data`), the `shadow_predictions` of a challenger run in shadow (`serving.router`) and the
+`lightning_cls.data.feedback`), the `shadow_predictions` of a challenger run in shadow (`serving.router`) and the
 `deployments` history (`serving.deployment`). Opening an older file adds what it lacks (`ALTER TABLE ... ADD COLUMN`,
 `CREATE TABLE IF NOT EXISTS`: no row is rewritten); a file of a newer version than this code writes is refused.
 
@@ -128,7 +128,7 @@ class LabelledAnswer:
 def model_version(model_dir: str | Path) -> str:
     """A short fingerprint of an exported folder: the first 12 hex digits of the SHA-256 of its `lightning_cls.json`
     (which records the checkpoint, the export time and the temperature, so another export is another version)."""
-    from lightning_cls.export_format import METADATA_FILE
+    from lightning_cls.export.folder import METADATA_FILE
 
     return hashlib.sha256((Path(model_dir) / METADATA_FILE).read_bytes()).hexdigest()[:12]
 

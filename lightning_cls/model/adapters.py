@@ -11,7 +11,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 
 from lightning_cls.errors import ConfigError
-from lightning_cls.finetuning import transformer_blocks
+from lightning_cls.model.finetuning import transformer_blocks
 
 # PEFT knows the attention projections of most families; these it does not (peft 0.21).
 EXTRA_TARGET_MODULES = {"phi3": ["qkv_proj"], "distilbert": ["q_lin", "v_lin"]}

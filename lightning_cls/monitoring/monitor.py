@@ -1,10 +1,10 @@
 """`python -m lightning_cls monitor`: the drift report of a predictions file against the reference of an exported
-model, offline (the same report the service computes over its sliding window, see `lightning_cls.drift`), written as
+model, offline (the same report the service computes over its sliding window, see `monitoring.drift`), written as
 JSON plus a PNG plot. It includes the estimated accuracy (the mean probability of the predicted labels) and, given
 true labels for some of the predictions (`--labels`), the realized accuracy, macro-F1 and calibration (ECE).
 
 A multi-label model's predictions have label sets (a `labels` column): the report then reads them as the service
-does (`lightning_cls.multilabel_drift`: each label's rate against its training rate, the expected micro-F1 when
+does (`monitoring.label_set_drift`: each label's rate against its training rate, the expected micro-F1 when
 the rows list every label's probability), and `--labels` gives true label sets (column `labels`, or `label` with
 names separated by ";") scored by micro-F1, macro-F1, subset accuracy and per label.
 """
@@ -21,10 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from lightning_cls.drift import DEFAULT_THRESHOLDS, ECE_BINS, DriftThresholds, drift_report, label_scores, top_label_ece
 from lightning_cls.errors import DataError, InputError
-from lightning_cls.export_format import read_export_metadata
-from lightning_cls.multilabel_drift import parse_label_sets, set_drift, set_scores
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.monitoring.drift import (
+    DEFAULT_THRESHOLDS,
+    ECE_BINS,
+    DriftThresholds,
+    drift_report,
+    label_scores,
+    top_label_ece,
+)
+from lightning_cls.monitoring.label_set_drift import parse_label_sets, set_drift, set_scores
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +196,7 @@ def _few(items: list[Any], limit: int = 10) -> str:
 
 def read_input_texts(inputs: str | Path, text_column: str, predictions: Any) -> list[str]:
     """The texts of the file the predictions were made from, checked to line up with the predictions' rows."""
-    from lightning_cls.tables import read_text_chunks
+    from lightning_cls.data.tables import read_text_chunks
 
     ids, texts = [], []
     for chunk_ids, chunk_texts in read_text_chunks(inputs, text_column=text_column):
@@ -313,7 +320,7 @@ def monitor(
     meta = read_export_metadata(model_dir)
     reference = meta.reference.to_dict() if meta.reference is not None else None
     table = read_predictions(predictions)
-    multi_label = getattr(meta, "thresholds", None) is not None
+    multi_label = meta.multi_label
     truth = read_labels(labels, multi_label) if labels is not None else None
     texts, lengths = None, None
     if "token_length" in table.columns:
@@ -325,8 +332,8 @@ def monitor(
     # Windows read per text: written by `predict` for texts read as windows (the window PSI needs them).
     windows = table["windows"].astype(int).tolist() if "windows" in table.columns else None
     if texts is not None:
-        from lightning_cls.tokenization import load_tokenizer
-        from lightning_cls.windows import WindowSpec, window_token_ids
+        from lightning_cls.data.tokenization import load_tokenizer
+        from lightning_cls.data.windows import WindowSpec, window_token_ids
 
         tokenizer = load_tokenizer(str(model_dir))
         read = window_token_ids(tokenizer, texts, WindowSpec(meta.max_length, meta.max_windows, meta.window_stride))

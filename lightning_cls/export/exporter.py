@@ -5,7 +5,7 @@ The folder loads with `transformers.pipeline("text-classification", model=folder
 `lightning_cls.json`, which records the labels, the settings and the training split's label and token-length
 distribution that monitoring compares live traffic with, and how well each faster way of running the model (bf16,
 fp16, ONNX, ONNX int8) agrees with fp32 on validation texts: `serve --precision auto` only uses one that agrees
-enough (`lightning_cls.inference`).
+enough (`lightning_cls.export.runtime`).
 """
 
 from __future__ import annotations
@@ -24,29 +24,29 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 
 from lightning_cls import __version__
-from lightning_cls.adapters import merged
 from lightning_cls.atomic import atomic_folder
-from lightning_cls.checkpoints import load_checkpoint
+from lightning_cls.data.tables import read_text_chunks
+from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.errors import CheckpointError, DataError, ExportError
-from lightning_cls.export_format import (
+from lightning_cls.export.folder import (
     INT8_ONNX_FILE,
     ONNX_FILE,
     ExportMetadata,
     SplitReference,
     write_export_metadata,
 )
-from lightning_cls.inference import measure_variants
-from lightning_cls.model import TextClassifier, max_positions
-from lightning_cls.model_card import model_card, read_test_report
-from lightning_cls.onnx_optimize import (
+from lightning_cls.export.model_card import model_card, read_test_report
+from lightning_cls.export.onnx_optimize import (
     OPTIMIZED_ONNX_FILE,
     int8_sensitivity,
     optimized_onnx,
     quantizable_nodes,
     quantize_int8,
 )
-from lightning_cls.tables import read_text_chunks
-from lightning_cls.tokenization import load_tokenizer
+from lightning_cls.export.variants import measure_variants
+from lightning_cls.model.adapters import merged
+from lightning_cls.model.checkpoints import load_checkpoint
+from lightning_cls.model.classifier import TextClassifier, max_positions
 
 _ONNX_AVAILABLE = RequirementCache("onnxruntime") and RequirementCache("onnxscript") and RequirementCache("onnx")
 
@@ -94,7 +94,7 @@ def split_sample(checkpoint: dict[str, Any], split: str, limit: int) -> tuple[li
     """Up to `limit` texts of a split (train / val / test) of the data the checkpoint was trained on (a seeded
     sample) and their label names, rebuilt from the data settings it records, and a phrase saying where they are
     from. Raises when the data cannot be read."""
-    from lightning_cls.data import ScientificTextDataModule
+    from lightning_cls.data.datamodule import ScientificTextDataModule
 
     saved = checkpoint.get("datamodule_hyper_parameters")
     if not saved:
@@ -306,7 +306,7 @@ def export(
             dynamic quantization, one scale per output channel), for `serve --backend onnx --precision int8`;
             quantized from the optimized graph when there is one.
         optimize: With --format onnx: also model.opt.onnx, ONNX Runtime's fused transformer graph (attention,
-            LayerNorm, GELU; `lightning_cls.onnx_optimize`), checked against PyTorch; ONNX fp32 then runs it. Only
+            LayerNorm, GELU; `export.onnx_optimize`), checked against PyTorch; ONNX fp32 then runs it. Only
             BERT-like encoders and DistilBERT; other architectures get model.onnx alone (a note says so).
         int8_keep_fp32: With --quantize int8: measure each quantized node's effect on the answers on validation
             texts and keep this many of the costliest in fp32 (0: quantize every one).
@@ -365,7 +365,9 @@ def export(
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         metadata = export_metadata(model, ckpt, length)
-        if model.lexical is not None:  # arrays in safetensors, checked by SHA-256 on load (`lightning_cls.lexical`)
+        if (
+            model.lexical is not None
+        ):  # arrays in safetensors, checked by SHA-256 on load (`lightning_cls.model.lexical`)
             if model.lexical_weight is None:
                 raise ExportError(f"{ckpt} has a lexical expert but no fusion weight: run `calibrate` on it first.")
             metadata.lexical = {**model.lexical.save(tmp, metadata.labels), "weight": model.lexical_weight}

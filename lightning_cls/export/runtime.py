@@ -33,7 +33,6 @@ has one, else `model.onnx`.
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,9 +44,8 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 
 from lightning_cls.errors import ConfigError
-from lightning_cls.export_format import INT8_ONNX_FILE, ONNX_FILE, ExportMetadata, read_export_metadata
-from lightning_cls.multilabel import decide, multilabel_scores
-from lightning_cls.onnx_optimize import OPTIMIZED_ONNX_FILE
+from lightning_cls.export.folder import INT8_ONNX_FILE, ONNX_FILE, ExportMetadata, read_export_metadata
+from lightning_cls.export.onnx_optimize import OPTIMIZED_ONNX_FILE
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 Backend = Literal["auto", "torch", "onnx"]
@@ -61,9 +59,6 @@ DEFAULT_MAX_F1_DROP = 0.005
 # `auto` takes a faster variant only if export recorded it at least this many times fp32's texts/s: one measurement
 # on a shared machine moves by 10-30%, and a variant that is not clearly faster is not worth any accuracy.
 MIN_SPEEDUP = 1.1
-# export skips measuring a variant whose first batch says it would take longer than `seconds` and than this many
-# times fp32's time: bf16 on a CPU without AMX / AVX512-BF16 runs tens of times slower than fp32.
-SKIP_FACTOR = 3.0
 # Tokens per forward pass (rows x padded length) when `max_batch_tokens` is not given. CPU: 32 rows of 128 tokens,
 # where MiniLM's throughput levelled off here (8 rows: 0.65x, 16: 0.84x, 64: 0.92x of 32 rows' texts/s; one run on
 # a loaded machine). GPU: a larger budget keeps the device busy; not measured here (no GPU was lent).
@@ -78,7 +73,7 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 DEFAULT_MAX_PADDING = {"cpu": 24, "cuda": None}
 # The agreement record's names: torch precisions by their own name, ONNX ones prefixed.
 VARIANTS: tuple[str, ...] = ("fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ONNXRUNTIME = RequirementCache("onnxruntime")
 
 
@@ -263,12 +258,6 @@ def judge(settings: InferenceSettings, record: dict[str, Any] | None, variant: s
     )
 
 
-def recorded_agreement(record: dict[str, Any] | None, variant: str) -> tuple[float | None, str]:
-    """A variant's agreement with fp32 from the export's record, and a phrase saying so (or why not)."""
-    passes, said = judge(InferenceSettings(gate="agreement"), record, variant)
-    return (None if passes is None else float(record[variant]["agreement"])), said
-
-
 def recorded_speed(record: dict[str, Any] | None, variant: str, device: str) -> float | None:
     """The texts/s export recorded for a variant on this kind of device (cpu, cuda), if any."""
     entry = (record or {}).get(variant)
@@ -282,7 +271,7 @@ def runnable(settings: InferenceSettings, hardware: Hardware, model_dir: str | P
     folder, device, out = Path(model_dir), torch.device(hardware.device).type, {}
     if settings.backend in ("torch", "auto"):
         out["fp32"] = None
-        for name in _DTYPES:
+        for name in DTYPES:
             out[name] = (
                 None if getattr(hardware, name) else f"{name} does not run faster than fp32 here ({hardware.note})"
             )
@@ -315,7 +304,7 @@ def choose(
                 notes.append(f"{said}: its answers may differ from fp32's")
             elif not passes:
                 notes.append(f"{said}: it fails the gate ({settings.describe_gate()})")
-        if settings.precision in _DTYPES and not getattr(hardware, settings.precision):
+        if settings.precision in DTYPES and not getattr(hardware, settings.precision):
             notes.append(f"{settings.precision} runs slower than fp32 on this hardware ({hardware.note})")
         return Choice(settings.backend, settings.precision, "asked for", tuple(notes))
     device = torch.device(hardware.device).type
@@ -429,7 +418,7 @@ class Runner:
         for note in self.choice.warnings:
             warnings.warn(f"{self.model_dir}: --precision {self.choice.precision}: {note}.", UserWarning, stacklevel=2)
         if tokenizer is None:
-            from lightning_cls.tokenization import load_tokenizer
+            from lightning_cls.data.tokenization import load_tokenizer
 
             tokenizer = load_tokenizer(str(model_dir))
         self.tokenizer = tokenizer
@@ -441,7 +430,7 @@ class Runner:
             DEFAULT_MAX_BATCH_TOKENS[kind], padded_width(int(self.metadata.max_length), self.pad_multiple)
         )
         self.max_padding = DEFAULT_MAX_PADDING[kind]
-        self._dtype = _DTYPES.get(self.choice.precision)
+        self._dtype = DTYPES.get(self.choice.precision)
         if self.choice.backend == "torch":
             self._load_torch()
         else:
@@ -468,7 +457,7 @@ class Runner:
         )
 
     def _load_torch(self) -> None:
-        from lightning_cls.export_format import load_classifier
+        from lightning_cls.export.folder import load_classifier
 
         self.model = load_classifier(self.model_dir, dtype=torch.float32).to(self.device).eval()
 
@@ -519,169 +508,3 @@ class Runner:
             input_ids, mask = pad_batch([ids[i] for i in rows], self.pad_token_id, self.pad_left, self.pad_multiple)
             out[rows] = self._forward(input_ids, mask)
         return out
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-def compare(
-    reference: torch.Tensor, logits: torch.Tensor, thresholds: Sequence[float] | None = None
-) -> tuple[float, float]:
-    """(share of identical labels, largest probability difference) of logits against the fp32 reference; with a
-    multi-label model's ``thresholds``, identical label sets and each label's sigmoid."""
-    if not len(reference):
-        return 1.0, 0.0
-    if thresholds is not None:
-        p, q = reference.float().sigmoid(), logits.float().sigmoid()
-        a, b = (decide(x.numpy(), np.asarray(thresholds)) for x in (p, q))
-        return float((a == b).all(1).mean()), (p - q).abs().max().item()
-    p, q = reference.float().softmax(-1), logits.float().softmax(-1)
-    same = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
-    return same, (p - q).abs().max().item()
-
-
-def task_scores(predicted: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
-    """Accuracy and macro-F1 (the mean F1 over the classes that occur in the labels or the predictions, as
-    scikit-learn averages) of predicted class ids against true ones."""
-    predicted, labels = np.asarray(predicted), np.asarray(labels)
-    f1 = []
-    for c in np.union1d(predicted, labels):
-        tp = int(np.sum((predicted == c) & (labels == c)))
-        wrong = int(np.sum(predicted == c)) + int(np.sum(labels == c)) - 2 * tp  # false positives + negatives
-        f1.append(2 * tp / (2 * tp + wrong))
-    return {
-        "accuracy": float(np.mean(predicted == labels)) if len(labels) else float("nan"),
-        "macro_f1": float(np.mean(f1)) if f1 else float("nan"),
-    }
-
-
-def measure_variants(
-    model_dir: str | Path,
-    texts: Sequence[str],
-    source: str,
-    device: str = "cpu",
-    seconds: float = 60.0,
-    variants: Sequence[str] | None = None,
-    labels: Sequence[int] | None = None,
-    unscored: str = "the texts have no labels",
-) -> dict[str, dict[str, Any]]:
-    """Each variant run on `texts` as `serve` runs it (windows, if the export has them, a text's logits their mean;
-    the folder's lexical expert fused in, if it has one), against torch fp32 and, given `labels` (class ids in the
-    folder's label order), against the truth: ``{"fp32": {...}, "bf16": {...}, "onnx_int8": {...}}``.
-
-    Every entry says `device`, `source` and `fused` (the answers scored are the fused ones); a measured one
-    `agreement` (share of labels identical to fp32's), `max_prob_diff` (largest probability difference, raw
-    softmax), `texts`, `texts_per_s` (the network, on this machine as it was loaded) and, with labels, `macro_f1`,
-    `accuracy`, `changed` (labels unlike fp32's), `now_right` / `now_wrong` (of those, how many became right /
-    wrong); without labels `unscored` (why). A multi-label folder (thresholds in its metadata) answers label sets:
-    `labels` are then multi-hot rows, an answer is the set its thresholds decide (`multilabel.decide`), `agreement`
-    counts identical sets, `max_prob_diff` compares each label's sigmoid, `macro_f1` is over the labels (what the
-    gate reads), `micro_f1` is added and `accuracy` is the subset accuracy. A skipped one says `skipped` (why): its
-    folder lacks the file, or its first batch says the whole measurement would take longer than both `seconds` and
-    three times fp32's time (bf16 on a CPU without AMX / AVX512-BF16: several times slower than fp32).
-    """
-    from lightning_cls.fusion import FolderFusion, fuse
-    from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
-
-    folder, meta = Path(model_dir), read_export_metadata(model_dir)
-    spec = WindowSpec(int(meta.max_length), int(meta.max_windows or 1), meta.window_stride)
-    names = list(variants or VARIANTS)
-    texts = list(texts)
-    fusion = FolderFusion.from_folder(folder, meta)
-    base = {"device": str(device), "source": source, "fused": fusion is not None}
-    if not texts:
-        return {name: {**base, "skipped": f"no texts to measure on ({source})"} for name in names}
-    truth = None if labels is None else np.asarray(labels)
-    thresholds = getattr(meta, "thresholds", None)  # label sets: each answer is the set its thresholds decide
-    if thresholds is not None and truth is not None and truth.ndim != 2:
-        truth, unscored = None, "a multi-label model: its labels are label sets, the texts' are single labels"
-    if truth is not None and len(truth) != len(texts):
-        raise ValueError(f"{len(truth)} labels for {len(texts)} texts")
-    lexical = fusion.expert.scores(texts) if fusion is not None else None  # the same for every variant: once
-
-    def run(runner: Runner, batch: list[str]) -> torch.Tensor:
-        windows = window_token_ids(runner.tokenizer, batch, spec)
-        return mean_logits_per_text(runner.logits(windows.input_ids), windows.text_index, windows.num_texts)
-
-    def timed(runner: Runner, batch: list[str]) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        logits = run(runner, batch)
-        return logits, time.perf_counter() - start
-
-    def answered(logits: torch.Tensor) -> torch.Tensor:
-        return logits if lexical is None else fuse(logits, lexical, fusion.weight)
-
-    def decided(logits: torch.Tensor) -> np.ndarray:
-        """Each text's answer: its label id, or a multi-label model's set (a multi-hot row)."""
-        if thresholds is None:
-            return logits.argmax(-1).numpy()
-        return decide(logits.float().sigmoid().numpy(), np.asarray(thresholds))
-
-    def scored(logits: torch.Tensor) -> dict[str, Any]:
-        if truth is None:
-            return {"unscored": unscored}
-        predicted = decided(logits)
-        if thresholds is None:
-            changed, right, was_right = predicted != reference_labels, predicted == truth, reference_labels == truth
-            scores = task_scores(predicted, truth)
-        else:  # label sets: macro-F1 over the labels (what the gate reads), micro-F1, subset accuracy
-            changed = (predicted != reference_labels).any(1)
-            right, was_right = (predicted == truth).all(1), (reference_labels == truth).all(1)
-            found = multilabel_scores(predicted, truth, meta.labels)
-            scores = {k: found[k] for k in ("macro_f1", "micro_f1")} | {"accuracy": found["subset_accuracy"]}
-        return {
-            **{k: round(v, 6) for k, v in scores.items()},
-            "changed": int(changed.sum()),
-            "now_right": int((changed & right).sum()),
-            "now_wrong": int((changed & was_right).sum()),
-        }
-
-    reference_runner = Runner(folder, InferenceSettings(precision="fp32"), device, metadata=meta)
-    tokenizer = reference_runner.tokenizer
-    run(reference_runner, texts[:1])  # the first pass is slow (kernels chosen, memory allocated)
-    reference, reference_s = timed(reference_runner, texts)
-    reference = answered(reference)
-    reference_labels = decided(reference)
-    records = {"fp32": {**base, "agreement": 1.0, "max_prob_diff": 0.0, "texts": len(texts)}}
-    records["fp32"].update(texts_per_s=round(len(texts) / reference_s, 2), **scored(reference))
-    del reference_runner
-    probe = texts[: min(8, len(texts))]
-    for name in names:
-        if name == "fp32":
-            continue
-        backend, precision = ("onnx", name[5:]) if name.startswith("onnx_") else ("torch", name)
-        settings = InferenceSettings(precision=precision, backend=backend)
-        problems = settings.problems(folder)
-        if problems:
-            records[name] = {**base, "skipped": problems[0]}
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "not measured yet": that is what this does
-            runner = Runner(folder, settings, device, tokenizer=tokenizer, metadata=meta)
-        run(runner, probe)  # once untimed: the first passes of each shape choose kernels (bf16: several times slower)
-        _, probe_s = timed(runner, probe)
-        estimate = probe_s / len(probe) * len(texts)
-        allowed = max(seconds, SKIP_FACTOR * reference_s)
-        if estimate > allowed:
-            why = "" if precision not in _DTYPES or getattr(runner.hardware, precision) else f"; {runner.hardware.note}"
-            records[name] = {
-                **base,
-                "skipped": f"about {estimate:.0f} s for {len(texts)} texts at {len(probe) / probe_s:.1f} texts/s "
-                f"(fp32: {records['fp32']['texts_per_s']:.1f}), over the {allowed:.0f} s allowed{why}",
-            }
-            continue
-        logits, elapsed = timed(runner, texts)
-        logits = answered(logits)
-        same, diff = compare(reference, logits, thresholds)
-        records[name] = {
-            **base,
-            "agreement": round(same, 6),
-            "max_prob_diff": float(f"{diff:.3g}"),
-            "texts": len(texts),
-            "texts_per_s": round(len(texts) / elapsed, 2),
-            **scored(logits),
-        }
-        if backend == "onnx":
-            records[name]["graph"] = runner.onnx_file
-    return {name: records[name] for name in names if name in records}
-
-
-measure_agreement = measure_variants  # the earlier name

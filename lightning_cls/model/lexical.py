@@ -1,6 +1,6 @@
 """The lexical expert: TF-IDF over word 1-2 grams (sublinear tf) and a multinomial logistic regression (one binary
 regression per label for multi-label data), the baseline that a fine-tuned encoder must beat, kept as part of the
-model so that its class scores can be fused with the neural head's (`lightning_cls.fusion`).
+model so that its class scores can be fused with the neural head's (`lightning_cls.model.fusion`).
 
 It is stored as arrays only, never as a pickle: the vocabulary (the n-grams, newline-separated UTF-8 bytes), the
 idf weights, and the classifier's coefficients and intercepts. In a checkpoint they are a dict of tensors (torch's
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
+from lightning_cls.data.token_cache import file_fingerprint as sha256  # SHA-256 of a file's bytes
 from lightning_cls.errors import ConfigError, InputError
-from lightning_cls.token_cache import file_fingerprint as sha256  # SHA-256 of a file's bytes
 
 LEXICAL_FILE = "lexical.safetensors"
 # Bump when a reader of an older version would misread the arrays.

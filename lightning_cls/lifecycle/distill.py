@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from lightning_cls.checkpoints import load_checkpoint
 from lightning_cls.errors import ExportError
+from lightning_cls.model.checkpoints import load_checkpoint
 
 # A key of the student checkpoint: how it was made (teacher, layers kept, texts, epochs, the KL before and after).
 DISTILLED_KEY = "lightning_cls_distilled"
@@ -133,10 +133,10 @@ def distill(
         bf16: Run teacher and student under bf16 autocast (default: where the CPU or GPU runs bf16 well).
         seed: Seed of the sample, the batch order and dropout.
     """
-    from lightning_cls.export import split_sample
-    from lightning_cls.inference import detect_hardware
-    from lightning_cls.model import TextClassifier
-    from lightning_cls.tokenization import load_tokenizer
+    from lightning_cls.data.tokenization import load_tokenizer
+    from lightning_cls.export.exporter import split_sample
+    from lightning_cls.export.runtime import detect_hardware
+    from lightning_cls.model.classifier import TextClassifier
 
     out = Path(output)
     if out.exists():

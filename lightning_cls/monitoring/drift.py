@@ -19,7 +19,7 @@ Accuracy, without and with true labels:
 - realized accuracy, macro-F1 and ECE against true labels (`label_scores`, `top_label_ece`), over the last labelled
   predictions of the service (`FeedbackWindow`, fed by POST /feedback) or offline (`monitor --labels`).
 
-A multi-label model's answers are label sets: `lightning_cls.multilabel_drift` reads these reports for sets (each
+A multi-label model's answers are label sets: `monitoring.label_set_drift` reads these reports for sets (each
 label's predicted rate against its training rate, the expected micro-F1, live scores of true label sets).
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from lightning_cls.errors import InputError
-from lightning_cls.export_format import length_histogram
+from lightning_cls.export.folder import length_histogram
 
 # Proportions below this are raised to it before the PSI's logarithm: an empty bin on either side would otherwise
 # give an infinite index. 1e-4 keeps one empty bin that held 10% of the reference at about 0.1 * ln(0.1 / 1e-4)
@@ -45,7 +45,7 @@ LOW_CONFIDENCE_WARNING = 0.3  # a low-confidence share above this is an alert
 PSI_SIGNALS = ("label_psi", "length_psi", "window_psi")
 # A multi-label window's largest per-label PSI (`multilabel_drift`): an alert over the same threshold.
 LABEL_RATE_SIGNAL = "label_rate_psi"
-# Equal-width confidence bins of the ECE: the same 15 as `lightning_cls.calibration.ECE_BINS` (a test checks), not
+# Equal-width confidence bins of the ECE: the same 15 as `lightning_cls.model.calibration.ECE_BINS` (a test checks), not
 # imported from there because that module loads torchmetrics, seconds of start-up for the service's processes.
 ECE_BINS = 15
 

@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader
+
+from lightning_cls.data.samplers import ResumableDataLoader  # noqa: F401  (re-exported: resuming uses both)
 
 
 @dataclass
@@ -233,42 +233,6 @@ class ExactResume(Callback):
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
     """A 63-bit seed for one training batch, well mixed from its position in training."""
     return int(np.random.SeedSequence([seed, epoch, batch_idx, rank]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning can checkpoint mid-epoch.
-
-    ``state_dict`` records the sampler's epoch and how many batches this epoch has served; after
-    ``load_state_dict`` the next iteration over the same epoch skips that many, so a resumed epoch goes on with the
-    first batch the interrupted one never used. The sampler must be seeded by epoch (``set_epoch``) for the skipped
-    batches to be the same ones. Lightning's fit loop calls both methods (it saves the state of stateful loaders).
-    """
-
-    # Class attributes rather than an `__init__`: Lightning re-creates the loader from DataLoader's own signature when
-    # it adds a distributed sampler.
-    _served = 0
-    _resume_from: dict[str, Any] | None = None
-
-    def _epoch(self) -> int | None:
-        return getattr(self.sampler, "epoch", None)
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator: this runs at the first `next()`, after Lightning has called `set_epoch` for the new epoch.
-        state, self._resume_from = self._resume_from, None
-        skip = state["batches"] if state is not None and state.get("epoch") == self._epoch() else 0
-        batches = super().__iter__()
-        for _ in range(skip):
-            next(batches, None)
-        self._served = skip
-        for batch in batches:
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch(), "batches": self._served}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_from = dict(state_dict)
 
 
 def find_last_checkpoint(folder: str | Path) -> Path | None:

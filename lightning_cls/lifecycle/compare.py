@@ -20,6 +20,7 @@ An empty set is reported as empty, with the reason, never left out.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -31,19 +32,17 @@ from typing import Any
 import numpy as np
 
 from lightning_cls.atomic import atomic_file
-from lightning_cls.errors import ConfigError, UserError
-from lightning_cls.feedback_data import (
+from lightning_cls.data.feedback import (
     format_time,
     latest_per_text,
     parse_time,
     read_feedback,
     true_labels,
 )
+from lightning_cls.errors import ConfigError, UserError
+from lightning_cls.task import Task
 
 PROG = "python -m lightning_cls compare"
-SINGLE_METRICS = ("accuracy", "macro_f1")
-MULTI_METRICS = ("micro_f1", "macro_f1", "subset_accuracy")
-_CHUNK = 1024  # texts per forward batch plan: bounds the memory of tokenized windows
 
 
 @dataclass
@@ -53,57 +52,33 @@ class Model:
     role: str  # champion / challenger
     folder: Path
     labels: list[str]
-    multi_label: bool
+    task: Task  # what it answers: one label, or label sets (`lightning_cls.task`)
     version: str
     checkpoint_read: bool  # whether the export's checkpoint could be read (for what its training held)
     trained_on: dict[str, Any] | None  # the feedback its training split held (the checkpoint's data state)
 
     @classmethod
     def load(cls, role: str, folder: str | Path) -> Model:
-        from lightning_cls.export_format import read_export_metadata
-        from lightning_cls.serving.feedback import model_version
+        from lightning_cls.export.folder import read_export_metadata
+        from lightning_cls.store.feedback_store import model_version
 
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"--{role} {folder} is not a folder: give a folder written by `lightning_cls export`.")
         meta = read_export_metadata(folder)
-        multi = getattr(meta, "thresholds", None) is not None
         read, trained_on = _trained_on(meta.checkpoint)
-        return cls(role, folder, list(meta.labels), multi, model_version(folder), read, trained_on)
+        return cls(role, folder, list(meta.labels), meta.task(), model_version(folder), read, trained_on)
 
     def answers(self, texts: list[str], device: str = "cpu") -> np.ndarray:
         """Class ids (N,) or, for a multi-label folder, multi-hot decisions (N, labels), in the folder's label
-        order, as `serve` answers: `Runner` in torch fp32, each text's windows' mean logits, plus the lexical
-        expert's (times its weight) when the folder fuses one, a multi-label folder's thresholds on the sigmoids."""
-        import torch
+        order, as `serve` answers (`ExportedModel.answer`, in torch fp32)."""
+        from lightning_cls.export.answer import ExportedModel
 
-        from lightning_cls.fusion import FolderFusion
-        from lightning_cls.inference import InferenceSettings, Runner
-        from lightning_cls.multilabel import decide
-        from lightning_cls.windows import WindowSpec, mean_logits_per_text, window_token_ids
-
-        if not texts:
-            return np.zeros((0, len(self.labels)) if self.multi_label else 0, dtype=np.int64)
-        if getattr(self, "_runner", None) is None:  # loaded once, for both sets
+        if getattr(self, "_model", None) is None:  # loaded once, for both sets
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # fp32 asked explicitly: no note about faster variants
-                self._runner = Runner(self.folder, InferenceSettings(precision="fp32", backend="torch"), device)
-        runner = self._runner
-        meta = runner.metadata
-        spec = WindowSpec(int(meta.max_length), int(meta.max_windows or 1), meta.window_stride)
-        fusion = FolderFusion.from_folder(self.folder, meta)
-        out = []
-        for start in range(0, len(texts), _CHUNK):
-            chunk = texts[start : start + _CHUNK]
-            windows = window_token_ids(runner.tokenizer, chunk, spec)
-            logits = mean_logits_per_text(runner.logits(windows.input_ids), windows.text_index, windows.num_texts)
-            if fusion is not None:
-                logits = fusion.fused(logits, chunk)
-            if self.multi_label:
-                out.append(decide(torch.sigmoid(logits.float()).numpy(), np.asarray(meta.thresholds)).astype(np.int64))
-            else:
-                out.append(logits.argmax(-1).numpy())
-        return np.concatenate(out)
+                self._model = ExportedModel.load(self.folder, device=device)
+        return self._model.answer(texts).decided.astype(np.int64)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -119,7 +94,7 @@ class Model:
 def _trained_on(checkpoint: str | None) -> tuple[bool, dict[str, Any] | None]:
     """Whether the export's checkpoint could be read (it may have moved, or the folder was made elsewhere), and the
     feedback its training split held (`ScientificTextDataModule.state_dict`; None: none)."""
-    from lightning_cls.checkpoints import load_checkpoint
+    from lightning_cls.model.checkpoints import load_checkpoint
 
     try:
         state = load_checkpoint(checkpoint or "", mmap=True).get("ScientificTextDataModule") or {}
@@ -129,22 +104,15 @@ def _trained_on(checkpoint: str | None) -> tuple[bool, dict[str, Any] | None]:
 
 
 # ------------------------------------------------------------------------------------------------ scores
-def scores(predicted: np.ndarray, truth: np.ndarray, multi_label: bool) -> dict[str, float]:
-    """Accuracy and macro-F1 of class ids, or micro-F1, macro-F1 and subset accuracy of multi-hot decisions."""
-    if multi_label:
-        from lightning_cls.multilabel import multilabel_scores
-
-        found = multilabel_scores(predicted, truth, [str(i) for i in range(truth.shape[1])])
-        return {k: round(float(found[k]), 6) for k in MULTI_METRICS}
-    from lightning_cls.inference import task_scores
-
-    return {k: round(v, 6) for k, v in task_scores(predicted, truth).items()}
+def scores(task: Task, predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The task's scores: accuracy and macro-F1 of class ids, or micro-F1, macro-F1 and subset accuracy of sets."""
+    return {k: round(float(v), 6) for k, v in task.scores(predicted, truth).items()}
 
 
 def in_names(model: Model, predicted: np.ndarray, names: list[str]) -> np.ndarray:
     """A model's answers in the order of ``names`` (the same label set in another order is the same model)."""
     order = np.asarray([model.labels.index(n) for n in names])
-    if model.multi_label:
+    if model.task.multi_label:
         return predicted[:, order]
     position = np.argsort(order)  # model class id -> its position in names
     return position[predicted] if len(predicted) else predicted
@@ -154,8 +122,8 @@ def scored_set(
     champion: Model, challenger: Model, texts: list[str], truth: np.ndarray, names: list[str], device: str
 ) -> dict[str, Any]:
     """Both models' scores on one set of texts, and the difference (challenger - champion)."""
-    multi = champion.multi_label
-    found = {m.role: scores(in_names(m, m.answers(texts, device), names), truth, multi) for m in (champion, challenger)}
+    task = champion.task
+    found = {m.role: scores(task, in_names(m, m.answers(texts, device), names), truth) for m in (champion, challenger)}
     difference = {k: round(found["challenger"][k] - found["champion"][k], 6) for k in found["champion"]}
     return {"rows": len(texts), **found, "difference": difference}
 
@@ -183,7 +151,7 @@ def data_settings(config: str | Path) -> dict[str, Any]:
 def held_out_rows(config: str | Path) -> tuple[list[str], np.ndarray, list[str], str]:
     """The test split of the config's data: texts, class ids (or multi-hot rows), label names, and where from.
     Feedback settings are left out: they only ever add training rows (and the database need not be at hand)."""
-    from lightning_cls.data import ScientificTextDataModule
+    from lightning_cls.data.datamodule import ScientificTextDataModule
 
     data = {k: v for k, v in data_settings(config).items() if not k.startswith("feedback_")}
     known = set(inspect.signature(ScientificTextDataModule.__init__).parameters) - {"self"}
@@ -197,14 +165,12 @@ def held_out_rows(config: str | Path) -> tuple[list[str], np.ndarray, list[str],
 
 
 def recent_feedback(
-    path: str | Path, names: list[str], multi_label: bool, recent: int, after: float | None, drop_unknown: bool
+    path: str | Path, task: Task, names: list[str], recent: int, after: float | None, drop_unknown: bool
 ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
     """The most recent ``recent`` labelled feedback rows with texts (one per text, the latest feedback): texts,
     truth, feedback times, and what the set is (its source and times, the rows left out, why it is empty)."""
-    from lightning_cls.multilabel import multi_hot
-
     raw = read_feedback(path, after)
-    labelled, unknown = true_labels(raw, names, multi_label, drop_unknown)
+    labelled, unknown = true_labels(raw, names, task.multi_label, drop_unknown)
     latest, repeated = latest_per_text(labelled)
     rows = latest.tail(recent) if recent > 0 else latest.iloc[:0]
     since = f" received after {format_time(after)}" if after is not None else ""
@@ -220,10 +186,7 @@ def recent_feedback(
         )
     else:
         info.update(oldest=format_time(rows["feedback_time"].min()), newest=format_time(rows["feedback_time"].max()))
-    if multi_label:
-        truth = multi_hot(rows["label"].tolist(), names).astype(np.int64)
-    else:
-        truth = rows["label"].map({n: i for i, n in enumerate(names)}).to_numpy(dtype=np.int64)
+    truth = dataclasses.replace(task, names=tuple(names)).encode(rows["label"].tolist())  # in the order of `names`
     return rows["text"].tolist(), truth, rows["feedback_time"].to_numpy(dtype=float), info
 
 
@@ -274,11 +237,12 @@ def compare(
         raise ConfigError("--feedback_after filters the feedback of --feedback_db: give --feedback_db.")
     models = Model.load("champion", champion), Model.load("challenger", challenger)
     first, second = models
-    if set(first.labels) != set(second.labels) or first.multi_label != second.multi_label:
+    if set(first.labels) != set(second.labels) or first.task.multi_label != second.task.multi_label:
         kind = {True: "multi-label", False: "single-label"}
         raise ConfigError(
-            f"--champion {champion} ({kind[first.multi_label]}) has the labels {first.labels}, --challenger "
-            f"{challenger} ({kind[second.multi_label]}) {second.labels}: compare needs models of the same labels."
+            f"--champion {champion} ({kind[first.task.multi_label]}) has the labels {first.labels}, --challenger "
+            f"{challenger} ({kind[second.task.multi_label]}) {second.labels}: compare needs models of the same "
+            "labels."
         )
     texts, truth, names, source = held_out_rows(config)
     if set(names) != set(first.labels):
@@ -286,19 +250,21 @@ def compare(
             f"--config {config}: its data has the labels {names}, the models {first.labels}: give the config the "
             "models were trained with."
         )
-    multi = first.multi_label
+    multi = first.task.multi_label
     test = {"source": source, **scored_set(first, second, texts, truth, names, device)} if texts else {}
     report: dict[str, Any] = {
         "champion": first.describe(),
         "challenger": second.describe(),
         "problem": "multi-label" if multi else "single-label",
-        "metrics": list(MULTI_METRICS if multi else SINGLE_METRICS),
+        "metrics": list(first.task.metrics),
         "sets": {"test": test or {"source": source, "rows": 0, "note": "empty: no test rows (data.test_fraction)"}},
     }
     if feedback_db is None:
         report["sets"]["recent_feedback"] = {"rows": 0, "note": "empty: no --feedback_db given"}
     else:
-        texts, truth, times, info = recent_feedback(feedback_db, names, multi, recent, after, feedback_drop_unknown)
+        texts, truth, times, info = recent_feedback(
+            feedback_db, first.task, names, recent, after, feedback_drop_unknown
+        )
         entry = {**info, **scored_set(first, second, texts, truth, names, device)} if texts else {**info, "rows": 0}
         if texts:
             entry["seen_in_training"] = {m.role: seen_in_training(m, times) for m in models}

@@ -3,7 +3,7 @@
 Each rank streams its predictions (row id and logits: fixed-size binary records, one per text, or one per window
 of a text read as windows) to its own part file while `predict` runs longest-first. At the end rank 0 adds every
 record into its input position of a memory-mapped array, checks that each row got exactly its number of records,
-takes each row's mean logits (`lightning_cls.windows`: a text's answer is the mean of its windows'), and writes the
+takes each row's mean logits (`lightning_cls.data.windows`: a text's answer is the mean of its windows'), and writes the
 file in input order, chunk by chunk, with the inputs' ids. Nothing is held in memory for the whole input but a
 count and a row id per row.
 """
@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_cls.errors import ConfigError
-from lightning_cls.multilabel import decide
+from lightning_cls.task import Task
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 CHUNK_ROWS = 65_536
@@ -86,33 +86,31 @@ def merge_in_input_order(
 def prediction_rows(
     mean_logits: np.ndarray,
     ids: Iterator[Any],
-    label_names: list[str],
+    task: Task,
     k: int,
     windows: tuple[np.ndarray, np.ndarray] | None = None,
-    thresholds: Sequence[float] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Readable rows (id, label, probability, top_k; with ``windows`` = (counts, cut) also `windows` and
-    `truncated`) of mean logits in input order, read in chunks.
+    `truncated`) of mean logits in input order, read in chunks; probabilities and decisions are the task's
+    (`lightning_cls.task`: the calibrated softmax, or each label's sigmoid).
 
-    With ``thresholds`` (a multi-label model's, one per label) the probabilities are each label's sigmoid and each
-    row also has `labels`: the label set, every label whose probability reaches its threshold (the most probable
-    one if none does), most probable first, with `scores`, their probabilities; `label` is the set's first."""
+    A label-set task's rows also have `labels`: the label set (every label whose probability reaches its threshold,
+    the most probable one if none does), most probable first, with `scores`, their probabilities; `label` is the
+    set's first."""
     for start in range(0, len(mean_logits), CHUNK_ROWS):
         logits = torch.from_numpy(np.asarray(mean_logits[start : start + CHUNK_ROWS]))
-        probs = logits.softmax(-1) if thresholds is None else logits.sigmoid()
+        probs, decided = task.answer(logits)
+        sets = task.labels_of(decided, probs) if task.multi_label else None
         top_probs, top_ids = probs.topk(k, dim=-1)  # most probable first
         chunk_ids = list(islice(ids, len(probs)))
         if len(chunk_ids) != len(probs):
             raise RuntimeError(f"The inputs have fewer ids ({start + len(chunk_ids)}) than predictions.")
         for i, (id_, class_ids, p) in enumerate(zip(chunk_ids, top_ids.tolist(), top_probs.tolist(), strict=True)):
-            top = [{"label": label_names[c], "probability": round(q, 6)} for c, q in zip(class_ids, p, strict=True)]
+            top = [{"label": task.names[c], "probability": round(q, 6)} for c, q in zip(class_ids, p, strict=True)]
             row = {"id": id_, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
-            if thresholds is not None:
-                row_probs = probs[i].numpy()
-                chosen = decide(row_probs[None], np.asarray(thresholds))[0]
-                order = [j for j in np.argsort(-row_probs, kind="stable") if chosen[j]]
-                row["labels"] = [label_names[j] for j in order]
-                row["scores"] = [round(float(row_probs[j]), 6) for j in order]
+            if sets is not None:
+                row["labels"] = sets[i]
+                row["scores"] = [round(float(probs[i, task.names.index(n)]), 6) for n in sets[i]]
                 row["label"], row["probability"] = row["labels"][0], row["scores"][0]  # the set's most probable
             if windows is not None:
                 row.update(windows=int(windows[0][start + i]), truncated=bool(windows[1][start + i]))
@@ -209,11 +207,9 @@ class PredictionWriter(BasePredictionWriter):
             ids = iter(row_ids.tolist())
         counts = windows[0] if windows is not None else None
         merged = merge_in_input_order(parts, np.asarray(row_ids), num_labels, self.parts / "merged.npy", counts)
-        thresholds = None
-        if getattr(pl_module, "multi_label", False):  # label sets: each label at its threshold (0.5 if none fitted)
-            thresholds = pl_module.thresholds or [0.5] * num_labels
-        rows = prediction_rows(merged, ids, pl_module.label_names, self.k, windows, thresholds)
-        count = write_rows(rows, self.path, self.k, windows is not None, thresholds is not None)
+        task = pl_module.task  # label sets at their thresholds (0.5 if none fitted), or the calibrated softmax
+        rows = prediction_rows(merged, ids, task, self.k, windows)
+        count = write_rows(rows, self.path, self.k, windows is not None, task.multi_label)
         del merged
         shutil.rmtree(self.parts, ignore_errors=True)
         rank_zero_info(f"Wrote {count} predictions to {self.path}")

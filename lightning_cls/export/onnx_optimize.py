@@ -12,7 +12,7 @@ against the PyTorch model before it is kept (`optimized_onnx`).
 
     info = optimized_onnx(hf_model, folder / OPTIMIZED_ONNX_FILE, pad_token_id)   # {"fused": {...}, "max_prob_diff"}
 
-Supported: BERT-like encoders (BERT, MiniLM; the [CLS] pooler head or `lightning_cls.pooling`'s pooled head) and
+Supported: BERT-like encoders (BERT, MiniLM; the [CLS] pooler head or `lightning_cls.model.pooling`'s pooled head) and
 DistilBERT. Anything else (GPT-2, Llama, ...) gets no optimized graph (`fusable_parts` is None), and `model.onnx`
 runs as it is.
 
@@ -77,7 +77,7 @@ class FusableParts:
 
 def fusable_parts(model: nn.Module) -> FusableParts | None:
     """The parts of a BERT-like or DistilBERT classifier (None for any other architecture)."""
-    from lightning_cls.pooling import MODEL_TYPE, pool
+    from lightning_cls.model.pooling import MODEL_TYPE, pool
 
     config = model.config
     if config.model_type == MODEL_TYPE:

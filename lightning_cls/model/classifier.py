@@ -28,17 +28,18 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lightning_cls.adapters import add_lora, is_peft
-from lightning_cls.calibration import EpochLogits, calibration_report, fit_temperature
+from lightning_cls.data.labels import label_maps
+from lightning_cls.data.tokenization import load_tokenizer
+from lightning_cls.data.windows import per_text
 from lightning_cls.errors import ConfigError, hub_errors
-from lightning_cls.finetuning import freeze_all_but, trainable_names
-from lightning_cls.fusion import SplitScores, component_scores, fit_fusion_weight, fuse
-from lightning_cls.labels import label_maps
-from lightning_cls.lexical import LexicalExpert, LexicalSettings
-from lightning_cls.multilabel import epoch_report, fit_thresholds, format_report
-from lightning_cls.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
-from lightning_cls.tokenization import load_tokenizer
-from lightning_cls.windows import per_text
+from lightning_cls.model.adapters import add_lora, is_peft
+from lightning_cls.model.calibration import EpochLogits, calibration_report, fit_temperature
+from lightning_cls.model.finetuning import freeze_all_but, trainable_names
+from lightning_cls.model.fusion import SplitScores, component_scores, fit_fusion_weight, fuse
+from lightning_cls.model.lexical import LexicalExpert, LexicalSettings
+from lightning_cls.model.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
+from lightning_cls.task import Task, task_for
+from lightning_cls.task.scores import epoch_report, fit_thresholds, format_report
 
 # Checkpoints and exports of pooled classifiers name their config's model_type: Auto* classes must know it.
 AutoConfig.register(MODEL_TYPE, PooledClassifierConfig, exist_ok=True)
@@ -208,7 +209,7 @@ class TextClassifier(pl.LightningModule):
                 scaling), so that every checkpoint carries the one of its own weights.
             use_temperature: `predict` divides the logits by the checkpoint's temperature (calibrated
                 probabilities); false gives the raw softmax. Never changes a predicted label.
-            lexical: Fuse a lexical expert with the network (`lightning_cls.fusion`): TF-IDF over word 1-2 grams and a
+            lexical: Fuse a lexical expert with the network (`model.fusion`): TF-IDF over word 1-2 grams and a
                 logistic regression (one per label for multi-label data), fitted on the training split at the start
                 of `fit` (or by `calibrate` on a checkpoint that has none); its logits, times a weight fitted on the
                 validation split, are added to the network's. Every answer (validate, test, predict, export,
@@ -493,8 +494,8 @@ class TextClassifier(pl.LightningModule):
         """Per-class report (text + JSON), confusion matrix and reliability diagram (PNG + TensorBoard) of the epoch,
         in the log folder, with the calibration scores before and after temperature scaling."""
         # Imported here: keeps matplotlib off the import path of code that only needs the model.
-        from lightning_cls.calibration import reliability_figure
-        from lightning_cls.evaluation import log_figure, write_evaluation
+        from lightning_cls.model.calibration import reliability_figure
+        from lightning_cls.model.evaluation import log_figure, write_evaluation
 
         matrix = confmat.numpy()
         calibration = self._calibrate(stage, logits, labels)
@@ -525,19 +526,24 @@ class TextClassifier(pl.LightningModule):
             )
         rank_zero_info(f"{message}; wrote " + ", ".join(str(p) for p in paths.values()))
 
+    @property
+    def task(self) -> Task:
+        """What the model answers (`lightning_cls.task`): label sets at their thresholds (0.5 until fitted), or one
+        label under the calibrated temperature (unless `use_temperature` is off)."""
+        if self.multi_label:
+            return task_for(self.label_names, self.thresholds or [0.5] * len(self.label_names))
+        return task_for(self.label_names, temperature=self.temperature if self.use_temperature else None)
+
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()  # (B, num_labels)
         if self.lexical is not None:  # linear: fusing each window and then averaging = averaging and then fusing
             logits = fuse(logits, self._lexical_logits("predict", batch["row_id"]), self.lexical_weight)
-        if self.use_temperature and self.temperature is not None:
-            # Calibrated: scaled before the writer averages a text's windows (mean(z / T) is mean(z) / T).
-            logits = logits / self.temperature
-        probs = logits.softmax(-1)
+        probs, decided = self.task.answer(logits)
         return {
             "row_id": batch["row_id"].tolist(),
-            "label": [self.label_names[i] for i in probs.argmax(-1).tolist()],
+            "label": [labels[0] for labels in self.task.labels_of(decided, probs)],  # a set's most probable
             "probs": probs.cpu(),
-            "logits": logits.cpu(),  # the prediction writer averages a long text's windows' logits
+            "logits": logits.cpu(),  # the prediction writer averages a long text's windows' logits, then asks the task
         }
 
     def configure_optimizers(self) -> dict:

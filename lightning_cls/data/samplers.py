@@ -1,13 +1,16 @@
 """The orders in which batches are drawn: length-grouped or seeded-shuffled for training, longest first otherwise.
 
 Every order is a pure function of (seed, epoch), so a resumed epoch draws the same batches and can skip those it
-already used.
+already used (`ResumableDataLoader` skips them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 def length_grouped_order(
@@ -80,3 +83,39 @@ class LengthSortedSampler(Sampler[int]):
 
     def __iter__(self):
         return iter(self.order.tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch.
+
+    ``state_dict`` records the sampler's epoch and how many batches this epoch has served; after
+    ``load_state_dict`` the next iteration over the same epoch skips that many, so a resumed epoch goes on with the
+    first batch the interrupted one never used. The sampler must be seeded by epoch (``set_epoch``) for the skipped
+    batches to be the same ones. Lightning's fit loop calls both methods (it saves the state of stateful loaders).
+    """
+
+    # Class attributes rather than an `__init__`: Lightning re-creates the loader from DataLoader's own signature when
+    # it adds a distributed sampler.
+    _served = 0
+    _resume_from: dict[str, Any] | None = None
+
+    def _epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: this runs at the first `next()`, after Lightning has called `set_epoch` for the new epoch.
+        state, self._resume_from = self._resume_from, None
+        skip = state["batches"] if state is not None and state.get("epoch") == self._epoch() else 0
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches, None)
+        self._served = skip
+        for batch in batches:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch(), "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_from = dict(state_dict)

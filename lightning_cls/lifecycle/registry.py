@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_cls.errors import UserError
-from lightning_cls.export_format import METADATA_FILE, read_export_metadata
+from lightning_cls.export.folder import METADATA_FILE, read_export_metadata
 
 DEFAULT_URI = "sqlite:///runs/mlflow/mlflow.db"
 EXPORTS_EXPERIMENT = "lightning_cls-exports"
@@ -110,7 +110,7 @@ class Registry:
         if not (folder / METADATA_FILE).is_file():
             raise RegistryError(f"{folder} is not an exported model folder (no {METADATA_FILE}).")
         meta = read_export_metadata(folder)
-        problem = "multi_label" if meta.thresholds is not None else "single_label"
+        problem = "multi_label" if meta.multi_label else "single_label"
         labels_json = json.dumps(list(meta.labels))
         run = self._call(
             "starting a run",

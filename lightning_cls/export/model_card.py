@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from lightning_cls.errors import ExportError
-from lightning_cls.export_format import ExportMetadata
+from lightning_cls.export.folder import ExportMetadata
 
 # Training settings worth a reader's time (the checkpoint's hyperparameters hold more, e.g. the whole HF config).
 TRAINING_KEYS = (

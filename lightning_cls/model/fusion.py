@@ -1,9 +1,9 @@
-"""Fusing the neural head with the lexical expert (`lightning_cls.lexical`): one weight, fitted on validation.
+"""Fusing the neural head with the lexical expert (`lightning_cls.model.lexical`): one weight, fitted on validation.
 
 The fused logits are ``z + w * s``: the neural logits `z` plus `w` times the lexical expert's logits `s`. The
 weight `w` is fitted together with a scale on the validation split by minimising the negative log-likelihood of
 ``a * z + b * s`` (so ``w = b / a``); the temperature of the fused logits is then fitted by the usual temperature
-scaling (`lightning_cls.calibration`), so every later step (calibrated probabilities, abstention, estimated accuracy,
+scaling (`model.calibration`), so every later step (calibrated probabilities, abstention, estimated accuracy,
 drift) reads the fused output as it read the neural one. Two numbers fitted on thousands of rows: nothing to
 overfit, and never fitted on test. Fusing is linear in `z`, so fusing each window of a long text and then averaging
 gives what averaging and then fusing gives.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lightning_cls.errors import InputError
-from lightning_cls.lexical import LexicalExpert
+from lightning_cls.model.lexical import LexicalExpert
 
 
 def fuse(neural: torch.Tensor, lexical: torch.Tensor | np.ndarray, weight: float) -> torch.Tensor:

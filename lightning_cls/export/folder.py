@@ -9,14 +9,20 @@ reference and to bin live traffic, so that the two always agree.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from lightning_cls.data.split_reference import (  # noqa: F401  (re-exported: readers of the folder's reference)
+    SplitReference,
+    TokenLengths,
+    length_bin_edges,
+    length_histogram,
+    window_histogram,
+)
 from lightning_cls.errors import InputError
+from lightning_cls.task import Task, task_for
 
 METADATA_FILE = "lightning_cls.json"
 ONNX_FILE = "model.onnx"
@@ -26,92 +32,6 @@ CONFIG_FILE = "config.json"
 # 2: the folder may fuse a lexical expert (`lexical`), or answer label sets (`thresholds`): a reader of version 1
 # would answer with the network alone, or with one label.
 FORMAT_VERSION = 2
-
-
-# ------------------------------------------------------------------------------------------------ token lengths
-def length_bin_edges(lengths: Sequence[int]) -> list[int]:
-    """Decile edges of the lengths: equal-mass bins, the usual choice for a population stability index."""
-    return np.unique(np.percentile(np.asarray(lengths), np.arange(10, 100, 10)).round().astype(int)).tolist()
-
-
-def length_histogram(lengths: Sequence[int], edges: Sequence[int]) -> np.ndarray:
-    """Counts of token lengths in bins: bin i holds [edges[i-1], edges[i]), with edges[-1] = 0 and the last open."""
-    index = np.searchsorted(np.asarray(edges), np.asarray(lengths, dtype=np.int64), side="right")
-    return np.bincount(index, minlength=len(edges) + 1)
-
-
-def window_histogram(windows: Sequence[int]) -> dict[str, int]:
-    """Texts by the number of windows read: {"1": texts read as one window, "2": ..., ...} (JSON keys are text)."""
-    counts = np.bincount(np.asarray(windows, dtype=np.int64))
-    return {str(n): int(c) for n, c in enumerate(counts) if c}
-
-
-@dataclass
-class TokenLengths:
-    """Token length statistics of a split (as the model saw them: truncated) and its decile histogram."""
-
-    mean: float
-    p5: float
-    p25: float
-    p50: float
-    p75: float
-    p95: float
-    max: int
-    bin_edges: list[int] | None = None  # None in references made before the bins were recorded
-    bin_counts: list[int] | None = None
-
-    @classmethod
-    def of(cls, lengths: np.ndarray) -> TokenLengths:
-        edges = length_bin_edges(lengths)
-        percentiles = {f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)}
-        return cls(
-            mean=float(np.mean(lengths)),
-            **percentiles,
-            max=int(np.max(lengths)),
-            bin_edges=edges,
-            bin_counts=length_histogram(lengths, edges).tolist(),
-        )
-
-
-@dataclass
-class SplitReference:
-    """Row count, label distribution and token lengths of a split; the training split's is monitoring's reference."""
-
-    rows: int
-    label_counts: dict[str, int]
-    token_length: TokenLengths | None = None
-    # Texts by the number of windows read ({"1": ..., "2": ...}), when texts are read as windows; the token lengths
-    # are then the tokens read per text (all its windows).
-    window_counts: dict[str, int] | None = None
-
-    @classmethod
-    def of(
-        cls, label_ids: np.ndarray, lengths: np.ndarray, names: Sequence[str], windows: np.ndarray | None = None
-    ) -> SplitReference:
-        """From per-text class ids (or a multi-hot matrix: texts x labels) and token lengths (and window counts, for
-        texts read as windows). A multi-label split counts each label's texts."""
-        label_ids = np.asarray(label_ids, dtype=np.int64)
-        counts = label_ids.sum(0) if label_ids.ndim == 2 else np.bincount(label_ids, minlength=len(names))
-        return cls(
-            rows=len(lengths),
-            label_counts={name: int(c) for name, c in zip(names, counts, strict=True)},
-            token_length=TokenLengths.of(np.asarray(lengths)) if len(lengths) else None,
-            window_counts=window_histogram(windows) if windows is not None else None,
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SplitReference:
-        lengths = data.get("token_length")
-        known = set(TokenLengths.__dataclass_fields__)
-        return cls(
-            rows=int(data.get("rows", sum(data["label_counts"].values()))),
-            label_counts={str(k): int(v) for k, v in data["label_counts"].items()},
-            token_length=TokenLengths(**{k: v for k, v in lengths.items() if k in known}) if lengths else None,
-            window_counts=data.get("window_counts"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------------ lightning_cls.json
@@ -133,12 +53,12 @@ class ExportMetadata:
     # validation split before and after it.
     temperature: float | None = None
     calibration: dict[str, Any] | None = None
-    # Each way of running the folder (`lightning_cls.inference`: "fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
+    # Each way of running the folder (`lightning_cls.export.runtime`: "fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
     # against torch fp32 on validation texts: {"agreement", "max_prob_diff", "texts", "texts_per_s", "device",
     # "source"}, or {"skipped": why, ...}. `serve --precision auto` uses a lower precision only if its agreement is
     # at least the gate. None: not measured (exported before this was recorded).
     inference: dict[str, Any] | None = None
-    # The lexical expert fused with the network (`lightning_cls.fusion`): {"file": "lexical.safetensors", "sha256",
+    # The lexical expert fused with the network (`model.fusion`): {"file": "lexical.safetensors", "sha256",
     # "labels", "features", "weight"}; the answer is softmax((logits + weight * lexical logits) / temperature), and
     # `temperature` is the fused logits'. None: the network alone.
     lexical: dict[str, Any] | None = None
@@ -148,6 +68,16 @@ class ExportMetadata:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether the folder answers label sets (it has per-label thresholds) rather than one label."""
+        return self.thresholds is not None
+
+    def task(self, use_temperature: bool = True) -> Task:
+        """What the folder answers: label sets under its thresholds, or one label under its calibrated temperature
+        (`use_temperature` false: the raw softmax)."""
+        return task_for(self.labels, self.thresholds, export_temperature(self) if use_temperature else None)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(data.pop("extra"))
@@ -156,6 +86,17 @@ class ExportMetadata:
             data.pop("thresholds")
             data["format_version"] = min(self.format_version, 1)
         return data
+
+
+def export_temperature(meta: ExportMetadata) -> float | None:
+    """The export's temperature (None: not calibrated); a bad value is an error naming the file."""
+    t = getattr(meta, "temperature", None)
+    t = meta.extra.get("temperature") if t is None else t  # read by an older ExportMetadata, it lands in `extra`
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+        raise InputError(f"lightning_cls.json: temperature {t!r} must be a positive finite number (or null).")
+    return float(t)
 
 
 def write_export_metadata(folder: str | Path, metadata: ExportMetadata) -> Path:
@@ -200,11 +141,11 @@ def load_classifier(model_dir: str | Path, **kwargs: Any) -> Any:
     """The folder's sequence classifier, built with this package's own classes.
 
     A folder is data: code it carries (`auto_map` in config.json, for `trust_remote_code` users) is never run here.
-    A pooled classifier is built with `lightning_cls.pooling`; any other with transformers' own classes.
+    A pooled classifier is built with `lightning_cls.model.pooling`; any other with transformers' own classes.
     """
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_cls.pooling import MODEL_TYPE, PooledClassifier
+    from lightning_cls.model.pooling import MODEL_TYPE, PooledClassifier
 
     config_path = Path(model_dir) / CONFIG_FILE
     try:

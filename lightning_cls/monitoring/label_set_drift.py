@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_cls.drift import (
+from lightning_cls.errors import InputError
+from lightning_cls.monitoring.drift import (
     DEFAULT_THRESHOLDS,
     LABEL_RATE_SIGNAL,
     PSI_EPSILON,
@@ -38,7 +39,6 @@ from lightning_cls.drift import (
     label_positions,
     psi,
 )
-from lightning_cls.errors import InputError
 
 RATE_SIGNAL = LABEL_RATE_SIGNAL  # the window's per-label drift signal: the largest per-label PSI
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_cls.labels import DEFAULT_LABELS
+from lightning_cls.data.labels import DEFAULT_LABELS
 
 KEYWORDS = {
     "astrophysics": "galaxy stellar redshift cosmic supernova luminosity telescope dark halo accretion exoplanet",

@@ -18,10 +18,10 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_cls.atomic import atomic_folder
 from lightning_cls.errors import DataError
-from lightning_cls.tables import read_text_chunks
-from lightning_cls.token_cache import TokenizedSplit, cache_key, file_fingerprint
-from lightning_cls.tokenization import tokenize, tokenizer_fingerprint
-from lightning_cls.windows import WindowedTexts, WindowSpec
+from lightning_cls.data.tables import read_text_chunks
+from lightning_cls.data.token_cache import TokenizedSplit, cache_key, file_fingerprint
+from lightning_cls.data.tokenization import tokenize, tokenizer_fingerprint
+from lightning_cls.data.windows import WindowedTexts, WindowSpec
 
 # Bump when the meaning of the prepared folder's content changes (its token format has its own version).
 PREDICT_CACHE_VERSION = 1

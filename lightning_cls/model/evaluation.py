@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_cls.calibration import format_calibration
+from lightning_cls.model.calibration import format_calibration
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

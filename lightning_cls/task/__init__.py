@@ -1,0 +1,147 @@
+"""The one owner of what a model answers: one label per text (`SingleLabel`) or a set of labels (`LabelSet`).
+
+Everything that turns logits into an answer or scores answers asks the task instead of branching on "is this a
+multi-label model": the probabilities (a softmax under the calibrated temperature, or each label's sigmoid), the
+decision (the most probable label, or every label at or above its threshold, at least one), the scores against the
+truth (accuracy and macro-F1, or micro-/macro-F1 and subset accuracy), and whether two answers are the same.
+
+    task = LabelSet(names, thresholds)              # or SingleLabel(names, temperature)
+    probs = task.probabilities(logits)              # (N, C) float32 tensor
+    decided = task.decide(probs)                    # (N,) class ids, or (N, C) multi-hot
+    task.scores(decided, truth)                     # {"macro_f1": ..., ...}
+
+The arithmetic is in `lightning_cls.task.scores` (pure numpy). An exported folder's task is
+`lightning_cls.export.folder.ExportMetadata.task()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from lightning_cls.task.scores import decide, multi_hot, multilabel_scores, task_scores
+
+
+@dataclass(frozen=True)
+class Task:
+    """What every task answers; `SingleLabel` and `LabelSet` say how."""
+
+    names: tuple[str, ...]
+
+    multi_label: ClassVar[bool] = False
+    # The scores `scores` returns (macro-F1 is in both: what a faster variant is gated by).
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide(self, probs: np.ndarray | torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, decided: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        raise NotImplementedError
+
+    def same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Per text, whether two decisions are the same answer (the same label, or the same set)."""
+        raise NotImplementedError
+
+    def encode(self, truth: Sequence[Any]) -> np.ndarray:
+        """True labels as the decisions are written: names -> class ids (N,), or label sets -> multi-hot (N, C).
+        Names not among the task's are the caller's to refuse before (a KeyError here)."""
+        raise NotImplementedError
+
+    def labels_of(self, decided: np.ndarray, probs: np.ndarray | torch.Tensor) -> list[list[str]]:
+        """Each text's answer as label names, most probable first: one name, or the set."""
+        raise NotImplementedError
+
+    def answer(self, logits: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(probabilities, decisions) of per-text logits."""
+        probs = self.probabilities(logits)
+        return probs, self.decide(probs)
+
+
+@dataclass(frozen=True)
+class SingleLabel(Task):
+    """One label per text: softmax(logits / temperature), the most probable label."""
+
+    temperature: float | None = None  # None: not calibrated (1.0)
+
+    multi_label: ClassVar[bool] = False
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        t = 1.0 if self.temperature is None else self.temperature
+        return (logits.float() / t).softmax(-1)  # (N, num_labels)
+
+    def decide(self, probs: np.ndarray | torch.Tensor) -> np.ndarray:
+        return _numpy(probs).argmax(-1)
+
+    def scores(self, decided: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        return task_scores(decided, truth)
+
+    def same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(a) == np.asarray(b)
+
+    def labels_of(self, decided: np.ndarray, probs: np.ndarray | torch.Tensor) -> list[list[str]]:
+        return [[self.names[int(i)]] for i in np.asarray(decided)]
+
+    def encode(self, truth: Sequence[Any]) -> np.ndarray:
+        index = {n: i for i, n in enumerate(self.names)}
+        return np.asarray([index[name] for name in truth], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class LabelSet(Task):
+    """A set of labels per text: each label's sigmoid, every label at or above its threshold (fitted on validation),
+    the most probable one when none is (every text gets at least one label)."""
+
+    thresholds: tuple[float, ...] = ()
+
+    multi_label: ClassVar[bool] = True
+    metrics: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "subset_accuracy")
+
+    def __post_init__(self) -> None:
+        if len(self.thresholds) != len(self.names):
+            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.names)} labels")
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid()
+
+    def decide(self, probs: np.ndarray | torch.Tensor) -> np.ndarray:
+        return decide(_numpy(probs), np.asarray(self.thresholds))
+
+    def scores(self, decided: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        found = multilabel_scores(decided, truth, self.names)
+        return {k: found[k] for k in self.metrics}
+
+    def same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (np.asarray(a) == np.asarray(b)).all(-1)
+
+    def encode(self, truth: Sequence[Any]) -> np.ndarray:
+        return multi_hot(truth, self.names).astype(np.int64)
+
+    def labels_of(self, decided: np.ndarray, probs: np.ndarray | torch.Tensor) -> list[list[str]]:
+        order = np.argsort(-_numpy(probs), axis=-1, kind="stable")
+        decided = np.asarray(decided, dtype=bool)
+        return [[self.names[j] for j in row if decided[i, j]] for i, row in enumerate(order)]
+
+
+def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def task_for(names: Sequence[str], thresholds: Sequence[float] | None = None, temperature: Any = None) -> Task:
+    """A label set task when there are thresholds, else one label per text."""
+    if thresholds is not None:
+        return LabelSet(tuple(names), tuple(float(t) for t in thresholds))
+    return SingleLabel(tuple(names), None if temperature is None else float(temperature))
