@@ -13,6 +13,7 @@ ckpt_dir=runs/experiments/$name/checkpoints
 # with SIGTERM or Ctrl-C saves last.ckpt; so does every `--checkpoint.every_n_train_steps`).
 case " $* " in *" --ckpt_path"*) ;; *) rm -rf "$ckpt_dir" ;; esac
 
+mkdir -p runs/experiments "experiments/$name"  # a fresh clone has neither: /usr/bin/time writes its file there
 start=$(date +%s)
 # CPU seconds (user + system) as well as wall time: on a shared machine, wall time overstates the cost.
 /usr/bin/time -f "%U %S" -o "runs/experiments/$name.cpu" \

@@ -22,15 +22,15 @@ from lightning_cls.arg_parser import OneLineErrorParser
 from lightning_cls.atomic import atomic_file
 from lightning_cls.data.datamodule import ScientificTextDataModule
 from lightning_cls.errors import CheckpointError, ConfigError, UserError
-from lightning_cls.model.checkpoints import load_checkpoint
-from lightning_cls.model.classifier import (
+from lightning_cls.model.checkpoints import (
     CALIBRATION_KEY,
     LEXICAL_KEY,
     LEXICAL_WEIGHT_KEY,
     TEMPERATURE_KEY,
     THRESHOLDS_KEY,
-    TextClassifier,
+    load_checkpoint,
 )
+from lightning_cls.model.classifier import TextClassifier
 from lightning_cls.model.predictions import PredictionWriter
 from lightning_cls.model.resume import ExactResume, ResumableCheckpoint, exit_interrupted, find_last_checkpoint
 
@@ -112,8 +112,15 @@ class ClassifierCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        # Checked after each validation only: Lightning's default also checks at the end of a training epoch, where a
+        # run cut short by --trainer.max_steps (before its first validation) has no validation metric and fails.
         parser.set_defaults(
-            {"early_stopping.monitor": "val/f1_macro", "early_stopping.mode": "max", "early_stopping.patience": 3}
+            {
+                "early_stopping.monitor": "val/f1_macro",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 3,
+                "early_stopping.check_on_train_epoch_end": False,
+            }
         )
         parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
         parser.set_defaults(

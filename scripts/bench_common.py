@@ -95,6 +95,6 @@ def plan_from_config(data: dict, path: str):
     """The data module's split (`ScientificTextDataModule.plan`) from an experiment config's `data` section, read
     from ``path``: the same labels, subsample, seed and split (random or `split_by`) as the experiment, with the
     module's own defaults for what the section leaves out."""
-    from lightning_cls.data.datamodule import ScientificTextDataModule
+    from lightning_cls.data.datamodule import data_module_from_settings
 
-    return ScientificTextDataModule(**{**data, "path": path}).plan()
+    return data_module_from_settings({**data, "path": path}, where="the config's data section").plan()

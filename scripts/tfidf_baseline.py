@@ -93,7 +93,13 @@ def multi_label(args, plan, features, y, start: float, cpu_start: float) -> None
     """One-vs-rest: a binary logistic regression per label; thresholds (and C, by micro-F1) chosen on validation."""
     from sklearn.multiclass import OneVsRestClassifier
 
-    from lightning_cls.task.scores import decide, epoch_report, fit_thresholds, format_report, multilabel_scores
+    from lightning_cls.task.scores import (
+        decide,
+        epoch_report,
+        fit_thresholds,
+        format_label_set_report,
+        multilabel_scores,
+    )
 
     best = None
     for c in args.C:
@@ -124,7 +130,7 @@ def multi_label(args, plan, features, y, start: float, cpu_start: float) -> None
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "per_label": test["per_label"],
     }
-    report = format_report(test)
+    report = format_label_set_report(test)
     write_results(args.out, result, report, details="per_label")
 
 

@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import torch
 
-from lightning_cls.data.datamodule import split_summary
 from lightning_cls.data.labels import DEFAULT_LABELS
 from lightning_cls.data.sample_data import generate_texts
+from lightning_cls.data.split_cache import split_summary
 from lightning_cls.data.token_cache import TokenizedSplit
 from lightning_cls.data.tokenization import PadCollator, load_tokenizer, tokenize
 from lightning_cls.model.classifier import build_classifier

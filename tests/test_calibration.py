@@ -27,7 +27,8 @@ from lightning_cls.model.calibration import (
     negative_log_likelihood,
     reliability_figure,
 )
-from lightning_cls.model.classifier import CALIBRATION_KEY, TEMPERATURE_KEY, TextClassifier
+from lightning_cls.model.checkpoints import CALIBRATION_KEY, TEMPERATURE_KEY
+from lightning_cls.model.classifier import TextClassifier
 
 
 def synthetic(rows: int, seed: int, sharpen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

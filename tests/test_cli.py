@@ -70,6 +70,14 @@ def test_fit_then_validate_test_predict_from_checkpoint(tmp_path, sample_dir, fa
     torch.testing.assert_close(run.model.state_dict(), state)
 
 
+def test_fit_stopped_by_max_steps_before_the_first_validation_finishes(tmp_path, sample_dir):
+    """--trainer.max_steps below one epoch: training ends before any validation; early stopping (on by default, on
+    val/f1_macro) waits for a validation instead of failing at the end of the cut epoch, and last.ckpt is written."""
+    cli = fit(tmp_path, sample_dir, "distilbert", "--trainer.max_steps=3", "--trainer.limit_train_batches=null")
+    assert cli.trainer.global_step == 3 and "val/f1_macro" not in cli.trainer.callback_metrics
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
 def test_fit_without_a_logger(tmp_path, sample_dir):
     """`--trainer.logger false` trains (the learning-rate monitor, on by default, has nothing to log to) and
     writes no TensorBoard files."""

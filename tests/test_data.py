@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-import lightning_cls.data.datamodule as data_module
+import lightning_cls.data.split_cache as split_cache
 from lightning_cls.data.datamodule import ScientificTextDataModule
 from lightning_cls.data.samplers import length_grouped_order
 from lightning_cls.data.tables import read_table
@@ -59,7 +59,7 @@ def test_tokenization_is_cached_and_reused(sample_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again although nothing changed")
 
-    monkeypatch.setattr(data_module, "tokenize", fail)
+    monkeypatch.setattr(split_cache, "tokenize", fail)
     make_dm(sample_dir).prepare_data()  # same inputs: the cache is reused
     with pytest.raises(AssertionError, match="tokenized again"):
         make_dm(sample_dir, max_length=16).prepare_data()  # a new setting means a new cache

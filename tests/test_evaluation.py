@@ -17,7 +17,12 @@ from torchmetrics.classification import (
 )
 
 from lightning_cls.cli import main
-from lightning_cls.model.evaluation import classification_report, confusion_figure, format_report, write_evaluation
+from lightning_cls.model.evaluation import (
+    classification_report,
+    confusion_figure,
+    format_class_report,
+    write_evaluation,
+)
 
 LONG = "electrical engineering and systems science"
 
@@ -55,7 +60,7 @@ def test_report_rejects_a_matrix_of_the_wrong_size():
 
 def test_text_table_lists_every_class_in_full():
     report = classification_report(np.array([[3, 1, 0], [0, 2, 0], [1, 0, 5]]), ["a", LONG, "c"])
-    table = format_report(report)
+    table = format_class_report(report)
     lines = table.splitlines()
     assert lines[0].split() == ["precision", "recall", "f1", "support"]
     assert any(line.startswith(LONG + "  ") and line.split()[-1] == "2" for line in lines)

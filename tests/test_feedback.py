@@ -22,8 +22,9 @@ from fastapi import FastAPI
 
 from lightning_cls.errors import InputError
 from lightning_cls.monitoring.drift import ECE_BINS, FeedbackWindow, label_scores, top_label_ece
+from lightning_cls.serving.gauges import collect_metrics, enable_multiprocess_metrics
 from lightning_cls.serving.http import FEEDBACK_PATH, ApiKeyGuard, FeedbackEndpoint, RequestError, parse_feedback_body
-from lightning_cls.serving.metrics import AccuracySettings, Monitor, collect_metrics, enable_multiprocess_metrics
+from lightning_cls.serving.metrics import AccuracySettings, Monitor
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 NAMES = ["a", "b", "c"]

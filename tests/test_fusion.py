@@ -19,7 +19,7 @@ from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export.exporter import export
 from lightning_cls.export.folder import METADATA_FILE, read_export_metadata
 from lightning_cls.export.runtime import InferenceSettings
-from lightning_cls.model.classifier import LEXICAL_KEY, LEXICAL_WEIGHT_KEY
+from lightning_cls.model.checkpoints import LEXICAL_KEY, LEXICAL_WEIGHT_KEY
 from lightning_cls.model.fusion import FolderFusion, SplitScores, fit_fusion_weight, fuse
 from lightning_cls.model.lexical import LEXICAL_FILE, LexicalExpert, LexicalSettings
 

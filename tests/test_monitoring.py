@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from serving_helpers import fabricate_export
 
 from lightning_cls.cli import main as cli_main
-from lightning_cls.data.datamodule import TokenizedSplit, split_summary
+from lightning_cls.data.split_cache import split_summary
+from lightning_cls.data.token_cache import TokenizedSplit
 from lightning_cls.export.folder import length_histogram as length_bins
 from lightning_cls.monitoring.drift import PSI_EPSILON, PSI_WARNING, DriftWindow, drift_report, label_counts, psi
 from lightning_cls.monitoring.monitor import read_predictions
-from lightning_cls.serving.metrics import PredictionMetrics, collect_metrics, enable_multiprocess_metrics
+from lightning_cls.serving.gauges import collect_metrics, enable_multiprocess_metrics
+from lightning_cls.serving.metrics import PredictionMetrics
 
 NAMES = ["a", "b", "c"]
 REFERENCE = {

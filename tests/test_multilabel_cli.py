@@ -17,7 +17,7 @@ from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.errors import DataError
 from lightning_cls.export.exporter import export
 from lightning_cls.export.folder import read_export_metadata
-from lightning_cls.model.classifier import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
+from lightning_cls.model.checkpoints import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
 
 SUBJECTS = sorted(DEFAULT_LABELS)
 ARCHIVES = {

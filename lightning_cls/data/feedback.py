@@ -296,3 +296,28 @@ def with_feedback(
     base = original[["text", "label"]].assign(source="original", prediction_id=None, model_version=None)
     base["feedback_time"] = float("nan")
     return pd.concat([base, rows], ignore_index=True)[COLUMNS], summary
+
+
+class FeedbackRows:
+    """The feedback of one training run, read once: the token cache's key (`fingerprint`) and the rows added to the
+    training split (`training_rows`) come from the same reading, however many rows the service adds meanwhile."""
+
+    def __init__(self, path: str | Path, after: float | None = None, drop_unknown: bool = False) -> None:
+        self.path, self.after, self.drop_unknown = path, after, drop_unknown
+        self._raw: pd.DataFrame | None = None
+
+    @property
+    def raw(self) -> pd.DataFrame:
+        """`read_feedback`'s rows, read on first use."""
+        if self._raw is None:
+            self._raw = read_feedback(self.path, self.after)
+        return self._raw
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.raw)  # the module's function: a hash of the rows read
+
+    def training_rows(
+        self, original_texts: Iterable[str], names: Sequence[str], multi_label: bool
+    ) -> tuple[pd.DataFrame, FeedbackSummary]:
+        """`prepare_feedback` of the rows read."""
+        return prepare_feedback(self.raw, original_texts, names, multi_label, self.drop_unknown)

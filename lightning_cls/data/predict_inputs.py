@@ -17,11 +17,11 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lightning_cls.atomic import atomic_folder
-from lightning_cls.errors import DataError
 from lightning_cls.data.tables import read_text_chunks
 from lightning_cls.data.token_cache import TokenizedSplit, cache_key, file_fingerprint
 from lightning_cls.data.tokenization import tokenize, tokenizer_fingerprint
 from lightning_cls.data.windows import WindowedTexts, WindowSpec
+from lightning_cls.errors import DataError
 
 # Bump when the meaning of the prepared folder's content changes (its token format has its own version).
 PREDICT_CACHE_VERSION = 1
@@ -103,3 +103,19 @@ def iter_predict_ids(folder: str | Path) -> Iterator[Any]:
     with open(Path(folder) / IDS_FILE) as f:
         for line in f:
             yield json.loads(line)
+
+
+def predict_file_index(
+    folder: str | Path, split: TokenizedSplit | None
+) -> tuple[np.ndarray, Iterator[Any], tuple[np.ndarray, np.ndarray] | None]:
+    """The prepared file's texts as `predict` reports them: their positions 0..N-1, their ids in input order (read
+    lazily), and for texts read as windows each text's window count and whether the cap cut it (else None).
+    ``split``: the loaded inputs (`load_predict_inputs`), which count the texts when they were not read as windows."""
+    windows = load_window_counts(folder)
+    texts = len(windows[0]) if windows is not None else len(split)
+    return np.arange(texts), iter_predict_ids(folder), windows
+
+
+def read_predict_texts(path: str | Path, text_column: str, id_column: str | None) -> list[str]:
+    """The file's texts in input order, untokenized, for what reads text rather than tokens (the lexical expert)."""
+    return [text for _, chunk in read_text_chunks(path, text_column, id_column) for text in chunk]

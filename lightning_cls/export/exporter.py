@@ -94,13 +94,12 @@ def split_sample(checkpoint: dict[str, Any], split: str, limit: int) -> tuple[li
     """Up to `limit` texts of a split (train / val / test) of the data the checkpoint was trained on (a seeded
     sample) and their label names, rebuilt from the data settings it records, and a phrase saying where they are
     from. Raises when the data cannot be read."""
-    from lightning_cls.data.datamodule import ScientificTextDataModule
+    from lightning_cls.data.datamodule import data_module_from_settings
 
     saved = checkpoint.get("datamodule_hyper_parameters")
     if not saved:
         raise DataError("the checkpoint records no data settings")
-    known = inspect.signature(ScientificTextDataModule.__init__).parameters
-    data = ScientificTextDataModule(**{k: v for k, v in saved.items() if k in known and k != "self"})
+    data = data_module_from_settings(saved)  # settings this version no longer takes are left out
     plan, source = data.plan(), data.source
     rows = plan.rows[split]
     name = {"val": "validation"}.get(split, split)
@@ -119,12 +118,6 @@ def split_sample(checkpoint: dict[str, Any], split: str, limit: int) -> tuple[li
 def validation_split(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], list[str], str]:
     """`split_sample` of the validation split: what each variant is measured on at export."""
     return split_sample(checkpoint, "val", limit)
-
-
-def validation_texts(checkpoint: dict[str, Any], limit: int) -> tuple[list[str], str]:
-    """`validation_split` without the labels."""
-    texts, _, source = validation_split(checkpoint, limit)
-    return texts, source
 
 
 def agreement_inputs(

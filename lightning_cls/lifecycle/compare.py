@@ -151,14 +151,10 @@ def data_settings(config: str | Path) -> dict[str, Any]:
 def held_out_rows(config: str | Path) -> tuple[list[str], np.ndarray, list[str], str]:
     """The test split of the config's data: texts, class ids (or multi-hot rows), label names, and where from.
     Feedback settings are left out: they only ever add training rows (and the database need not be at hand)."""
-    from lightning_cls.data.datamodule import ScientificTextDataModule
+    from lightning_cls.data.datamodule import data_module_from_settings
 
     data = {k: v for k, v in data_settings(config).items() if not k.startswith("feedback_")}
-    known = set(inspect.signature(ScientificTextDataModule.__init__).parameters) - {"self"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"--config {config}: data.{unknown[0]} is not a data setting (of {sorted(known)}).")
-    module = ScientificTextDataModule(**data)
+    module = data_module_from_settings(data, where=f"--config {config}")
     _, texts, truth = module.split_texts("test")
     names = module.plan().names
     return texts, np.asarray(truth), names, f"the test split of {module.source} ({config})"
@@ -273,12 +269,12 @@ def compare(
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_report(report))
+    print(format_comparison(report))
     print(f"wrote {output}")
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_comparison(report: dict[str, Any]) -> str:
     """The report as a small table: per set and metric, both models' scores and the difference."""
     lines = [
         f"champion   {report['champion']['model_dir']} (version {report['champion']['version']})",

@@ -30,12 +30,19 @@ import torch
 from torch.nn import functional as F
 
 from lightning_cls.errors import ExportError
-from lightning_cls.model.checkpoints import load_checkpoint
+from lightning_cls.model.checkpoints import (
+    ADAPTER_ONLY_KEY,
+    CALIBRATION_KEY,
+    DATA_REFERENCE_KEY,
+    LEXICAL_WEIGHT_KEY,
+    TEMPERATURE_KEY,
+    load_checkpoint,
+)
 
 # A key of the student checkpoint: how it was made (teacher, layers kept, texts, epochs, the KL before and after).
 DISTILLED_KEY = "lightning_cls_distilled"
 # Fitted to the teacher's logits, not the student's: not carried over.
-_TEACHER_ONLY = ("lightning_cls_temperature", "lightning_cls_calibration", "lightning_cls_lexical_weight")
+_TEACHER_ONLY = (TEMPERATURE_KEY, CALIBRATION_KEY, LEXICAL_WEIGHT_KEY)
 # Resume state of the teacher's training run: meaningless for the student.
 _RESUME = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 _LAYER_COUNT = ("num_hidden_layers", "n_layers", "n_layer", "num_layers")
@@ -62,7 +69,7 @@ def _config_with_layers(config: dict[str, Any], count: int) -> tuple[dict[str, A
 
 def student_checkpoint(checkpoint: dict[str, Any], layers: int | None) -> tuple[dict[str, Any], list[int]]:
     """The teacher's checkpoint with only some of its layers (renumbered), and the layers kept."""
-    if checkpoint.get("lightning_cls_adapter_only"):
+    if checkpoint.get(ADAPTER_ONLY_KEY):
         raise ExportError("the checkpoint holds LoRA adapters only: distil a checkpoint with every weight in it.")
     hparams = dict(checkpoint["hyper_parameters"])
     if not isinstance(hparams.get("model_config"), dict):
@@ -149,7 +156,7 @@ def distill(
     teacher = teacher.model.eval()
     hp = checkpoint["hyper_parameters"]
     tokenizer = load_tokenizer(hp.get("tokenizer") or hp["model_name_or_path"])
-    reference = checkpoint.get("lightning_cls_data_reference") or {}
+    reference = checkpoint.get(DATA_REFERENCE_KEY) or {}
     max_length = int(reference.get("max_length") or checkpoint["datamodule_hyper_parameters"]["max_length"])
     ids = tokenizer(sample, truncation=True, max_length=max_length)["input_ids"]
     pad = int(tokenizer.pad_token_id)

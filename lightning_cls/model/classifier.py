@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelF1Score
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-)
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -34,31 +28,26 @@ from lightning_cls.data.windows import per_text
 from lightning_cls.errors import ConfigError, hub_errors
 from lightning_cls.model.adapters import add_lora, is_peft
 from lightning_cls.model.calibration import EpochLogits, calibration_report, fit_temperature
+from lightning_cls.model.checkpoints import ADAPTER_ONLY_KEY, read_fitted, write_fitted
+from lightning_cls.model.epoch_reports import (
+    Epoch,
+    label_set_report,
+    label_set_scores,
+    label_set_validation,
+    single_label_scores,
+    write_label_set_report,
+    write_single_label_report,
+)
 from lightning_cls.model.finetuning import freeze_all_but, trainable_names
-from lightning_cls.model.fusion import SplitScores, component_scores, fit_fusion_weight, fuse
 from lightning_cls.model.lexical import LexicalExpert, LexicalSettings
+from lightning_cls.model.lexical_fusion import LexicalFusion
 from lightning_cls.model.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
 from lightning_cls.task import Task, task_for
-from lightning_cls.task.scores import epoch_report, fit_thresholds, format_report
+from lightning_cls.task.scores import fit_thresholds
 
 # Checkpoints and exports of pooled classifiers name their config's model_type: Auto* classes must know it.
 AutoConfig.register(MODEL_TYPE, PooledClassifierConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(PooledClassifierConfig, PooledClassifier, exist_ok=True)
-
-# Checkpoint key set when the checkpoint holds only the trained parameters (adapters and head): `save_adapter_only`.
-ADAPTER_ONLY_KEY = "lightning_cls_adapter_only"
-# Checkpoint key of the training data's summary (see `data_reference`).
-DATA_REFERENCE_KEY = "lightning_cls_data_reference"
-# Checkpoint keys of the calibration temperature (a float; absent: never calibrated, T = 1) and of its report (the
-# validation scores before and after it). Keys beside the weights rather than a buffer: `save_adapter_only` keeps only
-# trained parameters, and `calibrate` can rewrite them without rebuilding the model.
-TEMPERATURE_KEY = "lightning_cls_temperature"
-CALIBRATION_KEY = "lightning_cls_calibration"
-# Checkpoint keys of the lexical expert (`LexicalExpert.state()`: tensors only) and of its fusion weight (a float).
-LEXICAL_KEY = "lightning_cls_lexical"
-LEXICAL_WEIGHT_KEY = "lightning_cls_lexical_weight"
-# Checkpoint key of a multi-label model's per-label decision thresholds (a list of floats, fitted on validation).
-THRESHOLDS_KEY = "lightning_cls_thresholds"
 
 
 def data_reference(datamodule: Any) -> dict:
@@ -144,6 +133,79 @@ def max_positions(model: PreTrainedModel) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def build_network(hp: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The network a `TextClassifier` trains, from its hyperparameters (its arguments): built by `build_classifier`,
+    in `dtype`, with LoRA adapters or all but its trained parts frozen, in train mode, checked against the tokenizer's
+    padding side."""
+    name = hp["model_name_or_path"]
+    if hp["save_adapter_only"] and (hp["lora_r"] is None or not hp["pretrained"] or hp["model_config"] is not None):
+        raise ConfigError(
+            "model.save_adapter_only needs LoRA (model.lora_r) on pretrained weights (model.pretrained true, no "
+            "model.model_config): the frozen weights it leaves out must be loadable again from "
+            "model.model_name_or_path."
+        )
+    dtype = getattr(torch, hp["dtype"], None) if hp["dtype"] else None
+    if hp["dtype"] and not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"model.dtype={hp['dtype']!r} is not a torch dtype (e.g. bfloat16, float16, float32).")
+    try:
+        model = build_classifier(
+            name, list(hp["label_names"]), tokenizer, hp["pretrained"], hp["model_config"], hp["pooling"], dtype
+        )
+    except ConfigError as err:
+        if hp["save_adapter_only"]:  # most likely rebuilding an adapter-only checkpoint without its base model
+            raise ConfigError(
+                f"{err} Checkpoints saved with model.save_adapter_only hold only the adapters and the head: "
+                f"loading one needs the base model {name!r}."
+            ) from err
+        raise
+    if dtype is not None:
+        model.to(dtype)
+    # Decoders pool the last non-pad token: the model must know which id is padding.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hp["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hp["lora_r"] is not None:
+        model = add_lora(
+            model,
+            hp["lora_r"],
+            hp["lora_alpha"],
+            hp["lora_dropout"],
+            hp["lora_target_modules"],
+            hp["train_last_n_blocks"],
+        )
+    else:
+        freeze_all_but(model, trainable_names(model, hp["train_last_n_blocks"]))
+    # from_pretrained returns the model in eval mode; Lightning keeps module modes as they are, so without
+    # train() dropout would stay off during fine-tuning.
+    model.train()
+    if tokenizer.padding_side == "left" and not reads_any_padding(model):
+        raise ConfigError(
+            f"The tokenizer {hp['tokenizer'] or name!r} pads on the left, but this model's head reads a "
+            "fixed position (the first token) or takes no position ids: use a right-padding tokenizer, or "
+            "model.pooling cls, mean or last."
+        )
+    # What `transformers.pipeline` applies to an export: a sigmoid per label, or a softmax over them.
+    multi_label = hp["multi_label"]
+    model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+    return model
+
+
+def train_metrics(num_labels: int, multi_label: bool) -> MetricCollection:
+    """The training metrics, per batch: micro- and macro-F1 of label sets at a 0.5 threshold (validation fits the
+    thresholds), or accuracy and macro-F1."""
+    if multi_label:
+        metrics = {
+            "f1_micro": MultilabelF1Score(num_labels, average="micro"),
+            "f1_macro": MultilabelF1Score(num_labels, average="macro"),
+        }
+    else:
+        metrics = {
+            "acc": MulticlassAccuracy(num_labels, average="micro"),
+            "f1_macro": MulticlassF1Score(num_labels, average="macro"),
+        }
+    return MetricCollection(metrics, prefix="train/")
+
+
 class TextClassifier(pl.LightningModule):
     """Fine-tunes a Hugging Face sequence-classification model; logs loss, accuracy and macro-F1 per epoch."""
 
@@ -227,68 +289,22 @@ class TextClassifier(pl.LightningModule):
         # expert itself), so `calibrate --model.lexical true` can add one to a checkpoint trained without.
         self.save_hyperparameters(ignore=["use_temperature", "lexical", "lexical_c", "lexical_max_features"])
         self.use_temperature = use_temperature
-        self.lexical_settings = LexicalSettings(max_features=lexical_max_features, C=lexical_c) if lexical else None
+        # The lexical expert and its fusion weight (saved in checkpoints) and its scores of the splits read so far.
+        settings = LexicalSettings(max_features=lexical_max_features, C=lexical_c) if lexical else None
+        self.lexical_fusion = LexicalFusion(settings)
         if not label_names:
             raise ValueError("model.label_names is empty: it is normally linked from the data module.")
         tok = load_tokenizer(tokenizer or model_name_or_path)
         self.label_names = list(label_names)
-        # from_pretrained returns the model in eval mode; Lightning keeps module modes as they are, so without
-        # train() dropout would stay off during fine-tuning.
-        if save_adapter_only and (lora_r is None or not pretrained or model_config is not None):
-            raise ConfigError(
-                "model.save_adapter_only needs LoRA (model.lora_r) on pretrained weights (model.pretrained true, no "
-                "model.model_config): the frozen weights it leaves out must be loadable again from "
-                "model.model_name_or_path."
-            )
-        weights_dtype = getattr(torch, dtype, None) if dtype else None
-        if dtype and not isinstance(weights_dtype, torch.dtype):
-            raise ConfigError(f"model.dtype={dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32).")
-        try:
-            model = build_classifier(
-                model_name_or_path, self.label_names, tok, pretrained, model_config, pooling, weights_dtype
-            )
-        except ConfigError as err:
-            if save_adapter_only:  # most likely rebuilding an adapter-only checkpoint without its base model
-                raise ConfigError(
-                    f"{err} Checkpoints saved with model.save_adapter_only hold only the adapters and the head: "
-                    f"loading one needs the base model {model_name_or_path!r}."
-                ) from err
-            raise
-        if weights_dtype is not None:
-            model.to(weights_dtype)
-        # Decoders pool the last non-pad token: the model must know which id is padding.
-        model.config.pad_token_id = tok.pad_token_id
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora_r is not None:
-            model = add_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules, train_last_n_blocks)
-        else:
-            freeze_all_but(model, trainable_names(model, train_last_n_blocks))
-        self.model = model.train()
+        self.model = build_network(self.hparams, tok)
         # Positions counted over real tokens only, so that left padding does not shift a text's positions.
         self._position_ids = takes_position_ids(self.model)
-        if tok.padding_side == "left" and not reads_any_padding(self.model):
-            raise ConfigError(
-                f"The tokenizer {tokenizer or model_name_or_path!r} pads on the left, but this model's head reads a "
-                "fixed position (the first token) or takes no position ids: use a right-padding tokenizer, or "
-                "model.pooling cls, mean or last."
-            )
-        # What `transformers.pipeline` applies to an export: a sigmoid per label, or a softmax over them.
-        self.model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
         self.multi_label = multi_label
         if compile:
             # In place: parameter names, and so checkpoints, stay those of the uncompiled model.
             self.model.compile(dynamic=True)
 
-        n = len(self.label_names)
-        if multi_label:  # at a 0.5 threshold while training; validation fits the thresholds
-            metrics = {
-                "f1_micro": MultilabelF1Score(n, average="micro"),
-                "f1_macro": MultilabelF1Score(n, average="macro"),
-            }
-        else:
-            metrics = {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
-        self.train_metrics = MetricCollection(metrics, prefix="train/")
+        self.train_metrics = train_metrics(len(self.label_names), multi_label)
         # A multi-label model's decision threshold per label (fitted on validation; None: 0.5 for every label).
         self.thresholds: list[float] | None = None
         # Validation and test keep every row's logits and row id (gathered from all ranks): the metrics, the report
@@ -302,11 +318,16 @@ class TextClassifier(pl.LightningModule):
         self.refit_temperature = False
         # What the model was trained on (set at fit start, saved in checkpoints): export and monitoring need it.
         self.data_reference: dict | None = None
-        # The lexical expert and its fusion weight (`model.lexical`; saved in checkpoints), and its scores of the
-        # splits read so far (row id -> logits).
-        self.lexical: LexicalExpert | None = None
-        self.lexical_weight: float | None = None
-        self._lexical_scores: dict[str, SplitScores] = {}
+
+    @property
+    def lexical(self) -> LexicalExpert | None:
+        """The lexical expert fused with the network (`model.lexical`), or None."""
+        return self.lexical_fusion.expert
+
+    @property
+    def lexical_weight(self) -> float | None:
+        """The lexical expert's fusion weight (fitted on validation), or None."""
+        return self.lexical_fusion.weight
 
     def setup(self, stage: str) -> None:
         limit = max_positions(self.model)
@@ -362,169 +383,63 @@ class TextClassifier(pl.LightningModule):
         logits, labels, row_ids = per_text(logits, labels, row_ids)
         if not len(labels):
             return
-        logits, components = self._fuse_epoch(stage, logits, labels, row_ids)
+        epoch = self._epoch(stage)
+        logits, components = self.lexical_fusion.fuse_epoch(epoch, logits, labels, row_ids, self.trainer.datamodule)
         if self.multi_label:
-            self._evaluate_label_sets(stage, logits, labels, components)
-            return
-        n = len(self.label_names)
-        predicted = logits.argmax(-1)
-        # Every rank holds the whole split (gathered above): the values are the same everywhere, no sync needed.
-        scores = {
-            f"{stage}/acc": multiclass_accuracy(predicted, labels, n, average="micro"),
-            f"{stage}/f1_macro": multiclass_f1_score(predicted, labels, n, average="macro"),
-        }
-        for part in ("neural", "lexical") if components else ():
-            scores[f"{stage}/f1_macro_{part}"] = torch.tensor(components[part]["macro_f1"])
+            self._evaluate_label_sets(epoch, logits, labels, components)
+        else:
+            self._evaluate_single_label(epoch, logits, labels, components)
+
+    def _epoch(self, stage: str) -> Epoch:
+        """This evaluation epoch, as `epoch_reports` and the lexical fusion need it."""
+        trainer = self.trainer
+        # The rows to fit on: validation during `fit` (with `model.calibrate`), or for the `calibrate` command.
+        fitting = trainer.state.fn == "fit" and self.hparams.get("calibrate", True)
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask
+        return Epoch(
+            stage=stage,
+            fit=stage == "val" and (fitting or self.refit_temperature) and not trainer.sanity_checking,
+            sanity=trainer.sanity_checking,
+            during_fit=trainer.state.fn == "fit",
+            epoch=self.current_epoch,
+            step=self.global_step,
+            checkpoint=str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            log_dir=log_dir if trainer.is_global_zero else None,
+            broadcast=partial(trainer.strategy.broadcast, src=0),
+            loggers=trainer.loggers,
+        )
+
+    def _evaluate_single_label(
+        self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, components: dict | None
+    ) -> None:
+        """Log the epoch's scores; fit the temperature if the epoch says so, then write the report with the scores
+        before and after the temperature in use (test only ever reports with the stored one)."""
+        scores = single_label_scores(epoch.stage, logits, labels, len(self.label_names), components)
         self.log_dict(scores, prog_bar=True, batch_size=len(labels))
-        if self.trainer.sanity_checking:  # a couple of batches only: not a report of the split
+        if epoch.sanity:
             return
-        self._write_report(stage, multiclass_confusion_matrix(predicted, labels, n), logits, labels, components)
+        if epoch.fit:
+            self.temperature = epoch.broadcast(fit_temperature(logits, labels))
+            self.refit_temperature = False
+        calibration = calibration_report(logits, labels, self.temperature)
+        if epoch.fit:
+            self.calibration = {**calibration, "split": "validation", "global_step": epoch.step}
+        write_single_label_report(epoch, logits, labels, self.label_names, calibration, components)
 
     def _evaluate_label_sets(
-        self, stage: str, logits: torch.Tensor, labels: torch.Tensor, components: dict | None
+        self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, components: dict | None
     ) -> None:
-        """A multi-label epoch: fit the thresholds on the rows to fit on, then score the thresholded label sets and
-        write the report (`multilabel.epoch_report`: per-label scores, thresholds and calibration; with a lexical
-        expert, the neural head, the expert and the fusion side by side at a 0.5 threshold)."""
+        """Fit the thresholds if the epoch says so, then log the scores of the thresholded label sets and write the
+        report."""
         probs, y = logits.float().sigmoid().numpy(), labels.numpy()
-        if self._fitting_on(stage) and not self.trainer.sanity_checking:
-            self.thresholds = self.trainer.strategy.broadcast(fit_thresholds(probs, y).tolist(), src=0)
+        if epoch.fit:
+            self.thresholds = epoch.broadcast(fit_thresholds(probs, y).tolist())
             self.refit_temperature = False  # `calibrate`: fitted (a multi-label model has thresholds, no temperature)
-        thresholds = np.asarray(self.thresholds if self.thresholds is not None else [0.5] * len(self.label_names))
-        report = epoch_report(probs, y, self.label_names, thresholds)
-        if self._fitting_on(stage) and not self.trainer.sanity_checking:
-            # The validation scores at the fitted thresholds, kept with them (export writes them: the baseline of
-            # the service's micro-F1 alerts, `serving.server.validation_micro_f1`).
-            keys = ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "mean_label_ece", "rows")
-            self.calibration = {k: report[k] for k in keys} | {"split": "validation", "global_step": self.global_step}
-        if components:
-            report["components"] = components
-        scores = {
-            f"{stage}/f1_micro": report["micro_f1"],
-            f"{stage}/f1_macro": report["macro_f1"],
-            f"{stage}/subset_acc": report["subset_accuracy"],
-            f"{stage}/hamming_loss": report["hamming_loss"],
-        }
-        for part in ("neural", "lexical") if components else ():
-            scores[f"{stage}/f1_micro_{part}"] = components[part]["micro_f1"]
-        self.log_dict({k: torch.tensor(v) for k, v in scores.items()}, prog_bar=True, batch_size=len(y))
-        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero or log_dir is None:
-            return
-        folder = Path(log_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        context = {"global_step": self.global_step} if self.trainer.state.fn == "fit" else {}
-        (folder / f"{stage}_report.json").write_text(json.dumps({"stage": stage, **context, **report}, indent=2))
-        (folder / f"{stage}_report.txt").write_text(f"{stage}: multi-label\n\n" + format_report(report))
-        rank_zero_info(
-            f"{stage} report: micro-F1 {report['micro_f1']:.4f}, macro-F1 {report['macro_f1']:.4f}; wrote "
-            f"{folder / f'{stage}_report.txt'}"
-        )
-
-    # ------------------------------------------------------------------------------------------------ lexical fusion
-    def _fitting_on(self, stage: str) -> bool:
-        """Whether this epoch's rows are the ones to fit on: validation during `fit` (with `model.calibrate`), or
-        for the `calibrate` command. Test never is."""
-        fitting = self.trainer.state.fn == "fit" and self.hparams.get("calibrate", True)
-        return stage == "val" and (fitting or self.refit_temperature)
-
-    def _fit_lexical(self) -> None:
-        """Fit the lexical expert on the training split, if `model.lexical` asks for one and there is none yet."""
-        if self.lexical_settings is None or self.lexical is not None:
-            return
-        _, texts, labels = self.trainer.datamodule.split_texts("train")
-        self.lexical = LexicalExpert.fit(texts, labels, len(self.label_names), self.lexical_settings)
-        self.lexical_weight, self._lexical_scores = None, {}
-        rank_zero_info(f"Lexical expert: {len(self.lexical.idf)} n-grams, fitted on {len(texts)} training texts.")
-
-    def _lexical_logits(self, stage: str, row_ids: torch.Tensor) -> torch.Tensor:
-        """The lexical expert's logits of these rows of the stage's split (the split is scored once)."""
-        if stage not in self._lexical_scores:
-            ids, texts, _ = self.trainer.datamodule.split_texts(stage)
-            self._lexical_scores[stage] = SplitScores(ids, self.lexical.scores(texts))
-        return self._lexical_scores[stage][row_ids]
-
-    def _fuse_epoch(
-        self, stage: str, logits: torch.Tensor, labels: torch.Tensor, row_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, dict | None]:
-        """The fused per-text logits (fitting the weight first on the rows to fit on) and the scores of the neural
-        head, the lexical expert and the fusion; the logits as they are when there is no lexical expert."""
-        if self.lexical is None:
-            return logits, None
-        lexical = self._lexical_logits(stage, row_ids)
-        if self._fitting_on(stage) and not self.trainer.sanity_checking:
-            self.lexical_weight = self.trainer.strategy.broadcast(fit_fusion_weight(logits, lexical, labels), src=0)
-        if self.lexical_weight is None:
-            if not self.trainer.sanity_checking:
-                raise ConfigError(
-                    "The model has a lexical expert but no fusion weight: run `calibrate` on the checkpoint (the "
-                    "weight is fitted on the validation split)."
-                )
-            return logits, None
-        components = component_scores(logits, lexical, labels, self.lexical_weight)
-        components["lexical_weight"] = self.lexical_weight
-        return fuse(logits, lexical, self.lexical_weight), components
-
-    def _calibrate(self, stage: str, logits: torch.Tensor, labels: torch.Tensor) -> dict | None:
-        """Fit the temperature on this epoch's rows if this is a validation that should (during `fit` with
-        `model.calibrate`, or for the `calibrate` command); then the scores before and after the temperature in use.
-
-        The test split only ever reports with the stored temperature: fitting on it would grade it on its own answers.
-        """
-        if not len(labels):
-            return None
-        if self._fitting_on(stage):
-            # Every rank has the same rows; rank 0's result is broadcast so that no rounding difference can split them.
-            self.temperature = self.trainer.strategy.broadcast(fit_temperature(logits, labels), src=0)
-            report = calibration_report(logits, labels, self.temperature)
-            self.calibration = {**report, "split": "validation", "global_step": self.global_step}
-            self.refit_temperature = False
-            return {**report, "temperature_source": "fitted on this split"}
-        source = "from the checkpoint" if self.temperature is not None else "the checkpoint has none"
-        return {**calibration_report(logits, labels, self.temperature), "temperature_source": source}
-
-    def _write_report(
-        self,
-        stage: str,
-        confmat: torch.Tensor,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        components: dict | None = None,
-    ) -> None:
-        """Per-class report (text + JSON), confusion matrix and reliability diagram (PNG + TensorBoard) of the epoch,
-        in the log folder, with the calibration scores before and after temperature scaling."""
-        # Imported here: keeps matplotlib off the import path of code that only needs the model.
-        from lightning_cls.model.calibration import reliability_figure
-        from lightning_cls.model.evaluation import log_figure, write_evaluation
-
-        matrix = confmat.numpy()
-        calibration = self._calibrate(stage, logits, labels)
-        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask too
-        if not self.trainer.is_global_zero or log_dir is None:
-            return
-        # During fit the report belongs to an epoch; `validate` / `test` report on a checkpoint.
-        if self.trainer.state.fn == "fit":
-            context = {"epoch": self.current_epoch, "global_step": self.global_step}
-        else:
-            context = {"checkpoint": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None}
-        report, fig, paths = write_evaluation(
-            matrix, self.label_names, stage, log_dir, context, calibration, components
-        )
-        log_figure(self.trainer.loggers, f"{stage}/confusion_matrix", fig, self.global_step)
-        message = f"{stage} report: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
-        if calibration is not None:
-            title = f"{stage}: reliability, {calibration['rows']} rows, temperature {calibration['temperature_source']}"
-            fig = reliability_figure(logits, labels, calibration["temperature"], title=title)
-            paths["reliability"] = Path(log_dir) / f"{stage}_reliability.png"
-            fig.savefig(paths["reliability"], dpi=110)
-            log_figure(self.trainer.loggers, f"{stage}/reliability", fig, self.global_step)
-            before, after = calibration["before"], calibration["after"]
-            t = calibration["temperature"]
-            message += (
-                f"; temperature {f'{t:.4f}' if t is not None else 'none'}: ECE {before['ece']:.4f} -> "
-                f"{after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}"
-            )
-        rank_zero_info(f"{message}; wrote " + ", ".join(str(p) for p in paths.values()))
+        report = label_set_report(probs, y, self.label_names, self.thresholds, components)
+        if epoch.fit:
+            self.calibration = label_set_validation(report, epoch.step)
+        self.log_dict(label_set_scores(epoch.stage, report, components), prog_bar=True, batch_size=len(y))
+        write_label_set_report(epoch, report)
 
     @property
     def task(self) -> Task:
@@ -537,7 +452,7 @@ class TextClassifier(pl.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()  # (B, num_labels)
         if self.lexical is not None:  # linear: fusing each window and then averaging = averaging and then fusing
-            logits = fuse(logits, self._lexical_logits("predict", batch["row_id"]), self.lexical_weight)
+            logits = self.lexical_fusion.fused(logits, "predict", batch["row_id"], self.trainer.datamodule)
         probs, decided = self.task.answer(logits)
         return {
             "row_id": batch["row_id"].tolist(),
@@ -562,11 +477,11 @@ class TextClassifier(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "meta", None):
             self.data_reference = data_reference(datamodule)
-        self._fit_lexical()
+        self.lexical_fusion.fit_expert(datamodule, len(self.label_names))
 
     def on_validation_start(self) -> None:
         if self.refit_temperature:  # `calibrate` on a checkpoint without a lexical expert, with `model.lexical`
-            self._fit_lexical()
+            self.lexical_fusion.fit_expert(self.trainer.datamodule, len(self.label_names))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint carries its weights, so whatever rebuilds it (`--ckpt_path`, load_from_checkpoint) should build
@@ -579,35 +494,9 @@ class TextClassifier(pl.LightningModule):
         else:
             config = json.loads(base_model(self.model).config.to_json_string())
             checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "model_config": config}
-        if self.data_reference is not None:
-            checkpoint[DATA_REFERENCE_KEY] = self.data_reference
-        if self.temperature is not None:
-            checkpoint[TEMPERATURE_KEY] = self.temperature
-            checkpoint[CALIBRATION_KEY] = self.calibration
-        if self.thresholds is not None:
-            checkpoint[THRESHOLDS_KEY] = list(self.thresholds)
-            if self.calibration is not None:  # the validation scores at those thresholds
-                checkpoint[CALIBRATION_KEY] = self.calibration
-        if self.lexical is not None:
-            checkpoint[LEXICAL_KEY] = self.lexical.state()
-            checkpoint[LEXICAL_WEIGHT_KEY] = self.lexical_weight
+        write_fitted(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The label names reach the model from the data module; a data config selecting other labels than the
-        # checkpoint was trained on would otherwise give wrong names to the right ids (or a shape error).
-        trained_on = checkpoint.get("hyper_parameters", {}).get("label_names")
-        if trained_on is not None and list(trained_on) != self.label_names:
-            raise ConfigError(
-                f"The checkpoint was trained on the labels {list(trained_on)}, but the data module selects "
-                f"{self.label_names}: set data.labels (or data.min_count) as in training."
-            )
-        self.data_reference = checkpoint.get(DATA_REFERENCE_KEY, self.data_reference)
-        # Checkpoints from before calibration (or with `model.calibrate` false) have none: T = 1, the raw softmax.
-        self.temperature = checkpoint.get(TEMPERATURE_KEY, self.temperature)
-        self.calibration = checkpoint.get(CALIBRATION_KEY, self.calibration)
-        self.thresholds = checkpoint.get(THRESHOLDS_KEY, self.thresholds)
-        if LEXICAL_KEY in checkpoint:
-            self.lexical = LexicalExpert.from_state(checkpoint[LEXICAL_KEY])
-            self.lexical_weight, self._lexical_scores = checkpoint.get(LEXICAL_WEIGHT_KEY), {}
+        read_fitted(checkpoint, self)
         if checkpoint.get(ADAPTER_ONLY_KEY):  # the frozen weights are this model's own, loaded from the base model
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

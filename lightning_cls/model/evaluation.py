@@ -54,7 +54,7 @@ def classification_report(confmat: np.ndarray, label_names: list[str]) -> dict[s
     }
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_class_report(report: dict[str, Any]) -> str:
     """The report as a fixed-width text table (one row per class, then accuracy and the averages)."""
     width = max(len("weighted avg"), *(len(name) for name in report["per_class"]))
     line = f"{{:<{width}}}  {{:>9}}  {{:>9}}  {{:>9}}  {{:>8}}"
@@ -154,7 +154,7 @@ def write_evaluation(
         "figure": folder / f"{stage}_confusion_matrix.png",
     }
     header = f"{stage}: {report['rows']} rows" + "".join(f", {k} {v}" for k, v in (context or {}).items()) + "\n\n"
-    table = format_report(report)
+    table = format_class_report(report)
     if components is not None:
         table += "\n" + format_components(components)
     if calibration is not None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_cls.monitoring.label_set_drift import reference_rates
-from lightning_cls.serving.metrics import GAUGE
+from lightning_cls.serving.gauges import GAUGE
 
 
 def _value(x: float | None) -> float:

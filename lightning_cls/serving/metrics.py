@@ -1,10 +1,10 @@
 """The service's Prometheus metrics, and the logger process that records what the model answered.
 
 Prometheus multiprocess mode: the service runs in several processes (HTTP server, inference worker, logger
-process); each writes its metrics to files in one folder (`enable_multiprocess_metrics`), and GET /metrics merges
-them (`collect_metrics`). `HttpMetrics` is recorded in the HTTP server process; `PredictionMetrics` (with the drift
-gauges) and `AccuracyMetrics` (estimated and live accuracy) in the logger process (`MonitoringLogger`), fed one
-message per server batch by the inference worker, and one per POST /feedback that stored labels by the HTTP server.
+process); each writes its metrics to files in one folder, and GET /metrics merges them (`gauges`). `HttpMetrics`
+is recorded in the HTTP server process; `PredictionMetrics` (with the drift gauges) and `AccuracyMetrics`
+(estimated and live accuracy) in the logger process (`MonitoringLogger`), fed one message per server batch by the
+inference worker, and one per POST /feedback that stored labels by the HTTP server.
 
 Why the live accuracy is computed in the logger process, not where the feedback arrives: the true labels are
 written to the feedback database by the HTTP server process(es), but a gauge written by several processes is only
@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import litserve as ls
@@ -46,48 +44,14 @@ from lightning_cls.monitoring.drift import (
     FeedbackWindow,
 )
 from lightning_cls.monitoring.label_set_drift import LabelSetWindow, SetFeedbackWindow
+from lightning_cls.serving.gauges import GAUGE, UNREGISTERED, exponential_buckets
 from lightning_cls.serving.prediction_log import LogSettings, PredictionLog
 from lightning_cls.serving.version_metrics import VersionMetrics
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-UNREGISTERED = {"registry": None}  # see the module's docstring
-GAUGE = {"multiprocess_mode": "mostrecent", **UNREGISTERED}  # gauges with one writer (the logger process)
 PRUNE_EVERY = 60.0  # seconds: the logger process applies the retention bound at least this often under traffic
-
-
-# ------------------------------------------------------------------------------------------------ Prometheus wiring
-def enable_multiprocess_metrics(folder: str | Path) -> Path:
-    """Point prometheus-client at ``folder`` (emptied) for this process and every process it starts."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.db"):  # files of an earlier run would be merged into this one's metrics
-        stale.unlink()
-    os.environ[MULTIPROC_ENV] = str(folder)
-    # prometheus-client picks its value class when first imported; switch it in case it was imported already.
-    from prometheus_client import values
-
-    values.ValueClass = values.MultiProcessValue()
-    return folder
-
-
-def collect_metrics() -> tuple[bytes, str]:
-    """The merged metrics of every process of the service, in the Prometheus text format, and its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def exponential_buckets(start: float, factor: float, stop: float) -> list[float]:
-    """Histogram buckets start, start*factor, ... up to and including the first one >= stop."""
-    buckets = [start]
-    while buckets[-1] < stop:
-        buckets.append(buckets[-1] * factor)
-    return buckets
 
 
 # ------------------------------------------------------------------------------------------------ metrics

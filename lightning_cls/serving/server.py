@@ -50,6 +50,7 @@ from lightning_cls.serving.deployment import (
     resolve_slot,
     start_deployment,
 )
+from lightning_cls.serving.gauges import collect_metrics, enable_multiprocess_metrics
 from lightning_cls.serving.http import (
     FEEDBACK_PATH,
     PREDICT_PATH,
@@ -58,12 +59,7 @@ from lightning_cls.serving.http import (
     MetricsMiddleware,
     RequestGuard,
 )
-from lightning_cls.serving.metrics import (
-    AccuracySettings,
-    MonitoringLogger,
-    collect_metrics,
-    enable_multiprocess_metrics,
-)
+from lightning_cls.serving.metrics import AccuracySettings, MonitoringLogger
 from lightning_cls.serving.prediction_log import LogSettings
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 

@@ -29,8 +29,7 @@ from lightning_cls.monitoring.drift import FeedbackWindow
 from lightning_cls.monitoring.label_set_drift import SetFeedbackWindow
 from lightning_cls.store.feedback_store import LabelledAnswer
 
-ROLES = ("champion", "challenger")
-MODES = ("none", "shadow", "canary")
+MODE_LABELS = ("none", "shadow", "canary")
 
 
 def _nan(x: float | None) -> float:
@@ -41,7 +40,7 @@ class VersionMetrics:
     def __init__(self, names: Sequence[str], multi_label: bool, window: int, min_labels: int) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        from lightning_cls.serving.metrics import GAUGE, UNREGISTERED, exponential_buckets
+        from lightning_cls.serving.gauges import GAUGE, UNREGISTERED, exponential_buckets
 
         self.names, self.multi_label, self.window, self.min_labels = list(names), multi_label, window, min_labels
         by_version, by_role = ["version"], ["version", "role"]
@@ -104,7 +103,7 @@ class VersionMetrics:
         self._confidences: dict[str, deque[float]] = {}
         self._agree: dict[str, deque[bool]] = {}
         self._live: dict[str, Any] = {}
-        for mode in MODES:
+        for mode in MODE_LABELS:
             self.mode.labels(mode).set(0)
 
     # ------------------------------------------------------------------------------------------ messages
@@ -122,7 +121,7 @@ class VersionMetrics:
             self._set_estimated(version)
             self._set_live(version)
         self.share.set(value.get("share") or 0.0)
-        for mode in MODES:
+        for mode in MODE_LABELS:
             self.mode.labels(mode).set(1 if (value.get("mode") or "none") == mode else 0)
 
     def batch(self, batch: dict[str, Any]) -> None:

@@ -117,7 +117,7 @@ def epoch_report(probs: np.ndarray, y: np.ndarray, names: Sequence[str], thresho
     return report
 
 
-def format_report(report: dict) -> str:
+def format_label_set_report(report: dict) -> str:
     """The report as text: per-label precision, recall, F1, support, threshold and ECE, then the set scores."""
     width = max([len(name) for name in report["per_label"]] + [10])
     lines = [f"{'':{width}s} {'precision':>9s} {'recall':>9s} {'f1':>9s} {'support':>9s} {'threshold':>9s} {'ece':>9s}"]

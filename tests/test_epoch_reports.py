@@ -1,0 +1,81 @@
+"""The parts of the LightningModule's epoch end and checkpoint hooks, without Lightning: what is logged under which
+name, what is written where, what a checkpoint keeps, and the lexical fusion's steps."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_cls.errors import ConfigError
+from lightning_cls.model.checkpoints import CALIBRATION_KEY, THRESHOLDS_KEY, read_fitted, write_fitted
+from lightning_cls.model.epoch_reports import (
+    Epoch,
+    label_set_report,
+    label_set_scores,
+    single_label_scores,
+    write_label_set_report,
+)
+from lightning_cls.model.lexical_fusion import LexicalFusion
+
+NAMES = ["a", "b", "c"]
+
+
+def epoch(log_dir=None, fit=False, sanity=False):
+    return Epoch("val", fit, sanity, True, 0, 7, None, log_dir, broadcast=lambda value: value)
+
+
+def model(**fitted):
+    state = {"data_reference": None, "temperature": None, "calibration": None, "thresholds": None} | fitted
+    return SimpleNamespace(label_names=NAMES, lexical_fusion=LexicalFusion(None), **state)
+
+
+def test_fitted_state_survives_a_checkpoint_and_an_old_one_changes_nothing():
+    checkpoint = {"hyper_parameters": {"label_names": NAMES}}
+    write_fitted(checkpoint, model(thresholds=(0.3, 0.5, 0.7), calibration={"micro_f1": 0.8}))
+    assert checkpoint[THRESHOLDS_KEY] == [0.3, 0.5, 0.7] and checkpoint[CALIBRATION_KEY] == {"micro_f1": 0.8}
+    loaded = model(temperature=2.0)
+    read_fitted(checkpoint, loaded)
+    assert loaded.thresholds == [0.3, 0.5, 0.7] and loaded.temperature == 2.0  # absent key: kept as it was
+    with pytest.raises(ConfigError, match=r"labels \['c', 'b', 'a'\].*data.labels"):
+        read_fitted({"hyper_parameters": {"label_names": NAMES[::-1]}}, model())
+
+
+def test_scores_are_logged_under_the_stage_and_each_part_of_a_fusion():
+    logits, labels = torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 1])
+    parts = {"neural": {"macro_f1": 0.5, "micro_f1": 0.4}, "lexical": {"macro_f1": 0.25, "micro_f1": 0.2}}
+    scores = single_label_scores("val", logits, labels, 3, parts)
+    assert set(scores) == {"val/acc", "val/f1_macro", "val/f1_macro_neural", "val/f1_macro_lexical"}
+    assert float(scores["val/acc"]) == 0.75
+    report = label_set_report(np.eye(3)[[0, 1, 2]], np.eye(3, dtype=int)[[0, 1, 1]], NAMES, None, None)
+    assert set(label_set_scores("test", report, None)) == {
+        "test/f1_micro", "test/f1_macro", "test/subset_acc", "test/hamming_loss"
+    }  # fmt: skip
+
+
+def test_label_set_report_is_written_by_rank_zero_outside_the_sanity_check(tmp_path):
+    report = label_set_report(np.eye(3), np.eye(3, dtype=int), NAMES, [0.5] * 3, None)
+    write_label_set_report(epoch(tmp_path, sanity=True), report)
+    write_label_set_report(epoch(None), report)  # another rank
+    assert not list(tmp_path.iterdir())
+    write_label_set_report(epoch(tmp_path), report)
+    written = json.loads((tmp_path / "val_report.json").read_text())
+    assert written["stage"] == "val" and written["global_step"] == 7 and written["micro_f1"] == 1.0
+    assert (tmp_path / "val_report.txt").read_text().startswith("val: multi-label")
+
+
+def test_lexical_fusion_fits_its_weight_on_the_rows_to_fit_on():
+    logits, labels, row_ids = torch.randn(40, 3), torch.arange(40) % 3, torch.arange(40)
+    texts = SimpleNamespace(split_texts=lambda stage: (np.arange(40)[::-1], [str(i) for i in range(40)][::-1], None))
+    fusion = LexicalFusion(None)
+    out, parts = fusion.fuse_epoch(epoch(), logits, labels, row_ids, texts)
+    assert out is logits and parts is None  # no expert: the logits as they are
+    fusion.expert = SimpleNamespace(scores=lambda texts: 4 * np.eye(3)[[int(t) % 3 for t in texts]])
+    out, parts = fusion.fuse_epoch(epoch(sanity=True), logits, labels, row_ids, texts)
+    assert out is logits and parts is None  # no weight yet, in the sanity check: not fused, no error
+    with pytest.raises(ConfigError, match="no fusion weight: run `calibrate`"):
+        fusion.fuse_epoch(epoch(), logits, labels, row_ids, texts)
+    fused, parts = fusion.fuse_epoch(epoch(fit=True), logits, labels, row_ids, texts)
+    assert fusion.weight > 0 and parts["lexical_weight"] == fusion.weight
+    assert parts["fused"]["accuracy"] == 1.0 and (fused.argmax(-1) == labels).all()
