@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from jsonargparse import Namespace
@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_cls.arg_parser import OneLineErrorParser
+from lightning_cls.arg_parser import bad_option
 from lightning_cls.atomic import atomic_file
 from lightning_cls.data.datamodule import ScientificTextDataModule
 from lightning_cls.errors import CheckpointError, ConfigError, UserError
@@ -45,8 +45,9 @@ With --ckpt_path, the model is rebuilt from the checkpoint alone (no download of
 Beside the Trainer subcommands: {extra} (each with --help)."""
 
 
-# Subcommands that are not Trainer methods: the module whose `main(argv)` runs each (parsed by jsonargparse or
-# argparse from its signature and docstring). Imported when run, so that `fit` does not import the server's libraries.
+# Subcommands that are not Trainer methods: the module whose `main(argv)` runs each (`arg_parser.run_command`: the
+# options are its function's typed signature and docstring). Imported when run, so that `fit` does not import the
+# server's libraries.
 EXTRA_MODULES = {
     "export": "lightning_cls.export.exporter",
     "serve": "lightning_cls.serving.server",
@@ -73,6 +74,22 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "calibrate": _calibrate,
     **{name: _module_main(module) for name, module in EXTRA_MODULES.items()},
 }
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningArgumentParser that reports a bad option in one line, with the closest valid option, instead of the
+    full usage (`arg_parser.bad_option`, as for the other subcommands); option prefixes are not accepted (a typo that
+    is a prefix of a real option must not pass)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {bad_option(message, ex, self)}\n")
+        self.exit(2)
 
 
 class LearningRateLogger(LearningRateMonitor):

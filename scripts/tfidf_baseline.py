@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import cpu_name, plan_from_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from harness import config_split, cpu_name  # the benchmarks' harness: the same split as every benchmark reads
 
 
 def main() -> None:
@@ -38,10 +36,8 @@ def main() -> None:
     parser.add_argument("--C", type=float, nargs="+", default=[4.0, 16.0, 64.0], help="values tried on val")
     args = parser.parse_args()
 
-    data = yaml.safe_load(args.config.read_text())["data"]
-    path = args.data_path or data["path"]
     start, cpu_start = time.perf_counter(), time.process_time()
-    plan = plan_from_config(data, path)
+    data, plan = config_split(args.config, args.data_path)
     texts = plan.table["text"].to_numpy()
     x = {name: texts[rows] for name, rows in plan.rows.items()}
     y = {name: plan.label_ids[rows] for name, rows in plan.rows.items()}

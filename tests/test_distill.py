@@ -3,6 +3,7 @@ probabilities; a checkpoint that exports, loads, serves and predicts like any ot
 
 from __future__ import annotations
 
+import copy
 import queue
 
 import pytest
@@ -14,6 +15,7 @@ from lightning_cls.export.exporter import export
 from lightning_cls.export.folder import read_export_metadata
 from lightning_cls.export.runtime import InferenceSettings, Runner
 from lightning_cls.lifecycle.distill import DISTILLED_KEY, distill, evenly_spaced, student_checkpoint
+from lightning_cls.lifecycle.distillation import DistillationModule
 from lightning_cls.model.classifier import TextClassifier
 
 
@@ -22,6 +24,49 @@ def test_layers_kept_are_evenly_spaced_and_end_with_the_last():
     assert evenly_spaced(6, 2) == [2, 5] and evenly_spaced(2, 1) == [1] and evenly_spaced(4, 4) == [0, 1, 2, 3]
     with pytest.raises(ExportError, match="--layers must be between 1 and the teacher's 6 layers"):
         evenly_spaced(6, 7)
+
+
+def test_options_out_of_range_are_named_together_before_anything_is_read(tmp_path):
+    with pytest.raises(
+        ExportError, match=r"^--epochs must be at least 1, got 0; --temperature must be positive, got 0"
+    ):
+        distill(str(tmp_path / "missing.ckpt"), str(tmp_path / "student.ckpt"), epochs=0, temperature=0.0)
+
+
+class _BagOfEmbeddings(torch.nn.Module):
+    """A stand-in classifier: forward(input_ids, attention_mask) -> logits (B, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(20, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return (self.embedding(input_ids) * attention_mask[..., None]).sum(1)
+
+
+def test_the_teacher_answers_once_and_the_steps_read_its_logits_by_row_id():
+    torch.manual_seed(0)
+    teacher = _BagOfEmbeddings()
+    module = DistillationModule(copy.deepcopy(teacher), teacher, temperature=2.0)
+    # Batches come in any order: their row ids say which texts they hold.
+    batches = [
+        {
+            "input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+            "row_id": torch.tensor([2, 0]),
+        },
+        {
+            "input_ids": torch.tensor([[6, 7, 8]]),
+            "attention_mask": torch.tensor([[1, 1, 1]]),
+            "row_id": torch.tensor([1]),
+        },
+    ]
+    module.keep_teacher_logits([module.predict_step(batch, i) for i, batch in enumerate(batches)])
+    assert module.teacher is None and module.teacher_logits.shape == (3, 3)
+    for batch in batches:  # a student equal to its teacher diverges by nothing from it
+        assert module.training_step(batch, 0).abs() < 1e-6
+    swapped = module.training_step({**batches[0], "row_id": torch.tensor([0, 2])}, 0)  # the other text's targets
+    assert swapped > 1e-3 and swapped.requires_grad
 
 
 def test_the_student_checkpoint_holds_the_kept_layers_renumbered(trained):
@@ -62,7 +107,7 @@ def test_a_student_trains_on_the_teacher_and_exports_loads_serves_and_predicts(t
     runner = Runner(folder, InferenceSettings(backend="auto"))
     logits = runner.logits(runner.tokenizer(texts, truncation=True, max_length=64)["input_ids"])
     assert logits.shape == (len(texts), len(meta.labels)) and torch.isfinite(logits).all()
-    api = ClassifierAPI(str(folder), 64, max_batch_size=4, inference=InferenceSettings(backend="auto"))
+    api = ClassifierAPI(str(folder), max_batch_size=4, inference=InferenceSettings(backend="auto"))
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     answers = api.predict((texts, 2))

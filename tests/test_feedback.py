@@ -406,11 +406,10 @@ def exported(sample_dir, tmp_path_factory):
 
 
 def api_for(model_dir, **kwargs):
-    from serving_helpers import MAX_LENGTH
 
     from lightning_cls.serving.api import ClassifierAPI
 
-    api = ClassifierAPI(str(model_dir), MAX_LENGTH, max_batch_size=4, **kwargs)
+    api = ClassifierAPI(str(model_dir), max_batch_size=4, **kwargs)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     return api

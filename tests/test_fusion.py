@@ -168,7 +168,6 @@ def test_predict_the_export_the_onnx_path_and_the_service_give_one_fused_answer(
     for backend in ("torch", "onnx"):
         api = ClassifierAPI(
             str(fused_export),
-            metadata.max_length,
             inference=InferenceSettings(backend=backend, precision="fp32"),
             temperature=metadata.temperature,
         )
@@ -226,7 +225,7 @@ def test_a_planted_pickle_is_never_loaded(tmp_path, fused_export):
     payload = pickle.dumps(_Planted(marker))
     for name in ("lexical.pkl", "lexical.joblib", "pytorch_model.bin", "training_args.bin"):
         (folder / name).write_bytes(payload)
-    api = ClassifierAPI(str(folder), 64)  # the folder loads and answers, fused
+    api = ClassifierAPI(str(folder))  # the folder loads and answers, fused
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     assert api.models.champion.model.fusion is not None and api.predict((["galaxies and stars"], 1))[0]["label"]

@@ -348,7 +348,6 @@ def test_the_service_on_the_onnx_backend_answers_as_on_pytorch(onnx_export):
     for backend in ("torch", "onnx"):
         api = ClassifierAPI(
             str(onnx_export),
-            64,
             max_batch_size=4,
             inference=InferenceSettings(backend=backend, precision="fp32"),
             max_windows=4,

@@ -1,11 +1,11 @@
-"""The load test's pure parts: mixed traffic and label agreement against the naive server (scripts/load_test.py)."""
+"""The load test's pure parts: mixed traffic and label agreement against the naive server (benchmarks/load_test.py)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from load_test import label_agreement, mix_short
 

@@ -10,6 +10,7 @@ import pytest
 from serving_helpers import fabricate_export
 
 from lightning_cls.cli import main as cli_main
+from lightning_cls.errors import UserError
 from lightning_cls.monitoring.drift import DriftWindow, drift_report, label_scores, top_label_ece
 
 
@@ -86,7 +87,7 @@ def test_monitor_names_bad_labels(model_dir, tmp_path, labels_csv, message):
     labels = tmp_path / "labels.csv"
     labels.write_text(labels_csv)
     args = ["monitor", "--predictions", str(predictions), "--model_dir", str(model_dir), "--labels", str(labels)]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         cli_main(args)
 
 
@@ -96,5 +97,5 @@ def test_monitor_with_labels_needs_ids_in_the_predictions(model_dir, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("id,label\n1,physics\n")
     args = ["monitor", "--predictions", str(predictions), "--model_dir", str(model_dir), "--labels", str(labels)]
-    with pytest.raises(SystemExit, match="--labels needs an `id` column in the predictions file"):
+    with pytest.raises(UserError, match="--labels needs an `id` column in the predictions file"):
         cli_main(args)

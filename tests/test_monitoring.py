@@ -15,8 +15,9 @@ from serving_helpers import fabricate_export
 
 from lightning_cls.cli import main as cli_main
 from lightning_cls.data.split_cache import split_summary
+from lightning_cls.data.split_reference import length_histogram as length_bins
 from lightning_cls.data.token_cache import TokenizedSplit
-from lightning_cls.export.folder import length_histogram as length_bins
+from lightning_cls.errors import UserError
 from lightning_cls.monitoring.drift import PSI_EPSILON, PSI_WARNING, DriftWindow, drift_report, label_counts, psi
 from lightning_cls.monitoring.monitor import read_predictions
 from lightning_cls.serving.gauges import collect_metrics, enable_multiprocess_metrics
@@ -190,10 +191,10 @@ def test_monitor_checks_that_inputs_and_predictions_line_up(model_dir, tmp_path)
     inputs = tmp_path / "inputs.csv"
     pd.DataFrame({"id": [0, 1, 2], "text": ["a", "b", "c"]}).to_csv(inputs, index=False)
     args = ["monitor", "--predictions", str(predictions), "--model_dir", str(model_dir), "--inputs", str(inputs)]
-    with pytest.raises(SystemExit, match="has 3 texts but the predictions file has 2 rows"):
+    with pytest.raises(UserError, match=r"^monitor: .*has 3 texts but the predictions file has 2 rows"):
         cli_main(args)
     pd.DataFrame({"id": [0, 5], "text": ["a", "b"]}).to_csv(inputs, index=False)
-    with pytest.raises(SystemExit, match=r"disagree on the ids of rows \[1\]"):
+    with pytest.raises(UserError, match=r"disagree on the ids of rows \[1\]"):
         cli_main(args)
-    with pytest.raises(SystemExit, match=r"lightning_cls\.json does not exist"):
+    with pytest.raises(UserError, match=r"lightning_cls\.json does not exist"):
         cli_main(["monitor", "--predictions", str(predictions), "--model_dir", str(tmp_path)])

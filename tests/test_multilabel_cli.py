@@ -162,7 +162,7 @@ def service_answers(folder, backend: str, texts: list[str]) -> list[dict]:
     from lightning_cls.export.runtime import InferenceSettings
     from lightning_cls.serving.api import ClassifierAPI
 
-    api = ClassifierAPI(str(folder), 128, inference=InferenceSettings(backend=backend, precision="fp32"))
+    api = ClassifierAPI(str(folder), inference=InferenceSettings(backend=backend, precision="fp32"))
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     return api.predict((texts, 3))

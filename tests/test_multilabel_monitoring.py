@@ -15,7 +15,7 @@ import pytest
 from test_feedback import multiprocess_metrics  # noqa: F401 (a fixture)
 from test_multilabel_feedback import NAMES, VERSION, set_batch
 
-from lightning_cls.errors import InputError
+from lightning_cls.errors import InputError, UserError
 from lightning_cls.monitoring.drift import DriftThresholds, psi
 from lightning_cls.monitoring.label_set_drift import (
     LabelSetWindow,
@@ -239,12 +239,10 @@ def ml_export(sample_dir, tmp_path_factory):
 def test_the_api_sends_each_answers_label_set_to_the_logger_process(ml_export):
     import queue
 
-    from serving_helpers import MAX_LENGTH
-
     from lightning_cls.data.sample_data import generate_texts
     from lightning_cls.serving.api import ClassifierAPI
 
-    api = ClassifierAPI(str(ml_export), MAX_LENGTH, max_batch_size=4)
+    api = ClassifierAPI(str(ml_export), max_batch_size=4)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     texts, _ = generate_texts(rows_per_label=1, seed=3, rare_rows=0)
@@ -357,9 +355,9 @@ def test_monitor_reads_the_services_label_sets_and_scores_the_true_ones(ml_expor
 
     unknown = tmp_path / "unknown.csv"
     pd.DataFrame({"id": [batch["ids"][0]], "label": [f"{physics}; biology"]}).to_csv(unknown, index=False)
-    with pytest.raises(SystemExit, match=r"label\(s\) \['biology'\] are not among the model's labels"):
+    with pytest.raises(UserError, match=r"label\(s\) \['biology'\] are not among the model's labels"):
         cli_main([*args, "--labels", str(unknown)])
     no_sets = tmp_path / "no_sets.csv"
     pd.read_csv(tmp_path / "predictions.csv").drop(columns="labels").to_csv(no_sets, index=False)
-    with pytest.raises(SystemExit, match="needs the predicted label sets"):
+    with pytest.raises(UserError, match="needs the predicted label sets"):
         cli_main(["monitor", "--predictions", str(no_sets), "--model_dir", str(ml_export), "--labels", str(unknown)])

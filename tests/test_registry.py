@@ -115,7 +115,7 @@ def test_the_command_line(registry, exported, capsys):
     main([*uri, "show", "--name", "cli"])
     shown = json.loads(capsys.readouterr().out)
     assert shown["aliases"] == {"champion": "2", "previous": "1"} and len(shown["history"]) == 4
-    with pytest.raises(SystemExit, match=r"^registry: .*no 'previous'|^registry: .*no 'challenger'"):
+    with pytest.raises(RegistryError, match=r"^registry promote: .*no '(previous|challenger)'"):
         main([*uri, "promote", "--name", "cli"])
 
 

@@ -451,5 +451,5 @@ def test_export_refuses_a_tampered_checkpoint_in_one_line(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main()  # as from the command line
     message = str(exit_info.value.code)
-    assert message.startswith("error: Checkpoint") and str(tampered) in message and "\n" not in message
+    assert message.startswith("error: export: Checkpoint") and str(tampered) in message and "\n" not in message
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from serving_helpers import MAX_LENGTH, fabricate_export
+from serving_helpers import fabricate_export
 
 from lightning_cls.errors import InputError
 from lightning_cls.serving.api import ClassifierAPI
@@ -184,7 +184,7 @@ def two_exports(sample_dir, tmp_path_factory):
 def worker(db: str, model_dir, watching: bool = False) -> ClassifierAPI:
     """A worker's API on the deployment in ``db``; without ``watching`` its watch thread is stopped and the tests
     look for a new deployment themselves (`poll_once`)."""
-    api = ClassifierAPI(str(model_dir), MAX_LENGTH, max_batch_size=8, deployment_db=db)
+    api = ClassifierAPI(str(model_dir), max_batch_size=8, deployment_db=db)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     if not watching:

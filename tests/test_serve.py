@@ -87,9 +87,7 @@ def test_batched_answers_equal_single_text_answers(sample_dir, tmp_path, family)
     """Texts of several requests batched together (and padded to the longest) get the answers they get alone."""
     tokenizer = tokenizer_for(sample_dir, family)
     model_dir = fabricate_export(tokenizer, tmp_path / "model", model_config=TINY_CONFIGS[family])
-    api = ClassifierAPI(
-        str(model_dir), MAX_LENGTH, max_batch_size=4, inference=InferenceSettings(max_batch_tokens=3 * MAX_LENGTH)
-    )
+    api = ClassifierAPI(str(model_dir), max_batch_size=4, inference=InferenceSettings(max_batch_tokens=3 * MAX_LENGTH))
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     texts, _ = generate_texts(rows_per_label=1, seed=11, rare_rows=0)

@@ -1,6 +1,6 @@
 """Nothing served is lost (issue #21), on real servers (slow): a locked database under traffic, a kill -9 during a
 lock (the spill file replayed at the next start), a SIGTERM under load, and /info's batching values.
-The long version of each, measured: scripts/durability_check.py and experiments/serving_durability/."""
+The long version of each, measured: benchmarks/durability_check.py and experiments/serving_durability/."""
 
 from __future__ import annotations
 

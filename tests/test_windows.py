@@ -147,7 +147,7 @@ def test_serving_reads_long_texts_as_windows_batched_across_requests(sample_dir,
 
     model_dir = fabricate_export(sample_dir / "wordpiece", tmp_path / "model", max_length=16)
     budget = InferenceSettings(max_batch_tokens=40)  # windows of several texts in one pass, and several passes
-    api = ClassifierAPI(str(model_dir), 16, max_batch_size=4, inference=budget, max_windows=6, window_stride=10)
+    api = ClassifierAPI(str(model_dir), max_batch_size=4, inference=budget, max_windows=6, window_stride=10)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     texts = [long_text(200, 1), "short", long_text(8, 2), long_text(30, 3)]

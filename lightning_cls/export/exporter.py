@@ -24,6 +24,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 
 from lightning_cls import __version__
+from lightning_cls.arg_parser import run_command
 from lightning_cls.atomic import atomic_folder
 from lightning_cls.data.tables import read_text_chunks
 from lightning_cls.data.tokenization import load_tokenizer
@@ -403,8 +404,5 @@ def export(
 
 
 def main(argv: list[str]) -> Path:
-    """`python -m lightning_cls export ...`; an ``ExportError`` (or any user error) reaches `cli.main`, which reports
-    it in one line."""
-    from jsonargparse import CLI
-
-    return CLI(export, args=argv, as_positional=False, prog="python -m lightning_cls export")
+    """`python -m lightning_cls export --ckpt_path CKPT --output_dir DIR ...`."""
+    return run_command(export, argv, "export", config_file=True)

@@ -2,8 +2,7 @@
 reference) and how a folder is loaded. `export` writes this format; `serve`, `monitor` and `predict` read it.
 
 The training data reference is what monitoring compares live traffic with: the training split's label counts and
-its token lengths in decile bins. `length_bin_edges` / `length_histogram` are the one binning used to make the
-reference and to bin live traffic, so that the two always agree.
+its token lengths in decile bins (`lightning_cls.data.split_reference`, which owns the one binning).
 """
 
 from __future__ import annotations
@@ -14,13 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_cls.data.split_reference import (  # noqa: F401  (re-exported: readers of the folder's reference)
-    SplitReference,
-    TokenLengths,
-    length_bin_edges,
-    length_histogram,
-    window_histogram,
-)
+from lightning_cls.data.split_reference import SplitReference
 from lightning_cls.errors import InputError
 from lightning_cls.task import Task, task_for
 

@@ -35,7 +35,7 @@ def read_test_report(path: str | Path) -> dict[str, Any]:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ExportError(f"--test_report {path} cannot be read as a test report ({err}).") from None
-    if not isinstance(report, dict) or "macro_f1" not in report:
+    if not isinstance(report, dict) or "macro_f1" not in report:  # both tasks' reports have it
         raise ExportError(f"--test_report {path} is not a test report (no macro_f1): use test_report.json of `test`.")
     return report
 
@@ -52,6 +52,7 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
         "tags": ["lightning_cls", "text-classification", "scientific-text"],
         "base_model": hparams.get("model_name_or_path"),
     }
+    task = metadata.task(use_temperature=False)  # one label or a label set: the card says which, and scores it so
     if test_report is not None:
         header["model-index"] = [
             {
@@ -60,8 +61,9 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
                     {
                         "task": {"type": "text-classification"},
                         "metrics": [
-                            {"type": "f1", "name": "macro-F1 (test)", "value": round(test_report["macro_f1"], 4)},
-                            {"type": "accuracy", "name": "accuracy (test)", "value": round(test_report["accuracy"], 4)},
+                            {"type": key, "name": f"{name} (test)", "value": round(test_report[key], 4)}
+                            for key, name in task.headline
+                            if isinstance(test_report.get(key), int | float)
                         ],
                     }
                 ],
@@ -72,8 +74,8 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
         "# Subject classifier for scientific text",
         "",
         f"A sequence classifier fine-tuned from `{hparams.get('model_name_or_path')}` with "
-        "[lightning_cls](https://github.com/) to tag papers and articles with one of "
-        f"{len(metadata.labels)} subjects. Exported from `{metadata.checkpoint}` on {metadata.exported_at} "
+        "[lightning_cls](https://github.com/) to tag papers and articles with their subjects: each text gets "
+        f"{task.describe()}. Exported from `{metadata.checkpoint}` on {metadata.exported_at} "
         f"(lightning_cls {metadata.lightning_cls_version}).",
         "",
         "## Labels",
@@ -107,14 +109,15 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
     if calibration and calibration.get("accuracy") is not None:
         out.append(f"- validation accuracy: {_fmt(calibration['accuracy'])}")
     if test_report is not None:
-        out.append(
-            f"- test ({test_report['rows']} texts): accuracy {_fmt(test_report['accuracy'])}, macro-F1 "
-            f"{_fmt(test_report['macro_f1'])}, weighted F1 {_fmt(test_report['weighted_f1'])}"
-        )
+        scores = [(name, test_report.get(key)) for key, name in task.headline]
+        if "weighted_f1" in test_report:
+            scores.append(("weighted F1", test_report["weighted_f1"]))
+        out.append(f"- test ({test_report['rows']} texts): " + ", ".join(f"{n} {_fmt(v)}" for n, v in scores))
         out += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        per_label = test_report.get("per_label" if task.multi_label else "per_class", {})
         out += [
             f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
-            for name, m in test_report.get("per_class", {}).items()
+            for name, m in per_label.items()
         ]
     elif not calibration:
         out.append("No metrics given (export with `--test_report runs/.../test_report.json` to quote the test split).")
@@ -132,7 +135,14 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
         ]
     out += ["", "## Calibration", ""]
     temperature = metadata.temperature
-    if temperature is not None and calibration:
+    if task.multi_label:
+        thresholds = ", ".join(f"{name} {t:.2f}" for name, t in zip(metadata.labels, metadata.thresholds, strict=True))
+        out.append(
+            f"Per-label decision thresholds fitted on the validation split: {thresholds}. `serve` and `predict` answer "
+            "each label's sigmoid and the set of labels at or above their thresholds; `transformers.pipeline` on this "
+            "folder gives the sigmoids alone."
+        )
+    elif temperature is not None and calibration:
         before, after = calibration.get("before", {}), calibration.get("after", {})
         out.append(
             f"Temperature scaling fitted on the validation split: T = {temperature:.4f}. Expected calibration error "
@@ -149,7 +159,7 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
         "- Intended use: suggesting the subject of English scientific abstracts and articles among the labels above,",
         "  with a person or a downstream rule deciding on low-confidence answers (`serve --min_confidence`).",
         "- Trained on arXiv abstracts: other kinds of text (news, patents, titles alone) and subjects outside the",
-        "  labels get a confident-looking label all the same. Every text gets one of the labels above.",
+        "  labels get a confident-looking label all the same. Every text gets at least one of the labels above.",
         f"- Texts are {reading}; what lies past that is not read.",
         "- Papers written after the training data drift in vocabulary and subject mix: watch the drift and",
         "  accuracy gauges of `serve` (docs/monitoring.md), and send true labels to POST /feedback.",

@@ -66,7 +66,7 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 # Most padding tokens one forward pass may carry. On a CPU compute grows with the tokens of a pass, padding
 # included, and a pass has a fixed cost: for MiniLM here about as much as 18 more tokens in torch fp32 and 4 in
 # ONNX int8 (a linear fit of the time of passes from 1x8 to 4x128 tokens, one thread, the machine otherwise idle:
-# scripts/bench_pass_cost.py; 16-20 for both on a loaded machine). The bound is set near fp32's, what runs by
+# benchmarks/bench_pass_cost.py; 16-20 for both on a loaded machine). The bound is set near fp32's, what runs by
 # default. A short text joins a pass of long ones only while the pass's padding stays under it, so a burst of short
 # queries and long abstracts runs as a long pass and a short one instead of every query padded to the longest
 # abstract. GPU: padding is nearly free next to a kernel launch; no bound (not measured here: no GPU was lent).

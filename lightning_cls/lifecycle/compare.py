@@ -21,7 +21,6 @@ An empty set is reported as empty, with the reason, never left out.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import warnings
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_cls.arg_parser import run_command
 from lightning_cls.atomic import atomic_file
 from lightning_cls.data.feedback import (
     format_time,
@@ -41,8 +41,6 @@ from lightning_cls.data.feedback import (
 )
 from lightning_cls.errors import ConfigError, UserError
 from lightning_cls.task import Task
-
-PROG = "python -m lightning_cls compare"
 
 
 @dataclass
@@ -302,12 +300,6 @@ def format_comparison(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    """`python -m lightning_cls compare --champion DIR --challenger DIR --config CFG [...]`; a user error reaches
-    `cli.main`, which reports it in one line."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog=PROG, description=inspect.getdoc(compare).split("\n\n")[0])
-    # `--config` is the training config whose test split is scored (a parameter), not a config of this command.
-    parser.add_function_arguments(compare, as_group=False)
-    values = parser.parse_args(argv).as_dict()
-    return compare(**{name: values[name] for name in inspect.signature(compare).parameters})
+    """`python -m lightning_cls compare --champion DIR --challenger DIR --config CFG [...]`. Its `--config` is the
+    training config whose test split is scored (a parameter), not a config file of this command."""
+    return run_command(compare, argv, "compare")

@@ -3,7 +3,8 @@
 The student is the teacher with fewer transformer layers (default: half, evenly spaced and ending with the last, e.g.
 layers 1, 3, 5 of 6), initialised from the teacher's weights (embeddings, the kept layers, the head), then trained
 to give the teacher's probabilities (soft targets at a temperature, KL divergence) on texts of the training split;
-the true labels are not used. What comes out is a checkpoint like any other, with the teacher's data settings: `export`
+the true labels are not used. The training is a LightningModule (`distillation.py`) run by a Trainer, on batches of
+the project's own collator; what comes out is a checkpoint like any other, with the teacher's data settings: `export`
 measures it on the validation split (macro-F1 beside the teacher's is the accuracy it costs), `serve` and `predict`
 run it.
 
@@ -18,8 +19,7 @@ A teacher's temperature, calibration and lexical fusion weight were fitted to it
 from __future__ import annotations
 
 import copy
-import math
-import os
+import io
 import re
 import time
 from pathlib import Path
@@ -27,9 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
+from torch.utils.data import DataLoader, Sampler
 
+from lightning_cls.atomic import atomic_file
+from lightning_cls.data.samplers import LengthGroupedSampler, LengthSortedSampler
+from lightning_cls.data.token_cache import TokenizedSplit
+from lightning_cls.data.tokenization import PadCollator, load_tokenizer, tokenize
 from lightning_cls.errors import ExportError
+from lightning_cls.lifecycle.distillation import DistillationModule, distillation_trainer, quiet_lightning
 from lightning_cls.model.checkpoints import (
     ADAPTER_ONLY_KEY,
     CALIBRATION_KEY,
@@ -38,6 +43,7 @@ from lightning_cls.model.checkpoints import (
     TEMPERATURE_KEY,
     load_checkpoint,
 )
+from lightning_cls.model.classifier import TextClassifier
 
 # A key of the student checkpoint: how it was made (teacher, layers kept, texts, epochs, the KL before and after).
 DISTILLED_KEY = "lightning_cls_distilled"
@@ -90,27 +96,38 @@ def student_checkpoint(checkpoint: dict[str, Any], layers: int | None) -> tuple[
     return {**student, "hyper_parameters": hparams, "state_dict": state}, keep
 
 
-def _batches(lengths: list[int], rows: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
-    """Batches of `rows` texts of similar length (sorted, then cut); in a seeded random order when `rng` is given."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches = [order[i : i + rows] for i in range(0, len(order), rows)]
-    if rng is not None:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
 # Batches are padded to a multiple of this many tokens: bf16 on a CPU builds a kernel for every new input shape (its
 # first pass measured several times slower than fp32 here), and a few widths keep the shapes few.
 PAD_MULTIPLE = 64
+# The divergence before and after training is read on (up to) this many of the training texts.
+HELD_TEXTS = 512
 
 
-def _pad(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = -(-max(len(row) for row in ids) // PAD_MULTIPLE) * PAD_MULTIPLE
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    return input_ids, mask
+def check_options(texts: int, epochs: int, batch_size: int, learning_rate: float, temperature: float) -> None:
+    """Raise one `ExportError` naming every option out of its range."""
+    rules = [
+        ("texts", texts, texts >= 1, "at least 1"),
+        ("epochs", epochs, epochs >= 1, "at least 1"),
+        ("batch_size", batch_size, batch_size >= 1, "at least 1"),
+        ("learning_rate", learning_rate, learning_rate > 0, "positive"),
+        ("temperature", temperature, temperature > 0, "positive"),
+    ]
+    problems = [f"--{name} must be {rule}, got {value}" for name, value, ok, rule in rules if not ok]
+    if problems:
+        raise ExportError("; ".join(problems) + ".")
+
+
+def _loader(split: TokenizedSplit, batch_size: int, sampler: Sampler, collator: PadCollator) -> DataLoader:
+    return DataLoader(split, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+
+
+def _student(checkpoint: dict[str, Any]) -> TextClassifier:
+    """The student `TextClassifier` built from its checkpoint dictionary, in memory (as `load_from_checkpoint` would
+    from a file: its config, its fitted values, its weights)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return TextClassifier.load_from_checkpoint(buffer, map_location="cpu", weights_only=True, compile=False)
 
 
 def distill(
@@ -140,96 +157,50 @@ def distill(
         bf16: Run teacher and student under bf16 autocast (default: where the CPU or GPU runs bf16 well).
         seed: Seed of the sample, the batch order and dropout.
     """
-    from lightning_cls.data.tokenization import load_tokenizer
     from lightning_cls.export.exporter import split_sample
     from lightning_cls.export.runtime import detect_hardware
-    from lightning_cls.model.classifier import TextClassifier
 
     out = Path(output)
     if out.exists():
         raise ExportError(f"--output {out} exists: choose another path.")
+    check_options(texts, epochs, batch_size, learning_rate, temperature)
     torch.manual_seed(seed)
     checkpoint = load_checkpoint(ckpt_path)
     student_ckpt, keep = student_checkpoint(checkpoint, layers)
     sample, _, source = split_sample(checkpoint, "train", texts)
     teacher = TextClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, compile=False)
-    teacher = teacher.model.eval()
     hp = checkpoint["hyper_parameters"]
     tokenizer = load_tokenizer(hp.get("tokenizer") or hp["model_name_or_path"])
     reference = checkpoint.get(DATA_REFERENCE_KEY) or {}
     max_length = int(reference.get("max_length") or checkpoint["datamodule_hyper_parameters"]["max_length"])
-    ids = tokenizer(sample, truncation=True, max_length=max_length)["input_ids"]
-    pad = int(tokenizer.pad_token_id)
-    use_bf16 = detect_hardware("cpu").bf16 if bf16 is None else bf16
-    autocast = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": use_bf16}
+    ids = tokenize(tokenizer, sample, max_length)
+    split = TokenizedSplit.from_lists(ids, labels=[], row_ids=np.arange(len(ids)))  # row id = index of the text
+    held = TokenizedSplit.from_lists(ids[:HELD_TEXTS], labels=[], row_ids=np.arange(min(len(ids), HELD_TEXTS)))
+    collator = PadCollator(int(tokenizer.pad_token_id), PAD_MULTIPLE, tokenizer.padding_side)
+    use_bf16 = detect_hardware("cuda" if torch.cuda.is_available() else "cpu").bf16 if bf16 is None else bf16
     print(
         f"teacher {ckpt_path}: {len(keep)} of its layers kept ({keep}); {len(ids)} texts from {source}; bf16 {use_bf16}"
     )
 
-    start = time.perf_counter()
-    targets = torch.empty(len(ids), int(teacher.config.num_labels))
-    with torch.inference_mode(), torch.autocast(**autocast):
-        for rows in _batches([len(r) for r in ids], 32):
-            input_ids, mask = _pad([ids[i] for i in rows], pad)
-            targets[torch.as_tensor(rows)] = teacher(input_ids=input_ids, attention_mask=mask).logits.float()
-    del teacher
-    print(f"teacher logits of {len(ids)} texts in {time.perf_counter() - start:.0f} s")
+    module = DistillationModule(_student(student_ckpt), teacher, temperature, learning_rate)
+    del teacher  # the module drops it once it has its logits
+    with quiet_lightning():
+        trainer = distillation_trainer(epochs, use_bf16)
+        start = time.perf_counter()
+        answers = trainer.predict(module, _loader(split, 32, LengthSortedSampler(split.lengths), collator))
+        module.keep_teacher_logits(answers)
+        print(f"teacher logits of {len(ids)} texts in {time.perf_counter() - start:.0f} s")
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(student_ckpt, tmp)
-    try:
-        lit = TextClassifier.load_from_checkpoint(tmp, map_location="cpu", weights_only=True, compile=False)
-    finally:
-        tmp.unlink(missing_ok=True)
-    model = lit.model.train()
-
-    def divergence(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        soft = F.log_softmax(teacher_logits / temperature, -1)
-        return F.kl_div(F.log_softmax(logits.float() / temperature, -1), soft, log_target=True, reduction="batchmean")
-
-    held = np.arange(min(len(ids), 512))  # the divergence before and after is read on (up to) 512 of the texts
-
-    def mean_divergence() -> float:
-        model.eval()
-        total = 0.0
-        with torch.inference_mode(), torch.autocast(**autocast):
-            for rows in _batches([len(ids[i]) for i in held], 32):
-                input_ids, mask = _pad([ids[i] for i in held[rows]], pad)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-                total += float(divergence(logits, targets[torch.as_tensor(held[rows])])) * len(rows)
-        model.train()
-        return total / len(held)
-
-    before = mean_divergence()
-    rng = np.random.default_rng(seed)
-    steps = epochs * math.ceil(len(ids) / batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, int(0.06 * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
-    step, start = 0, time.perf_counter()
-    for epoch in range(epochs):
-        for rows in _batches([len(r) for r in ids], batch_size, rng):
-            input_ids, mask = _pad([ids[i] for i in rows], pad)
-            with torch.autocast(**autocast):
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-            loss = divergence(logits, targets[torch.as_tensor(rows)]) * temperature**2
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step % 50 == 0 or step == steps:
-                print(
-                    f"epoch {epoch} step {step}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)"
-                )
-    after = mean_divergence()
+        held_loader = _loader(held, 32, LengthSortedSampler(held.lengths), collator)
+        before = trainer.validate(module, held_loader, verbose=False)[0]["kl"]
+        start = time.perf_counter()
+        # Batches of similar lengths in a seeded order, another each epoch (the Trainer sets the sampler's epoch).
+        sampler = LengthGroupedSampler(split.lengths, batch_size, seed)
+        trainer.fit(module, _loader(split, batch_size, sampler, collator))
+        after = trainer.validate(module, held_loader, verbose=False)[0]["kl"]
     print(f"KL divergence from the teacher (T={temperature}), {len(held)} training texts: {before:.4g} -> {after:.4g}")
 
-    student_ckpt["state_dict"] = {k: v.detach().clone() for k, v in lit.state_dict().items()}
+    student_ckpt["state_dict"] = {k: v.detach().cpu().clone() for k, v in module.student.state_dict().items()}
     student_ckpt[DISTILLED_KEY] = {
         "teacher": str(Path(ckpt_path).resolve()),
         "layers_kept": keep,
@@ -240,16 +211,17 @@ def distill(
         "kl_after": float(f"{after:.4g}"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    torch.save(student_ckpt, tmp)
-    os.replace(tmp, out)  # whole or not at all
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as tmp:  # whole or not at all
+        torch.save(student_ckpt, tmp)
     print(f"Student checkpoint: {out}")
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from jsonargparse import CLI
+    from lightning_cls.arg_parser import run_command
 
-    return CLI(distill, args=argv, as_positional=False, prog="python -m lightning_cls distill")
+    return run_command(distill, argv, "distill", config_file=True)
 
 
 if __name__ == "__main__":

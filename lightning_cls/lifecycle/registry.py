@@ -16,7 +16,6 @@ Every failure of the registry (unreachable server, unknown model, alias or versi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_cls.arg_parser import run_command
 from lightning_cls.errors import UserError
 from lightning_cls.export.folder import METADATA_FILE, read_export_metadata
 
@@ -296,44 +296,76 @@ def export_metrics(meta: Any) -> dict[str, float]:
     return out
 
 
+class RegistryCommand:
+    """`python -m lightning_cls registry [--registry_uri URI] ACTION ...`: each action a method, its options the
+    method's parameters; the answer is printed as JSON."""
+
+    def __init__(self, registry_uri: str | None = None) -> None:
+        """
+        Args:
+            registry_uri: MLflow tracking and registry URI (default: $MLFLOW_TRACKING_URI, else
+                sqlite:///runs/mlflow/mlflow.db)
+        """
+        self.registry = Registry(registry_uri)
+
+    def register(self, export_dir: str, name: str, alias: str | None = None, note: str = "") -> dict[str, Any]:
+        """register an exported folder as a new version
+
+        Args:
+            export_dir: the exported folder (`python -m lightning_cls export`)
+            name: the registered model's name
+            alias: e.g. challenger
+            note: recorded with the version
+        """
+        return self.registry.register(export_dir, name, alias, note).to_dict()
+
+    def alias(self, name: str, alias: str, version: str, reason: str = "") -> Any:
+        """point an alias at a version (recorded)
+
+        Args:
+            name: the registered model's name
+            alias: e.g. champion, challenger
+            version: the version it points at
+            reason: recorded with the move
+        """
+        return self.registry.set_alias(name, alias, version, reason)
+
+    def promote(self, name: str, reason: str = "promote") -> Any:
+        """the challenger becomes the champion (the champion becomes the previous one)
+
+        Args:
+            name: the registered model's name
+            reason: recorded with the move
+        """
+        return self.registry.promote(name, reason)
+
+    def rollback(self, name: str, reason: str = "rollback") -> Any:
+        """the previous champion becomes the champion again
+
+        Args:
+            name: the registered model's name
+            reason: recorded with the move
+        """
+        return self.registry.rollback(name, reason)
+
+    def show(self, name: str) -> dict[str, Any]:
+        """the aliases of a registered model and the history of their moves
+
+        Args:
+            name: the registered model's name
+        """
+        return {"aliases": self.registry.aliases(name), "history": self.registry.history(name)}
+
+    def resolve(self, uri: str, /) -> dict[str, Any]:
+        """download a models:/ reference, print its folder
+
+        Args:
+            uri: models:/NAME@ALIAS or models:/NAME/VERSION
+        """
+        return self.registry.resolve(uri).to_dict()
+
+
 def main(argv: list[str]) -> None:
     """`python -m lightning_cls registry register|alias|promote|rollback|show|resolve ...`."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_cls registry", description=__doc__.split("\n\n")[0])
-    default = f"default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI}"
-    parser.add_argument("--registry_uri", help=f"MLflow tracking and registry URI ({default})")
-    commands = parser.add_subparsers(dest="command", required=True)
-    register = commands.add_parser("register", help="register an exported folder as a new version")
-    register.add_argument("--export_dir", required=True)
-    register.add_argument("--name", required=True)
-    register.add_argument("--alias", help="e.g. challenger")
-    register.add_argument("--note", default="")
-    alias = commands.add_parser("alias", help="point an alias at a version (recorded)")
-    alias.add_argument("--name", required=True)
-    alias.add_argument("--alias", required=True)
-    alias.add_argument("--version", required=True)
-    alias.add_argument("--reason", default="")
-    for command in ("promote", "rollback", "show"):
-        sub = commands.add_parser(command)
-        sub.add_argument("--name", required=True)
-        if command != "show":
-            sub.add_argument("--reason", default=command)
-    resolve = commands.add_parser("resolve", help="download a models:/ reference, print its folder")
-    resolve.add_argument("uri")
-    args = parser.parse_args(argv)
-    try:
-        registry = Registry(args.registry_uri)
-        if args.command == "register":
-            out: Any = registry.register(args.export_dir, args.name, args.alias, args.note).to_dict()
-        elif args.command == "alias":
-            out = registry.set_alias(args.name, args.alias, args.version, args.reason)
-        elif args.command == "promote":
-            out = registry.promote(args.name, args.reason)
-        elif args.command == "rollback":
-            out = registry.rollback(args.name, args.reason)
-        elif args.command == "show":
-            out = {"aliases": registry.aliases(args.name), "history": registry.history(args.name)}
-        else:
-            out = registry.resolve(args.uri).to_dict()
-    except UserError as err:
-        raise SystemExit(f"registry: {err}") from None
+    out = run_command(RegistryCommand, argv, "registry", description=__doc__.split("\n\n")[0])
     print(json.dumps(out, indent=2))

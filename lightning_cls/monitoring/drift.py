@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from lightning_cls.data.split_reference import length_histogram
 from lightning_cls.errors import InputError
-from lightning_cls.export.folder import length_histogram
+from lightning_cls.task.scores import task_scores
 
 # Proportions below this are raised to it before the PSI's logarithm: an empty bin on either side would otherwise
 # give an infinite index. 1e-4 keeps one empty bin that held 10% of the reference at about 0.1 * ln(0.1 / 1e-4)
@@ -63,11 +64,6 @@ class DriftThresholds:
     low_confidence: float = LOW_CONFIDENCE
     psi_warning: float = PSI_WARNING
     low_confidence_warning: float = LOW_CONFIDENCE_WARNING
-
-    @classmethod
-    def pick(cls, values: dict[str, Any]) -> DriftThresholds:
-        """The thresholds among parsed command-line values (the other keys are left alone)."""
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
 
 
 DEFAULT_THRESHOLDS = DriftThresholds()
@@ -243,22 +239,14 @@ class DriftWindow:
 # ------------------------------------------------------------------------------------------------ against true labels
 def label_scores(true: Sequence[str], predicted: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 of predicted labels against true ones (the model's ``names``; unknown ones are an
-    error naming them). Macro-F1 as `evaluation.classification_report` and torchmetrics compute it: a class that
-    is neither present nor predicted does not count (a window of one subject is not marked down for the nine
-    others). None for both when there are no rows."""
+    error naming them), as the task scores them (`lightning_cls.task.scores.task_scores`: a class that is neither
+    present nor predicted does not count, so a window of one subject is not marked down for the nine others). None
+    for both when there are no rows."""
     if len(true) != len(predicted):
         raise ValueError(f"{len(true)} true labels but {len(predicted)} predicted ones.")
-    k = len(names)
     if not len(true):
         return {"rows": 0, "accuracy": None, "macro_f1": None}
-    t, p = label_positions(true, names), label_positions(predicted, names)
-    confmat = np.bincount(t * k + p, minlength=k * k).reshape(k, k)  # rows: true, columns: predicted
-    tp, support, guessed = np.diag(confmat), confmat.sum(1), confmat.sum(0)
-    precision = np.divide(tp, guessed, out=np.zeros(k), where=guessed > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = (support + guessed) > 0
-    return {"rows": len(true), "accuracy": float(tp.sum() / len(true)), "macro_f1": float(f1[present].mean())}
+    return {"rows": len(true), **task_scores(label_positions(predicted, names), label_positions(true, names))}
 
 
 def top_label_ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:

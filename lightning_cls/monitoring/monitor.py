@@ -11,7 +11,6 @@ names separated by ";") scored by micro-F1, macro-F1, subset accuracy and per la
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
@@ -21,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_cls.errors import DataError, InputError
+from lightning_cls.arg_parser import run_command
+from lightning_cls.errors import InputError
 from lightning_cls.export.folder import read_export_metadata
 from lightning_cls.monitoring.drift import (
     DEFAULT_THRESHOLDS,
@@ -35,7 +35,6 @@ from lightning_cls.monitoring.label_set_drift import parse_label_sets, set_drift
 
 log = logging.getLogger(__name__)
 
-PROG = "python -m lightning_cls monitor"
 PREDICTION_COLUMNS = "label (predicted) and probability (its probability); optionally token_length or text"
 
 
@@ -408,18 +407,7 @@ def monitor(
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    """`python -m lightning_cls monitor --predictions FILE --model_dir DIR`."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
+    """`python -m lightning_cls monitor --predictions FILE --model_dir DIR`: flat flags, as users type them
+    (--psi_warning, not --thresholds.psi_warning)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = ArgumentParser(prog=PROG, description=inspect.getdoc(monitor).split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
-    # Flat flags, as users type them: --psi_warning, not --thresholds.psi_warning.
-    parser.add_function_arguments(monitor, as_group=False, skip={"thresholds"})
-    parser.add_class_arguments(DriftThresholds, as_group=False)
-    values = parser.parse_args(argv).as_dict()
-    names = [name for name in inspect.signature(monitor).parameters if name != "thresholds"]
-    try:
-        return monitor(**{name: values[name] for name in names}, thresholds=DriftThresholds.pick(values))
-    except (InputError, DataError) as err:
-        raise SystemExit(f"monitor: {err}") from None
+    return run_command(monitor, argv, "monitor", config_file=True)

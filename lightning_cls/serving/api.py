@@ -66,7 +66,8 @@ class ClassifierAPI(ls.LitAPI):
     ``model_dir``: the export answering when there is no ``deployment_db`` (tests, tools); with one, the worker
     answers with the deployment recorded there (`serving.deployment`: serve records it at start).
     ``use_temperature``: answer softmax(logits / T) with each export's temperature T, the calibrated probabilities
-    (False: the plain softmax). ``temperature`` overrides the champion's (None: as ``use_temperature`` says).
+    (False: the plain softmax; `serve` passes its --use_temperature, true by default). ``temperature``: the
+    champion's temperature instead of its export's (None: its export's, as ``use_temperature`` says).
     ``min_confidence``: an answer whose probability is below it says ``"abstained": true`` (and keeps its label).
     ``id_key``: the feedback database's key for prediction ids (`FeedbackStore.id_key`).
     ``keep_texts``: send the texts to the logger process, which stores them with the predictions (retraining).
@@ -75,7 +76,6 @@ class ClassifierAPI(ls.LitAPI):
     def __init__(
         self,
         model_dir: str,
-        max_length: int,
         max_batch_size: int = 16,
         batch_timeout: float = 0.002,
         inference: InferenceSettings | None = None,
@@ -85,18 +85,17 @@ class ClassifierAPI(ls.LitAPI):
         temperature: float | None = None,
         min_confidence: float | None = None,
         id_key: bytes | None = None,
-        use_temperature: bool | None = None,
+        use_temperature: bool = False,
         deployment_db: str | None = None,
         keep_texts: bool = False,
     ) -> None:
         with warnings.catch_warnings():  # LitServe warns when batch/unbatch exist but max_batch_size is 1: fine here
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=PREDICT_PATH)
-        self.model_dir, self.max_length = str(model_dir), max_length
+        self.model_dir = str(model_dir)
         self.inference, self.num_threads = inference or InferenceSettings(), num_threads
         self.max_windows, self.window_stride = max_windows, window_stride
-        # Without use_temperature (older callers): the temperature given, or none (the plain softmax).
-        self.use_temperature = use_temperature if use_temperature is not None else temperature is not None
+        self.use_temperature = use_temperature
         self.temperature, self.min_confidence = temperature, min_confidence
         # Ids POST /feedback can recognise as this database's (`prediction_log.IdIssuer`; None: a key of its own).
         self.ids = IdIssuer(id_key)

@@ -32,17 +32,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from lightning_cls.arg_parser import run_command
 from lightning_cls.errors import InputError, UserError
 from lightning_cls.store.feedback_store import FeedbackStore, model_version
 
 log = logging.getLogger(__name__)
 
-MODES = ("shadow", "canary")
+Mode = Literal["shadow", "canary"]
+MODES = get_args(Mode)
 ACTIONS = ("set", "promote", "rollback")
 DEPLOYMENT_PATH = "/deployment"
 
@@ -383,45 +385,97 @@ def start_deployment(db_path: str, champion: Slot, challenger: Slot | None, mode
 
 
 # ------------------------------------------------------------------------------------------------ the command
+class ServiceError(UserError):
+    """The running service refused a change or could not be reached; the message gives its status and reason."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """The running service that `python -m lightning_cls deployment` talks to.
+
+    Args:
+        url: the service
+        api_key_env: variable holding the API key
+        timeout: seconds to wait (a registry download)
+    """
+
+    url: str = "http://127.0.0.1:8000"
+    api_key_env: str = "LIGHTNING_CLS_API_KEY"
+    timeout: float = 600.0
+
+    def call(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """GET /deployment (``body`` None) or POST it; the service's JSON answer. A refusal or no answer is a
+        ``ServiceError`` naming the status and the service's reason."""
+        import os
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url.rstrip('/')}{DEPLOYMENT_PATH}", data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, AttributeError):
+                detail = json.loads(detail).get("detail", detail)
+            raise ServiceError(f"{err.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise ServiceError(f"{self.url} is unreachable: {err}") from None
+
+
+def show(service: Service = Service()) -> dict[str, Any]:
+    """the deployment now and its history"""
+    return service.call()
+
+
+def set_deployment(
+    champion: str | None = None,
+    challenger: str | None = None,
+    mode: Mode | None = None,
+    share: float | None = None,
+    reason: str = "",
+    service: Service = Service(),
+) -> dict[str, Any]:
+    """name the champion, the challenger beside it, its mode and share (the ones not given stay)
+
+    Args:
+        champion: set: the model that answers (an export folder or models:/NAME@ALIAS)
+        challenger: set: the model beside it ('none': no challenger)
+        mode: set: how the challenger runs
+        share: set: share of the requests it sees (shadow) or answers (canary)
+        reason: recorded with the change
+    """
+    body: dict[str, Any] = {"action": "set", "reason": reason}
+    body |= {k: v for k, v in {"champion": champion, "mode": mode, "share": share}.items() if v is not None}
+    if challenger is not None:
+        body["challenger"] = None if challenger.lower() == "none" else challenger
+    return service.call(body)
+
+
+def promote(reason: str = "", service: Service = Service()) -> dict[str, Any]:
+    """the challenger becomes the champion, the champion the previous one
+
+    Args:
+        reason: recorded with the change
+    """
+    return service.call({"action": "promote", "reason": reason})
+
+
+def rollback(reason: str = "", service: Service = Service()) -> dict[str, Any]:
+    """the previous champion answers again (a second rollback undoes the first)
+
+    Args:
+        reason: recorded with the change
+    """
+    return service.call({"action": "rollback", "reason": reason})
+
+
 def main(argv: list[str]) -> None:
     """`python -m lightning_cls deployment show|set|promote|rollback --url URL ...`: the running service's
     deployment, through its /deployment endpoint (the API key from $LIGHTNING_CLS_API_KEY, or --api_key_env)."""
-    import argparse
-    import os
-    import urllib.error
-    import urllib.request
-
-    parser = argparse.ArgumentParser(prog="python -m lightning_cls deployment", description=main.__doc__)
-    parser.add_argument("action", choices=["show", *ACTIONS])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
-    parser.add_argument("--champion", help="set: the model that answers (an export folder or models:/NAME@ALIAS)")
-    parser.add_argument("--challenger", help="set: the model beside it ('none': no challenger)")
-    parser.add_argument("--mode", choices=MODES, help="set: how the challenger runs")
-    parser.add_argument("--share", type=float, help="set: share of the requests it sees (shadow) or answers (canary)")
-    parser.add_argument("--reason", default="", help="recorded with the change")
-    parser.add_argument("--api_key_env", default="LIGHTNING_CLS_API_KEY", help="variable holding the API key")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (a registry download)")
-    args = parser.parse_args(argv)
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(args.api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[args.api_key_env]}"
-    data = None
-    if args.action != "show":
-        body: dict[str, Any] = {"action": args.action, "reason": args.reason}
-        for name in ("champion", "mode", "share"):
-            if getattr(args, name) is not None:
-                body[name] = getattr(args, name)
-        if args.challenger is not None:
-            body["challenger"] = None if args.challenger.lower() == "none" else args.challenger
-        data = json.dumps(body).encode()
-    request = urllib.request.Request(f"{args.url.rstrip('/')}{DEPLOYMENT_PATH}", data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            print(json.dumps(json.loads(response.read()), indent=2))
-    except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = json.loads(detail).get("detail", detail)
-        raise SystemExit(f"deployment {args.action}: {err.code} {detail}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise SystemExit(f"deployment {args.action}: {args.url} is unreachable: {err}") from None
+    commands = {"show": show, "set": set_deployment, "promote": promote, "rollback": rollback}
+    print(json.dumps(run_command(commands, argv, "deployment", description=main.__doc__), indent=2))

@@ -8,7 +8,7 @@ Shadow: a sampled share of the answered requests is copied to the challenger, wh
 champion's (`feedback.shadow_predictions`: the feedback on the request judges both) and compared with them (the
 agreement gauge); they are never returned. The copies go to `ShadowRunner`, a thread of the inference worker with
 a small bounded queue. It runs only once the worker has been idle for a moment (``quiet``: no batch answered for
-20 ms; on a 2-core CPU a forward pass beside the answer's slows the answer, measured: scripts/lifecycle_bench.py),
+20 ms; on a 2-core CPU a forward pass beside the answer's slows the answer, measured: benchmarks/lifecycle_bench.py),
 one small slice of texts at a time, so that a batch arriving meanwhile shares the cores with one slice at most. Under
 saturation the worker is never quiet: the queue fills and the oldest copies are dropped and counted, never queued
 without bound. The shadow uses the spare capacity only.

@@ -9,7 +9,6 @@ the model is loaded), GET /info (LitServe's, with the model's metadata and these
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -24,8 +23,9 @@ import litserve as ls
 import torch
 
 from lightning_cls import __version__
+from lightning_cls.arg_parser import run_command
 from lightning_cls.data.windows import WindowSpec
-from lightning_cls.errors import ConfigError, InputError, UserError
+from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export.folder import ExportMetadata, export_temperature, read_export_metadata
 from lightning_cls.export.runtime import (
     DEFAULT_AGREEMENT_GATE,
@@ -63,7 +63,6 @@ from lightning_cls.serving.metrics import AccuracySettings, MonitoringLogger
 from lightning_cls.serving.prediction_log import LogSettings
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
-PROG = "python -m lightning_cls serve"
 log = logging.getLogger(__name__)
 
 
@@ -391,7 +390,6 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     )
     api = ClassifierAPI(
         s.model_dir,
-        max_length,
         s.max_batch_size,
         s.batch_timeout,
         inference,
@@ -583,18 +581,6 @@ def serve(settings: ServeSettings) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m lightning_cls serve --model_dir DIR [--port 8000] ...`."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog=PROG, description=inspect.getdoc(serve))
-    parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
-    # Flat flags, as users type them: --psi_warning, not --drift.psi_warning.
-    parser.add_class_arguments(ServeSettings, as_group=False, skip={"drift"})
-    parser.add_class_arguments(DriftThresholds, as_group=False)
-    values = parser.parse_args(argv).as_dict()
-    fields = [name for name in ServeSettings.__dataclass_fields__ if name != "drift"]
-    settings = ServeSettings(**{name: values[name] for name in fields}, drift=DriftThresholds.pick(values))
-    try:
-        serve(settings)
-    except UserError as err:  # bad settings, export or registry reference: one line
-        raise SystemExit(f"serve: {err}") from None
+    """`python -m lightning_cls serve --model_dir DIR [--port 8000] ...`: flat flags, as users type them
+    (--psi_warning, not --drift.psi_warning)."""
+    run_command(serve, argv, "serve", config_file=True)

@@ -62,6 +62,13 @@ class Task:
         """Each text's answer as label names, most probable first: one name, or the set."""
         raise NotImplementedError
 
+    # How a report of this task names its headline scores: (report key, what to call it), for cards and tables.
+    headline: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def describe(self) -> str:
+        """What each text gets, in words (the model card says it)."""
+        raise NotImplementedError
+
     def answer(self, logits: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """(probabilities, decisions) of per-text logits."""
         probs = self.probabilities(logits)
@@ -76,6 +83,10 @@ class SingleLabel(Task):
 
     multi_label: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+    headline: ClassVar[tuple[tuple[str, str], ...]] = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))
+
+    def describe(self) -> str:
+        return f"one of {self.num_labels} labels (the most probable; probabilities are a softmax over the labels)"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         t = 1.0 if self.temperature is None else self.temperature
@@ -107,6 +118,17 @@ class LabelSet(Task):
 
     multi_label: ClassVar[bool] = True
     metrics: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "subset_accuracy")
+    headline: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("micro_f1", "micro-F1"),
+        ("macro_f1", "macro-F1"),
+        ("subset_accuracy", "subset accuracy"),
+    )
+
+    def describe(self) -> str:
+        return (
+            f"a set of the {self.num_labels} labels (each label's sigmoid against its own threshold, fitted on "
+            "validation; at least one label per text)"
+        )
 
     def __post_init__(self) -> None:
         if len(self.thresholds) != len(self.names):

@@ -4,22 +4,22 @@ Times forward passes of 1 and 4 rows of 8 to 128 tokens through the Runner (torc
 and fits time = overhead + per_token x tokens; overhead / per_token is how many tokens a pass costs by itself, so
 padding a short text into a pass of long ones pays only while it adds fewer tokens than that.
 
-    python scripts/bench_pass_cost.py --model_dir runs/export/pooling_mean_400_onnx
+    python benchmarks/bench_pass_cost.py --model_dir runs/export/pooling_mean_400_onnx
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
+from harness import argument_parser
 
 from lightning_cls.export.runtime import InferenceSettings, Runner
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model_dir", required=True, help="an export with model.onnx and model.int8.onnx")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per shape")
     args = parser.parse_args()

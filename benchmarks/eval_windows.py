@@ -1,6 +1,6 @@
 """Long documents: test macro-F1 and cost per text of truncation vs sliding windows, with one exported model.
 
-    python scripts/eval_windows.py --model_dir runs/export/minilm_mean_full \
+    python benchmarks/eval_windows.py --model_dir runs/export/minilm_mean_full \
         --config experiments/minilm_mean_full/config.yaml --data-path ../shared/data/arxiv/scientific_text.csv \
         --out experiments/long_documents/minilm_mean_full.json
 
@@ -17,9 +17,7 @@ the seconds to mean anything; the windows per text are the machine-independent p
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,11 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from harness import argument_parser, config_split, cpu_name
 from sklearn.metrics import accuracy_score, f1_score
-
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import cpu_name, plan_from_config
 
 from lightning_cls.data.windows import WindowSpec, window_token_ids
 from lightning_cls.export.answer import ExportedModel
@@ -64,7 +59,7 @@ def classify(model: ExportedModel, texts: list[str], spec: WindowSpec) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model_dir", required=True, help="a folder written by `python -m lightning_cls export`")
     parser.add_argument(
         "--config", required=True, type=Path, help="experiment YAML whose `data` section sets the split"
@@ -82,9 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = yaml.safe_load(args.config.read_text())["data"]
-    path = args.data_path or data["path"]
-    plan = plan_from_config(data, path)
+    _, plan = config_split(args.config, args.data_path)
     rows = plan.rows["test"][: args.limit]
     texts, labels = plan.table["text"].to_numpy()[rows].tolist(), plan.label_ids[rows]
     meta = read_export_metadata(args.model_dir)

@@ -5,10 +5,10 @@ same model folder. This process then sends the same fixed list of single-text re
 over loopback and prints throughput and p50/p95/p99 latency per server and level, then the throughput ratios last.
 Request loops are bounded in count (--requests) and in time (--max_seconds per level).
 
-    python scripts/load_test.py --model_dir exported/quickstart
-    python scripts/load_test.py --fabricate            # a tiny untrained model made on the spot (a quick check)
+    python benchmarks/load_test.py --model_dir exported/quickstart
+    python benchmarks/load_test.py --fabricate            # a tiny untrained model made on the spot (a quick check)
     # real abstracts, half of them cut to short queries; two service configurations against the naive server
-    python scripts/load_test.py --model_dir DIR --texts ../shared/data/arxiv/scientific_text.csv --short_share 0.5 \
+    python benchmarks/load_test.py --model_dir DIR --texts ../shared/data/arxiv/scientific_text.csv --short_share 0.5 \
         --serve fp32="--backend torch --precision fp32" --serve onnx_int8="--backend onnx --precision int8"
 
 Every answer's label is kept: each service configuration's labels are compared with the naive server's (fp32, one
@@ -16,21 +16,15 @@ text per forward pass, so the reference) on the same texts, and the agreement is
 `--split test` the requests are a seeded sample of the test split of the data the export's checkpoint was trained on,
 and each server's macro-F1 against their true labels is printed too:
 
-    python scripts/load_test.py --model_dir DIR --split test --serve auto="--backend auto" \
+    python benchmarks/load_test.py --model_dir DIR --split test --serve auto="--backend auto" \
         --serve int8="--backend onnx --precision int8"
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import os
-import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,51 +32,17 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess in its own process group; ready once /health answers 200."""
-
-    def __init__(self, name: str, command: list[str], port: int, log: Path) -> None:
-        self.name, self.command, self.port, self.log = name, command, port, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Server:
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        self.log_file = open(self.log, "w")
-        self.process = subprocess.Popen(
-            self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.__exit__()
-        raise TimeoutError(f"{self.name} was not ready in 300 s; see {self.log}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):  # anything it left behind: the group is ours
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self.log_file.close()
+from harness import (
+    BENCHMARKS,
+    Server,
+    argument_parser,
+    cpu_name,
+    export_split,
+    fabricate_model,
+    load_texts,
+    ratio,
+    serve_command,
+)
 
 
 async def run_level(url: str, texts: list[str], concurrency: int, max_seconds: float) -> dict:
@@ -167,43 +127,6 @@ def mix_short(texts: list[str], share: float, seed: int) -> list[str]:
     return [shorten(t, int(n)) if s else t for t, s, n in zip(texts, short, lengths, strict=True)]
 
 
-def fabricate_model(out: Path) -> Path:
-    """A tiny untrained DistilBERT-shaped export (tokenizer trained on generated texts), for a quick check."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serving_helpers import fabricate_export
-
-    from lightning_cls.data.sample_data import generate_texts, train_wordpiece_tokenizer
-
-    texts, _ = generate_texts(rows_per_label=30, seed=0)
-    train_wordpiece_tokenizer(texts, out / "tokenizer", vocab_size=400)
-    return fabricate_export(out / "tokenizer", out / "model")
-
-
-def load_texts(path: str | None, n: int, seed: int) -> list[str]:
-    if path:
-        import pandas as pd
-
-        column = pd.read_csv(path, usecols=["text"])["text"].dropna().astype(str)
-        return column.sample(n=min(n, len(column)), random_state=seed, replace=len(column) < n).tolist()
-    from lightning_cls.data.sample_data import generate_texts
-
-    texts, _ = generate_texts(rows_per_label=n // 10 + 1, seed=seed, rare_rows=0)
-    return texts[:n]
-
-
-def test_split(model_dir: str, n: int) -> tuple[list[str], list[str]]:
-    """A seeded sample of `n` texts of the test split of the export's training data, and their label names."""
-    from lightning_cls.export.exporter import split_sample
-    from lightning_cls.export.folder import read_export_metadata
-    from lightning_cls.model.checkpoints import load_checkpoint
-
-    meta = read_export_metadata(model_dir)
-    if not meta.checkpoint or not Path(meta.checkpoint).is_file():
-        raise SystemExit(f"--split test needs the export's checkpoint ({meta.checkpoint}), which is not at hand.")
-    texts, names, _ = split_sample(load_checkpoint(meta.checkpoint, mmap=True), "test", n)
-    return texts, names
-
-
 def answers_scores(runs: list[list[dict]], truth: list[str]) -> tuple[dict[str, float], int]:
     """Accuracy and macro-F1 of every answer of every level and round against the texts' true labels."""
     from lightning_cls.task.scores import task_scores
@@ -214,15 +137,8 @@ def answers_scores(runs: list[list[dict]], truth: list[str]) -> tuple[dict[str, 
     return task_scores([ids[a] for a, _ in pairs], [ids[b] for _, b in pairs]), len(pairs)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model_dir", help="exported model folder (python -m lightning_cls export)")
     parser.add_argument("--fabricate", action="store_true", help="make a tiny untrained model folder instead")
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
@@ -257,15 +173,17 @@ def main() -> None:
         parser.error(f"--short_share must be between 0 and 1, got {args.short_share}")
     truth = None
     if args.split:
-        texts, truth = test_split(model_dir, args.requests)
+        texts, truth, _ = export_split(model_dir, "test", args.requests)
     else:
         texts = load_texts(args.texts, args.requests, seed=0)
     texts = mix_short(texts, args.short_share, seed=0)
     threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
-    serve_cmd = [sys.executable, "-m", "lightning_cls", "serve", "--model_dir", model_dir, "--log_level", "warning"]
-    serve_cmd += ["--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout), *threads]
-    serve_cmd += ["--workers_per_device", str(args.workers_per_device)]
-    naive_cmd = [sys.executable, str(ROOT / "scripts" / "naive_server.py"), "--model_dir", model_dir, *threads]
+    serve_cmd = serve_command(
+        model_dir,
+        *("--max_batch_size", str(args.max_batch_size), "--batch_timeout", str(args.batch_timeout), *threads),
+        *("--workers_per_device", str(args.workers_per_device)),
+    )
+    naive_cmd = [sys.executable, str(BENCHMARKS / "naive_server.py"), "--model_dir", model_dir, *threads]
 
     commands = {"naive": naive_cmd}
     for spec in args.serve or ["serve="]:
@@ -279,8 +197,7 @@ def main() -> None:
     rounds: dict[str, list[list[dict]]] = {name: [] for name in commands}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            port = free_port()
-            server = Server(name, [*commands[name], "--port", str(port)], port, scratch / f"{name}{r}.log")
+            server = Server(name, commands[name], scratch / f"{name}{r}.log")
             rounds[name].append(measure(server, texts, args.concurrency, args.warmup, args.max_seconds))
     levels = range(len(args.concurrency))
     results = {name: [summarize([run[i] for run in runs]) for i in levels] for name, runs in rounds.items()}
@@ -328,9 +245,9 @@ def main() -> None:
             pairs = zip(rounds[name], rounds["naive"], strict=True)
             per_round = ", ".join(f"{a[i]['throughput'] / b[i]['throughput']:.2f}" for a, b in pairs)
             print(
-                f"  concurrency {level:>3}: throughput {ours['throughput'] / base[i]['throughput']:.2f}x naive "
-                f"(rounds: {per_round}); p50 {ours['p50'] / base[i]['p50']:.2f}x, "
-                f"p99 {ours['p99'] / base[i]['p99']:.2f}x naive's"
+                f"  concurrency {level:>3}: throughput {ratio(ours['throughput'], base[i]['throughput'])} naive "
+                f"(rounds: {per_round}); p50 {ratio(ours['p50'], base[i]['p50'])}, "
+                f"p99 {ratio(ours['p99'], base[i]['p99'])} naive's"
             )
     if lost:
         sys.exit(1)

@@ -6,23 +6,17 @@ module's AdamW, no decay on 1-d parameters). The model is Llama-shaped with rand
 trained in full. Targets (issue): LoRA trains at most 2% of the parameters and needs at most 60% of full
 fine-tuning's peak training memory.
 
-    python scripts/bench_lora.py [--steps 3] [--batch 4] [--length 256] [--device cpu]
+    python benchmarks/bench_lora.py [--steps 3] [--batch 4] [--length 256] [--device cpu]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import machine_line, print_table, run_worker
+from harness import argument_parser, machine_line, peak_rss_mib, print_table, run_worker, worker_result
 
 MID_SIZE = {
     "model_type": "llama",
@@ -47,7 +41,7 @@ def worker(spec: dict) -> dict:
         texts, _ = generate_texts(rows_per_label=5, seed=0)
         train_bpe_tokenizer(texts, folder, vocab_size=300)  # only its special tokens matter here
         torch.manual_seed(0)
-        baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        baseline_rss = peak_rss_mib()
         module = TextClassifier(
             "mid-size-llama",
             list(DEFAULT_LABELS),
@@ -81,7 +75,7 @@ def worker(spec: dict) -> dict:
         seconds.append(time.perf_counter() - start)
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in module.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     return {
         "name": spec["name"],
         "trainable": trainable,
@@ -96,15 +90,14 @@ def worker(spec: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, worker=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))))
+        worker_result(worker(args.worker))
         return
 
     print(machine_line())

@@ -9,9 +9,9 @@
   failed requests, p99 of the requests in flight during each swap (from the change to the first answer of the new
   version, plus 2 s) against the p99 before the first swap, and which versions answered.
 
-    python scripts/lifecycle_bench.py shadow --champion runs/export/a --challenger runs/export/b \\
+    python benchmarks/lifecycle_bench.py shadow --champion runs/export/a --challenger runs/export/b \\
         --texts ../shared/data/arxiv/scientific_text.csv
-    python scripts/lifecycle_bench.py swap --champion runs/export/a --challenger runs/export/b \\
+    python benchmarks/lifecycle_bench.py swap --champion runs/export/a --challenger runs/export/b \\
         --texts ../shared/data/arxiv/scientific_text.csv --concurrency 32 --seconds 60
 """
 
@@ -23,29 +23,19 @@ import json
 import os
 import re
 import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import ROOT, Server, cpu_name, free_port, load_texts
+from harness import ROOT, Server, cpu_name, load_texts, ratio, serve_command
 
 KEY = "lifecycle-bench"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 SERVE_ARGS: list[str] = []  # --serve_args: the same for every server of the run
-
-
-def serve_command(champion: str, port: int, db: str, extra: list[str]) -> list[str]:
-    return [
-        sys.executable, "-m", "lightning_cls", "serve", "--model_dir", champion, "--port", str(port),
-        "--feedback_db", db, "--log_level", "warning", *SERVE_ARGS, *extra,
-    ]  # fmt: skip
 
 
 async def send(url: str, texts: list[str], concurrency: int, seconds: float, on_start=None) -> list[dict]:
@@ -114,9 +104,8 @@ def shadow(args: argparse.Namespace, texts: list[str]) -> dict:
                 extra += ["--challenger", args.challenger, "--challenger_mode", "shadow"]
                 extra += ["--challenger_share", str(share)]
             with tempfile.TemporaryDirectory() as tmp:
-                port = free_port()
-                command = serve_command(args.champion, port, f"{tmp}/f.sqlite3", extra)
-                with Server(name, command, port, Path(tmp) / "server.log") as server:
+                command = serve_command(args.champion, *SERVE_ARGS, *extra, feedback_db=f"{tmp}/f.sqlite3")
+                with Server(name, command, Path(tmp) / "server.log") as server:
                     asyncio.run(send(server.url, texts[: args.warmup], 1, 0))
                     levels = {c: stats(asyncio.run(send(server.url, texts, c, 0))) for c in args.concurrency}
                     time.sleep(2)  # the shadow's last copies, and the logger process's counts
@@ -183,11 +172,10 @@ def swap(args: argparse.Namespace, texts: list[str]) -> dict:
                 changes.append({"at": at, "status": r.status_code, "to": r.json()["deployment"]["champion"]["version"]})
 
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
         os.environ["LIGHTNING_CLS_API_KEY"] = KEY
         extra = ["--num_threads", str(args.num_threads)] if args.num_threads else []
-        command = serve_command(models[0], port, f"{tmp}/f.sqlite3", extra)
-        with Server("serve", command, port, Path(tmp) / "server.log") as server:
+        command = serve_command(models[0], *SERVE_ARGS, *extra, feedback_db=f"{tmp}/f.sqlite3")
+        with Server("serve", command, Path(tmp) / "server.log") as server:
             asyncio.run(send(server.url, texts[: args.warmup], 1, 0))
             records = asyncio.run(
                 send(server.url, texts, args.concurrency, args.seconds, lambda t0: swapper(server.url, t0))
@@ -214,7 +202,7 @@ def swap(args: argparse.Namespace, texts: list[str]) -> dict:
         print(
             f"  swap at {w['at']:.1f} s -> {w['to']}: new version answering after {w['took_over_after_s']:.1f} s; "
             f"{w['requests']} requests in flight, failed {w['failed']}, p99 {w['p99_ms']:.0f} ms = "
-            f"{w['p99_ms'] / s['p99_ms']:.2f}x steady"
+            f"{ratio(w['p99_ms'], s['p99_ms'])} steady"
         )
     return result
 
@@ -237,7 +225,7 @@ def main() -> None:
     parser.add_argument("--serve_args", default="", help="more serve flags for every server, e.g. '--backend torch'")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    if args.what == "reprint":  # python scripts/lifecycle_bench.py reprint --out shadow.json
+    if args.what == "reprint":  # python benchmarks/lifecycle_bench.py reprint --out shadow.json
         return reprint(args.out)
     if not (args.champion and args.challenger):
         parser.error("--champion and --challenger are needed")

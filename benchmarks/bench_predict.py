@@ -4,11 +4,11 @@ graph and ONNX Runtime's optimized one), ONNX int8 and `auto` (what `serve --bac
 recorded gate), on the same texts, in one process, with each side's labels compared with fp32's and, with
 `--split test`, its macro-F1 on the test split's true labels in the same table.
 
-    python scripts/bench_predict.py                                   # a small generated model and texts (smoke)
-    python scripts/bench_predict.py --model_dir runs/export/pooling_mean_400 \\
+    python benchmarks/bench_predict.py                                   # a small generated model and texts (smoke)
+    python benchmarks/bench_predict.py --model_dir runs/export/pooling_mean_400 \\
         --data ../shared/data/arxiv/scientific_text.csv --rows 512
     # the test split of the data the export's checkpoint was trained on, with its labels
-    python scripts/bench_predict.py --model_dir runs/export/minilm_mean_full_len256 --split test --rows 1000
+    python benchmarks/bench_predict.py --model_dir runs/export/minilm_mean_full_len256 --split test --rows 1000
 
 Each side classifies the same texts from their strings (tokenizing included, loading excluded), in rounds: every
 round runs every side once, in turn, so that the load of a shared machine falls on all of them alike; texts/s is the
@@ -36,9 +36,16 @@ import warnings
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import machine_line, matmul_gflops, minilm_dir, non_embedding_params, print_table
+from harness import (
+    argument_parser,
+    export_split,
+    machine_line,
+    matmul_gflops,
+    minilm_dir,
+    non_embedding_params,
+    print_table,
+    ratio,
+)
 
 from lightning_cls.export.answer import Answers, ExportedModel
 from lightning_cls.export.folder import (
@@ -123,15 +130,10 @@ def without_optimized_graph(model_dir: Path, scratch: Path) -> Path:
 
 def test_split(model_dir: Path, rows: int) -> tuple[list[str], list[int], str]:
     """Up to `rows` texts of the test split (and their class ids) of the data the export's checkpoint was trained
-    on, rebuilt from the checkpoint's data settings."""
-    from lightning_cls.export.exporter import split_sample
-    from lightning_cls.model.checkpoints import load_checkpoint
-
-    meta = read_export_metadata(model_dir)
-    if not meta.checkpoint or not Path(meta.checkpoint).is_file():
-        raise SystemExit(f"--split test needs the export's checkpoint ({meta.checkpoint}), which is not at hand.")
-    texts, names, source = split_sample(load_checkpoint(meta.checkpoint, mmap=True), "test", rows)
-    return texts, [meta.labels.index(n) for n in names], source
+    on (the harness's `export_split`)."""
+    texts, names, source = export_split(model_dir, "test", rows)
+    labels = read_export_metadata(model_dir).labels
+    return texts, [labels.index(n) for n in names], source
 
 
 # ------------------------------------------------------------------------------------------------ the sides
@@ -268,7 +270,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> None:
                 "side": name,
                 "texts_per_s": rate,
                 "spread": f"{len(texts) / max(seconds[name]):.1f}-{len(texts) / min(seconds[name]):.1f}",
-                "ratio": f"{rate / base_rate:.2f}x",
+                "ratio": ratio(rate, base_rate),
                 "agreement": sum(a == b for a, b in zip(labels[name], labels["Runner torch fp32"], strict=True))
                 / len(texts),
                 "diff": f"{probs_diff[name]:.1e}" if name in probs_diff else "-",
@@ -376,7 +378,7 @@ def predict_end_to_end(args: argparse.Namespace, tmp: Path) -> None:
         rows.append({"side": f"lightning_cls predict ({precision})", "seconds": seconds, "agreement": agree})
     for row in rows:
         row["texts_per_s"] = len(texts) / row["seconds"]
-        row["ratio"] = f"{pipeline_s / row['seconds']:.2f}x"
+        row["ratio"] = ratio(pipeline_s, row["seconds"])
     print_table(
         rows,
         [
@@ -390,7 +392,7 @@ def predict_end_to_end(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--model_dir", help="an exported folder (default: a small generated model)")
     parser.add_argument("--data", help="CSV with a text column; its first --rows texts are classified")
     parser.add_argument(

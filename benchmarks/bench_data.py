@@ -1,6 +1,6 @@
 """Data preparation: 50,000 abstracts tokenized cold and warm (from the cache), against a datasets.map baseline.
 
-    python scripts/bench_data.py --data ../shared/data/arxiv/scientific_text.csv --rows 50000
+    python benchmarks/bench_data.py --data ../shared/data/arxiv/scientific_text.csv --rows 50000
 
 Each measurement runs in a fresh process, so "warm" includes nothing left in memory by "cold" and peak memory is the
 process's own. Sides:
@@ -13,15 +13,19 @@ tokenizing); "imports s", importing the libraries, is shown apart.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import machine_line, minilm_dir, peak_rss_mib, print_table, run_worker
+from harness import (
+    argument_parser,
+    machine_line,
+    minilm_dir,
+    peak_rss_mib,
+    print_table,
+    ratio,
+    run_worker,
+    worker_result,
+)
 
 
 def worker(spec: dict) -> None:
@@ -63,19 +67,18 @@ def worker(spec: dict) -> None:
         "seconds": seconds,
         "peak_rss_mib": peak_rss_mib(),
     }
-    print("RESULT " + json.dumps(result))
+    worker_result(result)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = argument_parser(__doc__, worker=True)
     parser.add_argument("--data", help="labelled CSV, e.g. ../shared/data/arxiv/scientific_text.csv")
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the MiniLM extra's)")
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(args.worker)
     if not args.data:
         parser.error("--data is required")
     tokenizer = args.tokenizer or minilm_dir()
@@ -106,7 +109,7 @@ def main() -> None:
     cold, warm, baseline = by["lightning_cls cold"], by["lightning_cls warm"], by["datasets.map (cold)"]
     print(
         f"\nlightning_cls cold {cold:.1f} s (target < 30 s), warm {warm:.2f} s (target < 3 s); "
-        f"datasets.map / lightning_cls cold = {baseline / cold:.2f}x"
+        f"datasets.map / lightning_cls cold = {ratio(baseline, cold)}"
     )
 
 

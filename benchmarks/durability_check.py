@@ -1,10 +1,10 @@
 """Durability of `serve` (issue #21): a locked database under load, and SIGTERM under load.
 
     # a 30 s lock on --feedback_db while 8 clients keep sending /predict; feedback for ids served during the lock
-    python scripts/durability_check.py lock --model_dir DIR --lock_seconds 30 --concurrency 8
+    python benchmarks/durability_check.py lock --model_dir DIR --lock_seconds 30 --concurrency 8
     # 10 stops with SIGTERM while 8 clients keep sending /predict
-    python scripts/durability_check.py sigterm --model_dir DIR --runs 10 --concurrency 8
-    python scripts/durability_check.py lock --fabricate     # a tiny untrained model made on the spot
+    python benchmarks/durability_check.py sigterm --model_dir DIR --runs 10 --concurrency 8
+    python benchmarks/durability_check.py lock --fabricate     # a tiny untrained model made on the spot
 
 lock: every id served (before, during and after the lock) must be in the database once the lock is gone; /predict
 must never answer 5xx; feedback for ids served during the lock must be a 503 (with Retry-After) while they are not
@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import ROOT, Server, fabricate_model, free_port, load_texts
+from harness import ROOT, Server, argument_parser, fabricate_model, load_texts, serve_command
 
 
 class Traffic:
@@ -92,15 +90,10 @@ def check(results: list[bool], ok: bool, line: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'}  {line}", flush=True)
 
 
-def serve_command(model_dir: Path, db: Path, port: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lightning_cls", "serve", "--model_dir", str(model_dir), "--port", str(port),
-            "--feedback_db", str(db), "--log_level", "warning", *extra]  # fmt: skip
-
-
 def lock_scenario(args: argparse.Namespace, model_dir: Path, work: Path, texts: list[str]) -> list[bool]:
     results: list[bool] = []
-    db, port = work / "lock.sqlite3", free_port()
-    with Server("serve", serve_command(model_dir, db, port, args.serve_args), port, work / "lock.log") as server:
+    db = work / "lock.sqlite3"
+    with Server("serve", serve_command(model_dir, *args.serve_args, feedback_db=db), work / "lock.log") as server:
         with Traffic(server.url, texts, args.concurrency) as traffic:
             time.sleep(args.before)
             conn = sqlite3.connect(db, isolation_level=None)
@@ -160,9 +153,8 @@ def lock_scenario(args: argparse.Namespace, model_dir: Path, work: Path, texts: 
 
 def sigterm_run(args: argparse.Namespace, model_dir: Path, work: Path, texts: list[str], run: int) -> list[bool]:
     results: list[bool] = []
-    db, port, log = work / f"stop{run}.sqlite3", free_port(), work / f"stop{run}.log"
-    server = Server("serve", serve_command(model_dir, db, port, args.serve_args), port, log)
-    server.__enter__()
+    db, log = work / f"stop{run}.sqlite3", work / f"stop{run}.log"
+    server = Server("serve", serve_command(model_dir, *args.serve_args, feedback_db=db), log).start()
     try:
         with Traffic(server.url, texts, args.concurrency) as traffic:
             time.sleep(args.before)
@@ -176,7 +168,7 @@ def sigterm_run(args: argparse.Namespace, model_dir: Path, work: Path, texts: li
             # a zombie has ended; it waits for this container's init to reap it
             left = "; ".join(line.strip() for line in listed if line.split()[1][0] != "Z")
     finally:
-        server.__exit__()
+        server.stop()
     before = [r for r in traffic.results if r[0] < signalled]
     unanswered = [r[2] for r in before if r[2] != 200]
     after = [r for r in traffic.results if r[0] >= signalled]
@@ -196,7 +188,7 @@ def sigterm_run(args: argparse.Namespace, model_dir: Path, work: Path, texts: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("scenario", choices=["lock", "sigterm"])
     parser.add_argument("--model_dir", help="exported model folder")
     parser.add_argument("--fabricate", action="store_true", help="make a tiny untrained model folder instead")

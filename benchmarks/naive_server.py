@@ -3,7 +3,7 @@
 This is how a first deployment often looks: the model loaded at import, a synchronous `def` endpoint (FastAPI runs
 it in its thread pool, so concurrent requests run concurrent forward passes), no batching, no request limits.
 
-    python scripts/naive_server.py --model_dir DIR --port 8001
+    python benchmarks/naive_server.py --model_dir DIR --port 8001
 """
 
 from __future__ import annotations

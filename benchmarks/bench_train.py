@@ -1,6 +1,6 @@
 """Training speed: lightning_cls `fit` against a transformers.Trainer script, side by side in one run.
 
-    python scripts/bench_train.py --data ../shared/data/arxiv/scientific_text.csv --steps 30 --max-lengths 256 512
+    python benchmarks/bench_train.py --data ../shared/data/arxiv/scientific_text.csv --steps 30 --max-lengths 256 512
 
 Sides, all on the same training rows (the data module's split), model, optimizer settings (AdamW lr 5e-5, weight decay
 0.01, 10% linear warm-up, clipping 1.0), batch size and number of optimizer steps:
@@ -14,25 +14,23 @@ accuracy is measured the same way for every side (fp32, on the validation rows) 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_common import (
+from harness import (
     MINILM_SHAPE,
+    argument_parser,
     machine_line,
     matmul_gflops,
     minilm_dir,
     non_embedding_params,
     peak_rss_mib,
     print_table,
+    ratio,
     run_worker,
+    worker_result,
 )
 
 LR, WEIGHT_DECAY, WARMUP = 5e-5, 0.01, 0.1
@@ -234,12 +232,11 @@ def worker(spec: dict) -> None:
         ),
         "peak_rss_mib": peak_rss_mib(),
     }
-    print("RESULT " + json.dumps(result))
+    worker_result(result)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = argument_parser(__doc__, worker=True)
     parser.add_argument("--data", help="labelled CSV (text, label), e.g. ../shared/data/arxiv/scientific_text.csv")
     parser.add_argument("--rows", type=int, default=2500, help="rows of the subset (80%% are training rows)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per side")
@@ -252,7 +249,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="tokenization cache (default: a fresh temporary folder)")
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(args.worker)
     if not args.data:
         parser.error("--data is required")
 
@@ -326,8 +323,8 @@ def main() -> None:
         by = {s["name"]: s for s in sides if s["max_length"] == max_length}
         c = by["(c) lightning_cls"]["samples_per_s"]
         headline.append(
-            f"@{max_length}: {c / by['(a) trainer_default']['samples_per_s']:.2f}x (a), "
-            f"{c / by['(b) trainer_tuned']['samples_per_s']:.2f}x (b)"
+            f"@{max_length}: {ratio(c, by['(a) trainer_default']['samples_per_s'])} (a), "
+            f"{ratio(c, by['(b) trainer_tuned']['samples_per_s'])} (b)"
         )
     print("lightning_cls samples/s vs Trainer default (a) and tuned (b): " + "; ".join(headline))
 
