@@ -57,8 +57,9 @@ from lightning_cls.export.folder import (
     write_export_metadata,
 )
 from lightning_cls.export.onnx_optimize import OPTIMIZED_ONNX_FILE
-from lightning_cls.export.runtime import InferenceSettings, cpu_flags, detect_hardware
+from lightning_cls.export.runtime import InferenceSettings
 from lightning_cls.export.variants import agreement
+from lightning_cls.hardware import cpu_flags, detect_hardware
 from lightning_cls.task.scores import task_scores
 
 SMALL_CONFIG = {"model_type": "distilbert", "n_layers": 2, "n_heads": 4, "dim": 128, "hidden_dim": 512}

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_cls import hardware
 from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.errors import ConfigError, ExportError
-from lightning_cls.export import runtime as inference
 from lightning_cls.export import variants
 from lightning_cls.export.exporter import agreement_inputs, export, validation_split
 from lightning_cls.export.folder import INT8_ONNX_FILE, ONNX_FILE, read_export_metadata
@@ -30,15 +30,14 @@ from lightning_cls.export.onnx_optimize import (
 from lightning_cls.export.runtime import (
     MIN_SPEEDUP,
     VARIANTS,
-    Hardware,
     InferenceSettings,
     Runner,
     choose,
-    detect_hardware,
     pad_batch,
     plan_batches,
 )
 from lightning_cls.export.variants import measure_variants
+from lightning_cls.hardware import Hardware, detect_hardware
 from lightning_cls.task.scores import task_scores
 
 SLOW_CPU = Hardware("cpu", bf16=False, fp16=False, note="CPU without AMX / AVX512-BF16 / AVX512-FP16")
@@ -165,12 +164,12 @@ def test_an_asked_precision_is_used_with_warnings(tmp_path):
 
 
 def test_hardware_detection_reads_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert not detect_hardware("cpu").bf16 and "without AMX" in detect_hardware("cpu").note
     for flag in ("amx_bf16", "avx512_bf16"):
-        monkeypatch.setattr(inference, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
         assert detect_hardware("cpu").bf16 and flag in detect_hardware("cpu").note
-    assert inference.cpu_flags() is not None
+    assert hardware.cpu_flags() is not None
 
 
 def test_runner_auto_follows_the_gate_and_the_hardware(onnx_export, monkeypatch):
@@ -178,11 +177,11 @@ def test_runner_auto_follows_the_gate_and_the_hardware(onnx_export, monkeypatch)
     ids = token_ids(onnx_export)
     fp32 = Runner(onnx_export, InferenceSettings(precision="fp32")).logits(ids)
 
-    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
     good = dataclasses.replace(meta, inference={"fp32": entry(0.8), "bf16": entry(0.8, speed=300)})
     assert Runner(onnx_export, metadata=good).precision == "fp32"  # no bf16 hardware
 
-    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     runner = Runner(onnx_export, metadata=good)
     assert runner.precision == "bf16" and "amx_bf16" in runner.describe()
     bf16 = runner.logits(ids)

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_CONFIGS, tokenizer_for
 from test_cli import trainer_args
 
-from lightning_cls.cli import calibrate, main
+from lightning_cls.cli import main
 from lightning_cls.data.datamodule import ScientificTextDataModule
 from lightning_cls.data.labels import DEFAULT_LABELS
 from lightning_cls.data.sample_data import generate_texts
@@ -18,6 +18,7 @@ from lightning_cls.errors import DataError
 from lightning_cls.export.exporter import export
 from lightning_cls.export.folder import read_export_metadata
 from lightning_cls.model.checkpoints import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
+from lightning_cls.trainer_cli import calibrate
 
 SUBJECTS = sorted(DEFAULT_LABELS)
 ARCHIVES = {

@@ -18,7 +18,7 @@ from conftest import TINY_CONFIGS
 from jsonargparse import Namespace
 from test_cli import data_args, trainer_args
 
-from lightning_cls.cli import main, resolve_ckpt_path
+from lightning_cls.cli import main
 from lightning_cls.data.samplers import LengthGroupedSampler
 from lightning_cls.errors import CheckpointError, ConfigError
 from lightning_cls.model.checkpoints import load_checkpoint
@@ -30,6 +30,7 @@ from lightning_cls.model.resume import (
     find_last_checkpoint,
     interruption_message,
 )
+from lightning_cls.trainer_cli import resolve_ckpt_path
 
 TESTS = Path(__file__).parent
 THREADS = 1  # the same in the subprocesses and in-process, so that results can be compared bit for bit

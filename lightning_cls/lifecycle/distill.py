@@ -158,7 +158,7 @@ def distill(
         seed: Seed of the sample, the batch order and dropout.
     """
     from lightning_cls.export.exporter import split_sample
-    from lightning_cls.export.runtime import detect_hardware
+    from lightning_cls.hardware import detect_hardware
 
     out = Path(output)
     if out.exists():

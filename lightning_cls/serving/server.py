@@ -37,9 +37,9 @@ from lightning_cls.export.runtime import (
     InferenceSettings,
     Precision,
     choose,
-    detect_hardware,
     padded_width,
 )
+from lightning_cls.hardware import detect_hardware
 from lightning_cls.monitoring.drift import DriftThresholds
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.deployment import (
