@@ -14,7 +14,7 @@ import torch
 
 from lightning_cls import hardware
 from lightning_cls.data.sample_data import generate_texts
-from lightning_cls.data.tokenization import load_tokenizer
+from lightning_cls.data.tokenization import load_tokenizer, pad_batch
 from lightning_cls.errors import ConfigError, ExportError
 from lightning_cls.export import variants
 from lightning_cls.export.exporter import agreement_inputs, export, validation_split
@@ -33,7 +33,6 @@ from lightning_cls.export.runtime import (
     InferenceSettings,
     Runner,
     choose,
-    pad_batch,
     plan_batches,
 )
 from lightning_cls.export.variants import measure_variants

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -49,6 +50,26 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
     return tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
 
 
+# ------------------------------------------------------------------------------------------------ padding
+# The one padding of token id lists: training batches (`PadCollator`) and the runtime's forward passes both use it.
+def padded_width(length: int, multiple: int = 1) -> int:
+    """A batch's width: its longest row, rounded up to a multiple (tensor cores like multiples of 8)."""
+    return max(1, -(-length // multiple) * multiple)
+
+
+def pad_batch(
+    ids: Sequence[Sequence[int]], pad_token_id: int, left: bool = False, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), both (B, T) int64, padded on the tokenizer's side to the longest row."""
+    width = padded_width(max((len(row) for row in ids), default=0), multiple)
+    input_ids = np.full((len(ids), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[i, where], mask[i, where] = row, 1
+    return input_ids, mask
+
+
 class PadCollator:
     """Pads a list of examples to the longest in the batch (rounded up to a multiple), on the tokenizer's side."""
 
@@ -60,15 +81,10 @@ class PadCollator:
         self.padding_side = padding_side
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(e["input_ids"]) for e in examples]
-        multiple = self.pad_to_multiple_of
-        width = -(-max(lengths) // multiple) * multiple
-        input_ids = np.full((len(examples), width), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(examples), width), dtype=np.int64)
-        for i, (example, n) in enumerate(zip(examples, lengths, strict=True)):
-            where = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
-            input_ids[i, where] = example["input_ids"]
-            attention_mask[i, where] = 1
+        left = self.padding_side == "left"
+        input_ids, attention_mask = pad_batch(
+            [e["input_ids"] for e in examples], self.pad_token_id, left, self.pad_to_multiple_of
+        )
         batch = {
             "input_ids": torch.from_numpy(input_ids),  # (B, T)
             "attention_mask": torch.from_numpy(attention_mask),  # (B, T)

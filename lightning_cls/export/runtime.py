@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
+from lightning_cls.data.tokenization import pad_batch, padded_width
 from lightning_cls.errors import ConfigError
 from lightning_cls.export.folder import INT8_ONNX_FILE, ONNX_FILE, ExportMetadata, read_export_metadata
 from lightning_cls.export.onnx_optimize import OPTIMIZED_ONNX_FILE
@@ -318,10 +319,6 @@ def onnx_file(model_dir: str | Path, precision: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ batches
-def padded_width(length: int, multiple: int = 1) -> int:
-    return max(1, -(-length // multiple) * multiple)
-
-
 def plan_batches(
     lengths: Sequence[int], max_batch_tokens: int, multiple: int = 1, max_padding: int | None = None
 ) -> list[list[int]]:
@@ -341,19 +338,6 @@ def plan_batches(
         batches.append(order[start:end])
         start = end
     return batches
-
-
-def pad_batch(
-    ids: Sequence[Sequence[int]], pad_token_id: int, left: bool = False, multiple: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), both (B, T) int64, padded on the tokenizer's side to the longest row."""
-    width = padded_width(max((len(row) for row in ids), default=0), multiple)
-    input_ids = np.full((len(ids), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for i, row in enumerate(ids):
-        where = slice(width - len(row), width) if left else slice(0, len(row))
-        input_ids[i, where], mask[i, where] = row, 1
-    return input_ids, mask
 
 
 # ------------------------------------------------------------------------------------------------ the runner

@@ -24,6 +24,7 @@ import torch
 
 from lightning_cls import __version__
 from lightning_cls.arg_parser import run_command
+from lightning_cls.data.tokenization import padded_width
 from lightning_cls.data.windows import WindowSpec
 from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export.folder import ExportMetadata, export_temperature, read_export_metadata
@@ -37,7 +38,6 @@ from lightning_cls.export.runtime import (
     InferenceSettings,
     Precision,
     choose,
-    padded_width,
 )
 from lightning_cls.hardware import detect_hardware
 from lightning_cls.monitoring.drift import DriftThresholds
