@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelF1Score
 from transformers import (
@@ -42,7 +41,7 @@ from lightning_cls.model.finetuning import freeze_all_but, trainable_names
 from lightning_cls.model.lexical import LexicalExpert, LexicalSettings
 from lightning_cls.model.lexical_fusion import LexicalFusion
 from lightning_cls.model.pooling import MODEL_TYPE, POOLINGS, PooledClassifier, PooledClassifierConfig, position_ids
-from lightning_cls.task import Task, task_for
+from lightning_cls.task import LabelSet, SingleLabel, Task, task_for
 from lightning_cls.task.scores import fit_thresholds
 
 # Checkpoints and exports of pooled classifiers name their config's model_type: Auto* classes must know it.
@@ -185,8 +184,8 @@ def build_network(hp: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> 
             "model.pooling cls, mean or last."
         )
     # What `transformers.pipeline` applies to an export: a sigmoid per label, or a softmax over them.
-    multi_label = hp["multi_label"]
-    model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+    task = LabelSet if hp["multi_label"] else SingleLabel
+    model.config.problem_type = task.problem_type
     return model
 
 
@@ -347,10 +346,7 @@ class TextClassifier(pl.LightningModule):
         epoch_logits: EpochLogits | None = None,
     ) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()
-        if self.multi_label:
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"].float())
-        else:
-            loss = nn.functional.cross_entropy(logits, batch["labels"])
+        loss = self.task.loss(logits, batch["labels"])
         n = len(batch["labels"])
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
         if metrics is not None:  # training: per batch (per window, when texts are read as windows)

@@ -40,6 +40,13 @@ class Task:
     def num_labels(self) -> int:
         return len(self.names)
 
+    # What `transformers` calls the task (the exported config's `problem_type`: `pipeline` reads it).
+    problem_type: ClassVar[str] = ""
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of logits (B, C) against labels: class ids (B,) or multi-hot rows (B, C)."""
+        raise NotImplementedError
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -85,6 +92,11 @@ class SingleLabel(Task):
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
     headline: ClassVar[tuple[tuple[str, str], ...]] = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))
 
+    problem_type: ClassVar[str] = "single_label_classification"
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, labels)
+
     def describe(self) -> str:
         return f"one of {self.num_labels} labels (the most probable; probabilities are a softmax over the labels)"
 
@@ -123,6 +135,11 @@ class LabelSet(Task):
         ("macro_f1", "macro-F1"),
         ("subset_accuracy", "subset accuracy"),
     )
+
+    problem_type: ClassVar[str] = "multi_label_classification"
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
 
     def describe(self) -> str:
         return (
