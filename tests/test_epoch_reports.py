@@ -49,9 +49,12 @@ def test_scores_are_logged_under_the_stage_and_each_part_of_a_fusion():
     assert set(scores) == {"val/acc", "val/f1_macro", "val/f1_macro_neural", "val/f1_macro_lexical"}
     assert float(scores["val/acc"]) == 0.75
     report = label_set_report(np.eye(3)[[0, 1, 2]], np.eye(3, dtype=int)[[0, 1, 1]], NAMES, None, None)
-    assert set(label_set_scores("test", report, None)) == {
-        "test/f1_micro", "test/f1_macro", "test/subset_acc", "test/hamming_loss"
+    scores = label_set_scores("test", report, None)
+    assert set(scores) == {
+        "test/f1_micro", "test/f1_macro", "test/subset_acc", "test/hamming_loss", "test/precision_micro",
+        "test/recall_micro", "test/top_in_set",
     }  # fmt: skip
+    assert float(scores["test/top_in_set"]) == pytest.approx(2 / 3)  # the third text: its top label is not its own
 
 
 def test_label_set_report_is_written_by_rank_zero_outside_the_sanity_check(tmp_path):

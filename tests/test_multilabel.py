@@ -12,7 +12,14 @@ from lightning_cls.data.label_sets import (
     parse_label_sets,
 )
 from lightning_cls.errors import DataError
-from lightning_cls.task.scores import decide, fit_thresholds, multilabel_scores
+from lightning_cls.task.scores import (
+    decide,
+    epoch_report,
+    fit_thresholds,
+    format_label_set_report,
+    multilabel_scores,
+    top_label_in_set,
+)
 
 
 def test_label_sets_split_on_whitespace_or_commas_keep_order_and_drop_repeats():
@@ -101,8 +108,20 @@ def test_scores_by_hand():
     s = multilabel_scores(predicted, truth, ["a", "b", "c"])
     # tp = 1, 1, 1; fp = 0, 0, 1; fn = 0, 1, 0
     assert s["micro_f1"] == pytest.approx(6 / 8)
+    assert s["micro_precision"] == pytest.approx(3 / 4) and s["micro_recall"] == pytest.approx(3 / 4)
     assert s["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
     assert s["subset_accuracy"] == pytest.approx(1 / 3)
     assert s["hamming_loss"] == pytest.approx(2 / 9)
     assert s["cardinality"] == {"predicted": pytest.approx(4 / 3), "true": pytest.approx(4 / 3)}
     assert s["per_label"]["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+
+
+def test_the_top_label_is_judged_against_the_texts_whole_label_set():
+    """A tagger's first suggestion is right when it is any of the paper's subjects, not only the primary one."""
+    y = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    probs = np.array([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.9], [0.1, 0.8, 0.3]])
+    assert top_label_in_set(probs, y) == pytest.approx(2 / 4)  # rows 0 (a second subject) and 2 are right
+    report = epoch_report(probs, y, ["a", "b", "c"], np.full(3, 0.5))
+    assert report["top_label_in_set"] == pytest.approx(0.5) and "top label one of the text's 0.5000" in (
+        format_label_set_report(report)
+    )

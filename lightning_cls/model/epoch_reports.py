@@ -124,13 +124,17 @@ def label_set_validation(report: dict[str, Any], step: int) -> dict[str, Any]:
 
 
 def label_set_scores(stage: str, report: dict[str, Any], components: dict | None) -> dict[str, torch.Tensor]:
-    """What a multi-label epoch logs: micro- and macro-F1, subset accuracy and Hamming loss of the thresholded label
-    sets (and micro-F1 of the neural head and the lexical expert alone, for a fused model)."""
+    """What a multi-label epoch logs: micro- and macro-F1, subset accuracy, Hamming loss, micro precision and recall
+    of the thresholded label sets, the share whose most probable label is one of the text's (and micro-F1 of the
+    neural head and the lexical expert alone, for a fused model)."""
     scores = {
         f"{stage}/f1_micro": report["micro_f1"],
         f"{stage}/f1_macro": report["macro_f1"],
         f"{stage}/subset_acc": report["subset_accuracy"],
         f"{stage}/hamming_loss": report["hamming_loss"],
+        f"{stage}/precision_micro": report["micro_precision"],
+        f"{stage}/recall_micro": report["micro_recall"],
+        f"{stage}/top_in_set": report["top_label_in_set"],  # the first suggestion is one of the text's labels
     }
     for part in ("neural", "lexical") if components else ():
         scores[f"{stage}/f1_micro_{part}"] = components[part]["micro_f1"]

@@ -63,8 +63,8 @@ def decide(probs: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
 
 
 def multilabel_scores(predicted: np.ndarray, y: np.ndarray, names: Sequence[str]) -> dict:
-    """Micro- and macro-F1, subset accuracy, Hamming loss, label cardinality (predicted and true) and per-label
-    precision, recall, F1 and support of multi-hot decisions against the truth."""
+    """Micro-F1 (with its precision and recall), macro-F1, subset accuracy, Hamming loss, label cardinality
+    (predicted and true) and per-label precision, recall, F1 and support of multi-hot decisions against the truth."""
     p, t = np.asarray(predicted, dtype=bool), np.asarray(y, dtype=bool)
     tp, fp, fn = (p & t).sum(0), (p & ~t).sum(0), (~p & t).sum(0)
 
@@ -77,6 +77,9 @@ def multilabel_scores(predicted: np.ndarray, y: np.ndarray, names: Sequence[str]
     return {
         "rows": len(t),
         "micro_f1": micro,
+        # A tagger's two errors, apart: tags given that the paper does not have, and its subjects left untagged.
+        "micro_precision": float(ratio(tp.sum(), tp.sum() + fp.sum())),
+        "micro_recall": float(ratio(tp.sum(), tp.sum() + fn.sum())),
         "macro_f1": float(f1.mean()) if len(f1) else 0.0,
         "subset_accuracy": float((p == t).all(1).mean()) if len(t) else 0.0,
         "hamming_loss": float((p != t).mean()) if t.size else 0.0,
@@ -106,10 +109,20 @@ def label_ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> np.ndarray:
     return out
 
 
+def top_label_in_set(scores: np.ndarray, y: np.ndarray) -> float:
+    """The share of texts whose most probable label is one of their true labels: a tagger's first suggestion is
+    right (a paper's primary subject is only one of its subjects). 0 without rows."""
+    scores, y = np.asarray(scores), np.asarray(y, dtype=bool)
+    if not len(y):
+        return 0.0
+    return float(y[np.arange(len(y)), scores.argmax(1)].mean())
+
+
 def epoch_report(probs: np.ndarray, y: np.ndarray, names: Sequence[str], thresholds: np.ndarray) -> dict:
     """A multi-label split's report: the scores of the thresholded decisions, the thresholds, and calibration per
     label (ECE of each label's probability)."""
     report = multilabel_scores(decide(probs, thresholds), y, names)
+    report["top_label_in_set"] = top_label_in_set(probs, y)
     ece = label_ece(probs, y)
     for j, name in enumerate(names):
         report["per_label"][name].update(threshold=float(thresholds[j]), ece=float(ece[j]))
@@ -129,7 +142,9 @@ def format_label_set_report(report: dict) -> str:
     c = report["cardinality"]
     lines += [
         "",
-        f"micro-F1 {report['micro_f1']:.4f}, macro-F1 {report['macro_f1']:.4f}, subset accuracy "
+        f"micro-F1 {report['micro_f1']:.4f} (precision {report.get('micro_precision', 0):.4f}, recall "
+        f"{report.get('micro_recall', 0):.4f}), top label one of the text's {report.get('top_label_in_set', 0):.4f}",
+        f"macro-F1 {report['macro_f1']:.4f}, subset accuracy "
         f"{report['subset_accuracy']:.4f}, Hamming loss {report['hamming_loss']:.4f}, labels per text "
         f"{c.get('predicted', 0):.2f} predicted / {c.get('true', 0):.2f} true, mean label ECE "
         f"{report['mean_label_ece']:.4f}; {report['rows']} rows",
