@@ -22,7 +22,6 @@ from typing import Any
 import litserve as ls
 import torch
 
-from lightning_cls import __version__
 from lightning_cls.arg_parser import run_command
 from lightning_cls.data.tokenization import padded_width
 from lightning_cls.data.windows import WindowSpec
@@ -59,6 +58,7 @@ from lightning_cls.serving.http import (
     MetricsMiddleware,
     RequestGuard,
 )
+from lightning_cls.serving.info import Resolved, RunSettings, service_info
 from lightning_cls.serving.metrics import AccuracySettings, MonitoringLogger
 from lightning_cls.serving.prediction_log import LogSettings
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
@@ -360,7 +360,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     exported_temperature = export_temperature(meta)
     temperature = exported_temperature if s.use_temperature else None
     valid_accuracy = validation_accuracy(meta)
-    multi_label = getattr(meta, "thresholds", None) is not None  # answers are label sets; feedback sends sets
+    multi_label = meta.multi_label  # answers are label sets; feedback sends sets
     version = champion.version
     challenger = None
     if s.challenger is not None:
@@ -440,64 +440,15 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             "above the real accuracy. `python -m lightning_cls calibrate` fits a temperature."
         )
     batching = effective_batching(s, device, max_length)
-    info = {
-        "model_dir": str(Path(s.model_dir).resolve()),
-        "model_name_or_path": meta.model_name_or_path,
-        "model_version": version,
-        "registry": {**registered, "requested": settings.model_dir} if registered else None,
-        "deployment_at_start": {
-            "challenger": {"version": challenger.version, "source": challenger.source} if challenger else None,
-            "mode": s.challenger_mode if challenger else None,
-            "share": s.challenger_share if challenger else 0.0,
-            "now": f"GET {DEPLOYMENT_PATH}",
-        },
-        "keep_texts": s.keep_texts,
-        "labels": names,
-        "problem_type": "multi_label" if multi_label else "single_label",
-        "max_length": max_length,
-        "windows": {"max_windows": windows.max_windows, "stride": windows.stride},
-        "exported_at": meta.exported_at,
-        "exported_with": meta.lightning_cls_version,
-        "version": __version__,
-        "reference": reference is not None,
-        "drift": drift if reference is not None else "no reference in the export: drift gauges are not computed",
-        "temperature": {
-            "in_use": temperature,
-            "exported": exported_temperature,
-            "answers": "softmax(logits / in_use): calibrated"
-            if temperature is not None
-            else "the plain softmax: "
-            + ("--use_temperature false" if exported_temperature is not None else "the export has no temperature"),
-        },
-        "min_confidence": s.min_confidence,
-        "accuracy": {
-            "validation": valid_accuracy,
-            **({"validation_micro_f1": accuracy.validation_micro_f1} if multi_label else {}),
-            "alert_margin": s.accuracy_alert_margin,
-        },
-        "feedback": {
-            "db": store.path,
-            "kept_after_stop": not temporary_db,
-            "retention": {"predictions": s.feedback_retention, "days": s.feedback_retention_days},
-            "window": s.feedback_window,
-            "min_feedback": s.min_feedback,
-            "wait_seconds": s.feedback_wait,
-            "true_label_field": "labels (a list of label names)" if multi_label else "label (a label name)",
-        },
-        "limits": {"max_texts": s.max_texts, "max_body_bytes": s.max_body_bytes, "default_top_k": s.top_k},
-        "batching": batching,
-        "workers": {"per_device": s.workers_per_device, "torch_threads": num_threads},
-        "inference": {
-            "backend": choice.backend,
-            "precision": choice.precision,
-            "reason": choice.reason,
-            "max_batch_tokens": batching["max_batch_tokens"],
-            "agreement_gate": s.agreement_gate,
-            "gate": inference.describe_gate(),
-            "variants": choice.verdicts,  # auto: each variant's verdict by the export's measurements
-        },
-        "api_key": {"required_for": protected} if key else None,
-    }
+    info = service_info(
+        s,
+        meta,
+        Resolved(
+            settings.model_dir, registered, champion.version, challenger, windows, temperature, exported_temperature
+        ),
+        RunSettings(accuracy, store, batching, num_threads, choice, inference, protected if key else None, drift),
+        temporary_db,
+    )
     server = Server(
         api,
         drain_timeout=s.drain_timeout,
