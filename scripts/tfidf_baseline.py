@@ -119,6 +119,10 @@ def multi_label(args, plan, features, y, start: float, cpu_start: float) -> None
         "test_subset_accuracy": round(test["subset_accuracy"], 4),
         "test_hamming_loss": round(test["hamming_loss"], 4),
         "test_mean_label_ece": round(test["mean_label_ece"], 4),
+        # The tagger's view (#33): tags given that are wrong vs subjects missed, and the first suggestion's hit rate.
+        "test_micro_precision": round(test["micro_precision"], 4),
+        "test_micro_recall": round(test["micro_recall"], 4),
+        "test_top_label_in_set": round(test["top_label_in_set"], 4),
         "thresholds": [float(t) for t in thresholds],
         "wall_seconds": round(seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
