@@ -387,7 +387,13 @@ def test_compare_multi_label_exports_by_micro_f1(tmp_path, sample_dir, exports):
     db = tmp_path / "f.sqlite3"
     feedback_db(db, [("one text", ("physics", "statistics")), ("two", ("mathematics",))])
     report = compare(*folders, config, str(db), output_path=str(tmp_path / "r.json"))
-    assert report["problem"] == "multi-label" and report["metrics"] == ["micro_f1", "macro_f1", "subset_accuracy"]
+    assert report["problem"] == "multi-label" and report["metrics"] == [
+        "micro_f1",
+        "macro_f1",
+        "subset_accuracy",
+        "micro_precision",
+        "micro_recall",
+    ]
     assert report["sets"]["test"]["rows"] == 30 and report["sets"]["recent_feedback"]["rows"] == 2
     assert 0 <= report["sets"]["recent_feedback"]["champion"]["micro_f1"] <= 1
     with pytest.raises(ConfigError, match=r"single-label.*multi-label|multi-label.*single-label"):

@@ -129,11 +129,15 @@ class LabelSet(Task):
     thresholds: tuple[float, ...] = ()
 
     multi_label: ClassVar[bool] = True
-    metrics: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "subset_accuracy")
+    # micro precision and recall: a tagger's two errors apart (tags the paper does not have, subjects left untagged)
+    metrics: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "subset_accuracy", "micro_precision", "micro_recall")
     headline: ClassVar[tuple[tuple[str, str], ...]] = (
         ("micro_f1", "micro-F1"),
         ("macro_f1", "macro-F1"),
         ("subset_accuracy", "subset accuracy"),
+        ("micro_precision", "micro precision"),
+        ("micro_recall", "micro recall"),
+        ("top_label_in_set", "top label one of the text's"),  # in test reports (it needs the probabilities)
     )
 
     problem_type: ClassVar[str] = "multi_label_classification"
