@@ -24,7 +24,7 @@ from lightning_cls.errors import InputError
 from lightning_cls.monitoring.drift import ECE_BINS, FeedbackWindow, label_scores, top_label_ece
 from lightning_cls.serving.gauges import collect_metrics, enable_multiprocess_metrics
 from lightning_cls.serving.http import FEEDBACK_PATH, ApiKeyGuard, FeedbackEndpoint, RequestError, parse_feedback_body
-from lightning_cls.serving.metrics import AccuracySettings, Monitor
+from lightning_cls.serving.metrics import AccuracySettings, LoggerState
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 NAMES = ["a", "b", "c"]
@@ -340,7 +340,7 @@ def monitor_settings(db, validation: float | None = 0.9, version: str = VERSION)
 def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tmp_path, multiprocess_metrics, caplog):
     db = tmp_path / "f.sqlite3"
     FeedbackStore(db).close()  # `serve` makes the tables before the logger process starts
-    monitor = Monitor(monitor_settings(db))
+    monitor = LoggerState(monitor_settings(db))
     page = multiprocess_metrics()
     assert value(page, "lightning_cls_validation_accuracy") == 0.9
     assert value(page, "lightning_cls_estimated_accuracy_alert_margin") == 0.05
@@ -377,20 +377,20 @@ def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tm
 
     # A restart: the new logger process reads this model's stored feedback back; the stored predictions stay.
     monitor.close()
-    restarted = Monitor(monitor_settings(db))
+    restarted = LoggerState(monitor_settings(db))
     restarted.refresh_feedback(count=False)
     page = multiprocess_metrics()
     assert value(page, "lightning_cls_feedback_window_texts") == 6
     assert value(page, "lightning_cls_live_accuracy") == pytest.approx(4 / 6)
     assert http.counts() == {"predictions": 12, "feedback": 6}
     # Another model (another export) on the same database starts with an empty window.
-    Monitor(monitor_settings(db, version="v2"))
+    LoggerState(monitor_settings(db, version="v2"))
     assert value(multiprocess_metrics(), "lightning_cls_feedback_window_texts") == 0
 
 
 def test_without_a_validation_accuracy_the_gauge_is_nan_and_nothing_is_compared(tmp_path, multiprocess_metrics, caplog):
     FeedbackStore(tmp_path / "f.sqlite3").close()
-    monitor = Monitor(monitor_settings(tmp_path / "f.sqlite3", validation=None))
+    monitor = LoggerState(monitor_settings(tmp_path / "f.sqlite3", validation=None))
     with caplog.at_level(logging.WARNING, logger="lightning_cls.serving.metrics"):
         monitor.on_batch(batch(12, probability=0.2))
     assert math.isnan(value(multiprocess_metrics(), "lightning_cls_validation_accuracy"))

@@ -26,7 +26,7 @@ from lightning_cls.monitoring.label_set_drift import (
     set_matrix,
     set_scores,
 )
-from lightning_cls.serving.metrics import AccuracySettings, Monitor
+from lightning_cls.serving.metrics import AccuracySettings, LoggerState
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 from lightning_cls.task.scores import decide, multilabel_scores
 
@@ -144,7 +144,7 @@ def ml_settings(db, validation_micro_f1: float | None = 0.95) -> dict:
     }
 
 
-def served(monitor: Monitor, sets: list[list[str]]) -> dict:
+def served(monitor: LoggerState, sets: list[list[str]]) -> dict:
     b = set_batch(sets)
     monitor.on_batch(b)
     assert monitor.log.flush(10)
@@ -154,7 +154,7 @@ def served(monitor: Monitor, sets: list[list[str]]) -> dict:
 def test_per_label_gauges_and_live_micro_f1_on_metrics(tmp_path, multiprocess_metrics, caplog):  # noqa: F811
     db = tmp_path / "f.sqlite3"
     FeedbackStore(db).close()
-    monitor = Monitor(ml_settings(db))
+    monitor = LoggerState(ml_settings(db))
     page = multiprocess_metrics()
     assert sample(page, "lightning_cls_label_reference_rate", label="b") == pytest.approx(0.3)
     for name in ("lightning_cls_live_micro_f1", "lightning_cls_estimated_micro_f1"):
@@ -200,7 +200,7 @@ def test_per_label_gauges_and_live_micro_f1_on_metrics(tmp_path, multiprocess_me
 
     # a restart reads the stored sets back
     monitor.close()
-    restarted = Monitor(ml_settings(db))
+    restarted = LoggerState(ml_settings(db))
     assert sample(multiprocess_metrics(), "lightning_cls_live_micro_f1") == pytest.approx(expected["micro_f1"])
     restarted.close()
 
@@ -210,7 +210,7 @@ def test_a_single_label_on_a_multi_label_models_prediction_counts_as_its_set(tmp
     db = tmp_path / "f.sqlite3"
     FeedbackStore(db).close()
     settings = {**ml_settings(db), "accuracy": AccuracySettings(None, window=20, min_labels=1)}
-    monitor = Monitor(settings)
+    monitor = LoggerState(settings)
     b = served(monitor, [["a", "b"], ["c"]])
     FeedbackStore(db).record_feedback([(b["ids"][0], "a"), (b["ids"][1], "c")])
     monitor.refresh_feedback()

@@ -1,5 +1,5 @@
 """The Prometheus gauges of a multi-label model's label sets, per label and for the sets as a whole, recorded in the
-logger process beside the others (`metrics.Monitor` makes them for a model whose export has per-label thresholds).
+logger process beside the others (`metrics.LoggerState` makes them for a model whose export has per-label thresholds).
 
 The computations are `lightning_cls.monitoring.label_set_drift`'s; this module only sets gauges from its reports. Every
 per-label series is labelled with one of the model's own label names (never a value from a request), so there are

@@ -340,7 +340,7 @@ class LogMetrics:
         )
 
 
-class Monitor:
+class LoggerState:
     """What the logger process holds: the prediction and accuracy metrics, the drift and feedback windows, and the
     prediction log (`PredictionLog`: a writer thread that stores every prediction, retrying when the database is
     busy). The logger process's own connection only reads (the new feedback)."""
@@ -456,7 +456,7 @@ class MonitoringLogger(ls.Logger):
 
     Keeping the metrics, the drift window and the database writes here keeps them off the inference path, and gives
     one window for all inference workers. The instance is pickled to that process: it holds only plain settings,
-    and builds its `Monitor` there on the first message (the worker sends "start" once its model is loaded).
+    and builds its `LoggerState` there on the first message (the worker sends "start" once its model is loaded).
     """
 
     def __init__(
@@ -489,7 +489,7 @@ class MonitoringLogger(ls.Logger):
             "log": prediction_log,
             "multi_label": multi_label,
         }
-        self._monitor: Monitor | None = None
+        self._monitor: LoggerState | None = None
 
     def process(self, key: str, value: Any) -> None:
         if key == "stop":  # sent by the main process at a stop, after the last batch (`server.Server`)
@@ -508,7 +508,7 @@ class MonitoringLogger(ls.Logger):
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
                 parent.addHandler(handler)
                 parent.setLevel(logging.INFO)
-            self._monitor = Monitor(self.settings)
+            self._monitor = LoggerState(self.settings)
         if key == "batch":
             self._monitor.on_batch(value)
         elif key == "feedback":
