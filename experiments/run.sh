@@ -2,7 +2,7 @@
 # Run one experiment: fit with experiments/NAME/config.yaml, then test its best checkpoint; times both.
 #   experiments/run.sh NAME [extra fit options]      (e.g. --ckpt_path last: resume a stopped run)
 # Checkpoints and TensorBoard logs go to runs/experiments/NAME/ (not committed); the test report and the
-# timings are copied into experiments/NAME/.
+# timings are copied into experiments/NAME/, and experiments/results.csv is refreshed (scripts/results_table.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
@@ -29,3 +29,9 @@ test_s=$(( $(date +%s) - start ))
 printf '{"fit_seconds": %s, "fit_cpu_seconds": %s, "test_seconds": %s, "best_checkpoint": "%s", "cpu": "%s", "date": "%s"}\n' \
   "$fit_s" "$fit_cpu_s" "$test_s" "$best" "$(lscpu | sed -n 's/^Model name: *//p')" "$(date -u +%FT%TZ)" > "experiments/$name/timing.json"
 cat "experiments/$name/timing.json"
+# The test report just written (text, JSON, confusion matrix: the newest in the run's log folders) goes beside the
+# config, where results.csv reads it (as scripts/collect_experiments.py copies it).
+report=$(ls -t runs/experiments/"$name"/version_*/test_report.json 2>/dev/null | head -n 1 || true)
+if [ -n "$report" ]; then cp "$(dirname "$report")"/test_* "experiments/$name/"; fi
+# The run has landed: refresh the one results file (a problem there is reported, the run's own files are kept).
+python scripts/results_table.py collect || echo "run.sh: experiments/results.csv not refreshed (see above)" >&2

@@ -7,6 +7,9 @@ The regularisation strength is picked on the validation split; the test split is
 A multi-label config (`data.multi_label`) gets the one-vs-rest baseline: a binary logistic regression per label
 (scikit-learn's OneVsRestClassifier), per-label thresholds fitted on validation as the model's are
 (`multilabel.fit_thresholds`), scored with the model's own multi-label metrics.
+
+With --out, the folder also gets `config.yaml`: the `data` section it ran with (its task and split, read by
+`scripts/results_table.py`), and experiments/results.csv is refreshed (`results_table.collect`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import config_split, cpu_name  # the benchmarks' harness: the same split as every benchmark reads
+from results_table import EXPERIMENTS, ResultsError, collect
 
 
 def main() -> None:
@@ -32,12 +38,14 @@ def main() -> None:
         "--config", required=True, type=Path, help="experiment YAML whose `data` section sets the split"
     )
     parser.add_argument("--data-path", help="override data.path of the config")
-    parser.add_argument("--out", type=Path, help="folder for metrics.json and report.txt")
+    parser.add_argument("--out", type=Path, help="folder for metrics.json, report.txt and config.yaml")
     parser.add_argument("--C", type=float, nargs="+", default=[4.0, 16.0, 64.0], help="values tried on val")
     args = parser.parse_args()
 
     start, cpu_start = time.perf_counter(), time.process_time()
     data, plan = config_split(args.config, args.data_path)
+    if args.out:
+        write_data_config(args.out, args.config, {**data, "path": args.data_path or data["path"]})
     texts = plan.table["text"].to_numpy()
     x = {name: texts[rows] for name, rows in plan.rows.items()}
     y = {name: plan.label_ids[rows] for name, rows in plan.rows.items()}
@@ -75,14 +83,26 @@ def main() -> None:
     write_results(args.out, result, report, details="per_class")
 
 
+def write_data_config(out: Path, config: Path, data: dict) -> None:
+    """`out/config.yaml`: the `data` section this baseline ran with, so that its results know their task and split."""
+    out.mkdir(parents=True, exist_ok=True)
+    head = f"# The `data` section of {config} that scripts/tfidf_baseline.py ran with (its rows, labels and split).\n"
+    (out / "config.yaml").write_text(head + yaml.safe_dump({"data": data}, sort_keys=False))
+
+
 def write_results(out: Path | None, result: dict, report: str, details: str) -> None:
-    """Print the report and the result (less its per-label details); write both into `out` when given."""
+    """Print the report and the result (less its per-label details); write both into `out` when given, and refresh
+    experiments/results.csv."""
     print(report)
     print(json.dumps({k: v for k, v in result.items() if k != details}))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         (out / "report.txt").write_text(report)
+        try:
+            print(f"refreshed {collect(EXPERIMENTS)}")
+        except ResultsError as e:  # the baseline's own files are written; say what kept the table from refreshing
+            print(f"error: results.csv not refreshed: {e}", file=sys.stderr)
 
 
 def multi_label(args, plan, features, y, start: float, cpu_start: float) -> None:
