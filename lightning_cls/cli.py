@@ -1,6 +1,6 @@
 """`python -m lightning_cls fit|validate|test|predict|calibrate|export|serve|monitor|registry|compare|deployment|
-distill`: the Trainer subcommands (LightningCLI, `trainer_cli`), the extra subcommands, and the one place where user
-errors (errors.py) become one `error: ...` line."""
+distill|store`: the Trainer subcommands (LightningCLI, `trainer_cli`), the extra subcommands, and the one place where
+user errors (errors.py) become one `error: ...` line."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ EXTRA_MODULES = {
     "registry": "lightning_cls.lifecycle.registry",
     "compare": "lightning_cls.lifecycle.compare",
     "deployment": "lightning_cls.serving.deployment",
+    "store": "lightning_cls.store.transfer",
     "distill": "lightning_cls.lifecycle.distill",
 }
 

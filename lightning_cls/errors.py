@@ -3,9 +3,11 @@ and what to change. `cli.main` turns any of them into one `error: ...` line, for
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class UserError(ValueError):
@@ -60,4 +62,16 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message, shortened: enough to say what went wrong."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# How a sent value is named in a message (a request's field, a feedback item): its kind, or its JSON cut short.
+def kind_of(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """A sent value for a message: its JSON, cut at ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -78,3 +78,26 @@ def trained(sample_dir, tmp_path_factory):
         return runs[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (tests/postgres_server.py); skipped without the binaries, failed
+    instead with LIGHTNING_CLS_REQUIRE_POSTGRES set."""
+    from postgres_server import PostgresServer, missing
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing("the psycopg driver is not installed (pip install -e '.[postgres]')")
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_location(request, tmp_path) -> str:
+    """The store's location on each engine: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "f.sqlite3")
+    return request.getfixturevalue("postgres").new_database()

@@ -19,15 +19,19 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from store_helpers import query
 
 from lightning_cls.errors import InputError
-from lightning_cls.monitoring.drift import ECE_BINS, FeedbackWindow, label_scores, top_label_ece
+from lightning_cls.monitoring.drift import ECE_BINS, FeedbackWindow, top_label_ece
 from lightning_cls.serving.gauges import collect_metrics, enable_multiprocess_metrics
 from lightning_cls.serving.http import FEEDBACK_PATH, ApiKeyGuard, FeedbackEndpoint, RequestError, parse_feedback_body
 from lightning_cls.serving.metrics import AccuracySettings, LoggerState
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
+from lightning_cls.task import task_for
+from lightning_cls.task.scores import label_scores
 
 NAMES = ["a", "b", "c"]
+TASK = task_for(NAMES)
 VERSION = "v1"
 KEY = "k3y"
 
@@ -68,12 +72,13 @@ def test_the_store_keeps_predictions_and_feedback_across_a_reopen(tmp_path):
 
     store = FeedbackStore(tmp_path / "f.sqlite3")
     assert store.counts() == {"predictions": 4, "feedback": 2}
-    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with sqlite3.connect(tmp_path / "f.sqlite3") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     seen, seq = store.feedback_since(0, VERSION, limit=10)
     assert seen == [("a", "a"), ("b", "c")] and seq == 2  # (predicted, true), oldest first
     assert store.feedback_since(seq, VERSION, limit=10) == ([], 2)
     assert store.feedback_since(0, "another model", limit=10) == ([], 2)  # another model's feedback is not counted
-    row = store.conn.execute("SELECT label, probability, probabilities, abstained FROM predictions LIMIT 1").fetchone()
+    row = query(store, "SELECT label, probability, probabilities, abstained FROM predictions LIMIT 1")[0]
     assert row == ("a", 0.9, json.dumps([0.9, 0.05, 0.05]), 0)
 
 
@@ -88,7 +93,7 @@ def test_feedback_is_all_or_nothing_idempotent_and_write_once(tmp_path):
     assert (again.stored, again.repeated) == (1, 1) and store.counts()["feedback"] == 3
     conflict = store.record_feedback([(ids[1], "c")])
     assert conflict.conflicts == [(ids[1], "b", "c")] and store.counts()["feedback"] == 3
-    assert store.conn.execute("SELECT label FROM feedback WHERE prediction_id = ?", (ids[1],)).fetchone() == ("b",)
+    assert query(store, "SELECT label FROM feedback WHERE prediction_id = :id", id=ids[1]) == [("b",)]
 
 
 def test_retention_deletes_the_oldest_predictions_with_their_feedback(tmp_path):
@@ -106,8 +111,9 @@ def test_retention_deletes_the_oldest_predictions_with_their_feedback(tmp_path):
 
 def test_a_newer_schema_or_a_file_that_is_not_a_database_is_refused_naming_it(tmp_path):
     store = store_with(tmp_path)
-    store.conn.execute("PRAGMA user_version = 99")
     store.close()
+    with sqlite3.connect(tmp_path / "f.sqlite3") as conn:
+        conn.execute("PRAGMA user_version = 99")
     with pytest.raises(InputError, match=r"f\.sqlite3 has schema version 99, newer"):
         FeedbackStore(tmp_path / "f.sqlite3")
     junk = tmp_path / "junk.sqlite3"
@@ -156,13 +162,13 @@ def test_feedback_writers_and_the_prediction_writer_run_concurrently(tmp_path):
 # ------------------------------------------------------------------------------------------------ the request body
 def test_parse_feedback_accepts_a_list_one_object_or_the_object_alone():
     one = {"prediction_id": "x1", "label": "a"}
-    assert parse_feedback_body(json.dumps({"feedback": [one, {**one, "prediction_id": "x2"}]}).encode(), NAMES) == [
+    assert parse_feedback_body(json.dumps({"feedback": [one, {**one, "prediction_id": "x2"}]}).encode(), TASK) == [
         ("x1", "a"),
         ("x2", "a"),
     ]
-    assert parse_feedback_body(json.dumps({"feedback": one}).encode(), NAMES) == [("x1", "a")]
-    assert parse_feedback_body(json.dumps(one).encode(), NAMES) == [("x1", "a")]
-    assert parse_feedback_body(json.dumps([one, one]).encode(), NAMES) == [("x1", "a")]  # the same twice: once
+    assert parse_feedback_body(json.dumps({"feedback": one}).encode(), TASK) == [("x1", "a")]
+    assert parse_feedback_body(json.dumps(one).encode(), TASK) == [("x1", "a")]
+    assert parse_feedback_body(json.dumps([one, one]).encode(), TASK) == [("x1", "a")]  # the same twice: once
 
 
 BAD_FEEDBACK = [
@@ -187,7 +193,7 @@ BAD_FEEDBACK = [
 @pytest.mark.parametrize(("body", "status", "message"), BAD_FEEDBACK, ids=[m[:30] for _, _, m in BAD_FEEDBACK])
 def test_parse_feedback_rejects_bad_bodies_naming_the_culprit(body, status, message):
     with pytest.raises(RequestError) as err:
-        parse_feedback_body(body.encode(), NAMES, max_items=3)
+        parse_feedback_body(body.encode(), TASK, max_items=3)
     assert err.value.status == status
     assert message in err.value.message
 
@@ -195,7 +201,7 @@ def test_parse_feedback_rejects_bad_bodies_naming_the_culprit(body, status, mess
 # ------------------------------------------------------------------------------------------------ the endpoint
 def feedback_app(db, wait: float = 0.2, notified: list | None = None, key: str | None = None):
     app = FastAPI()
-    endpoint = FeedbackEndpoint(str(db), NAMES, 10_000, wait, notified.append if notified is not None else None)
+    endpoint = FeedbackEndpoint(str(db), TASK, 10_000, wait, notified.append if notified is not None else None)
     app.add_api_route(FEEDBACK_PATH, endpoint.handle, methods=["POST"], response_model=None)
     return ApiKeyGuard(app, key=key, paths=[FEEDBACK_PATH]) if key else app
 
@@ -255,7 +261,7 @@ def test_the_endpoint_needs_the_api_key_when_there_is_one(tmp_path):
 def test_a_body_over_the_limit_is_a_413(tmp_path):
     store_with(tmp_path)
     app = FastAPI()
-    endpoint = FeedbackEndpoint(str(tmp_path / "f.sqlite3"), NAMES, max_body_bytes=100)
+    endpoint = FeedbackEndpoint(str(tmp_path / "f.sqlite3"), TASK, max_body_bytes=100)
     app.add_api_route(FEEDBACK_PATH, endpoint.handle, methods=["POST"], response_model=None)
     response = post(app, [{"prediction_id": "x" * 200, "label": "a"}])
     assert response.status_code == 413 and "limit of 100 bytes" in response.json()["detail"]
@@ -294,13 +300,13 @@ def test_top_label_ece_equals_the_calibration_modules_ece():
 
 
 def test_the_feedback_window_keeps_the_last_labels_and_waits_for_enough():
-    window = FeedbackWindow(NAMES, size=4, min_labels=3)
+    window = FeedbackWindow(TASK, size=4, min_labels=3)
     window.add([("a", "a"), ("b", "c")])
     assert window.report() == {"rows": 2, "accuracy": None, "macro_f1": None}
     window.add([("c", "c"), ("a", "a"), ("b", "b")])  # the first pair slides out
     assert window.report()["rows"] == 4 and window.report()["accuracy"] == pytest.approx(3 / 4)
     with pytest.raises(InputError, match="--min_feedback <= --feedback_window"):
-        FeedbackWindow(NAMES, size=2, min_labels=3)
+        FeedbackWindow(TASK, size=2, min_labels=3)
 
 
 # ------------------------------------------------------------------------------------------------ the gauges
@@ -327,7 +333,7 @@ def value(page: str, name: str) -> float:
 
 def monitor_settings(db, validation: float | None = 0.9, version: str = VERSION) -> dict:
     return {
-        "names": NAMES,
+        "task": TASK,
         "reference": None,
         "max_batch_size": 8,
         "max_length": 32,

@@ -11,7 +11,8 @@ from serving_helpers import fabricate_export
 
 from lightning_cls.cli import main as cli_main
 from lightning_cls.errors import UserError
-from lightning_cls.monitoring.drift import DriftWindow, drift_report, label_scores, top_label_ece
+from lightning_cls.monitoring.drift import DriftWindow, drift_report, top_label_ece
+from lightning_cls.task.scores import label_scores
 
 
 @pytest.fixture(scope="module")

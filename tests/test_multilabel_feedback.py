@@ -11,10 +11,12 @@ import uuid
 
 import pytest
 from fastapi import FastAPI
+from store_helpers import query
 from test_feedback import post
 
 from lightning_cls.serving.http import FEEDBACK_PATH, FeedbackEndpoint, RequestError, parse_feedback_body
 from lightning_cls.store.feedback_store import SCHEMA_VERSION, FeedbackStore
+from lightning_cls.task import task_for
 
 NAMES = ["a", "b", "c", "d"]
 VERSION = "v-ml"
@@ -51,9 +53,9 @@ def test_the_store_keeps_predicted_and_true_label_sets(tmp_path):
     assert (again.stored, again.repeated) == (0, 1)
     conflict = store.record_feedback([(ids[1], ("c",)), (ids[2], ("a",))])
     assert conflict.conflicts == [(ids[1], ("c", "d"), ("c",))] and store.counts()["feedback"] == 2
-    row = store.conn.execute("SELECT label, labels FROM feedback WHERE prediction_id = ?", (ids[0],)).fetchone()
+    row = query(store, "SELECT label, labels FROM feedback WHERE prediction_id = :id", id=ids[0])[0]
     assert row == ("a; b", '["a", "b"]')  # readable as one column; exact as JSON
-    stored = store.conn.execute("SELECT label, labels FROM predictions WHERE id = ?", (ids[2],)).fetchone()
+    stored = query(store, "SELECT label, labels FROM predictions WHERE id = :id", id=ids[2])[0]
     assert stored == ("d", '["d", "a"]')  # the answer's set, most probable first
     seen, _ = store.feedback_since(0, VERSION, limit=10)
     assert seen == [(("a", "b"), ("a", "b")), (("c",), ("c", "d"))]  # (predicted, true) sets
@@ -85,9 +87,11 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_rows(tmp_path):
         conn.execute("INSERT INTO feedback VALUES (1, 'p1', 'a', 0)")
     conn.close()
     store = FeedbackStore(db)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-    for table in ("predictions", "feedback"):
-        assert "labels" in {r[1] for r in store.conn.execute(f"PRAGMA table_info({table})")}, table
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        for table in ("predictions", "feedback"):
+            assert "labels" in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}, table
+    conn.close()
     assert store.feedback_since(0, VERSION, limit=10) == ([("a", "a")], 1)  # single labels read as before
     old_spilled = ["p2", time.time(), "b", 0.7, "[0.1, 0.7, 0.1, 0.1]", 6, 1, 0, 0, None, VERSION]
     with store.transaction():
@@ -101,7 +105,8 @@ def test_a_version_1_database_is_migrated_in_place_and_keeps_its_rows(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the request body
 def parse(body: object, multi_label: bool = True, max_items: int = 1000):
-    return parse_feedback_body(json.dumps(body).encode(), NAMES, max_items=max_items, multi_label=multi_label)
+    task = task_for(NAMES, [0.5] * len(NAMES)) if multi_label else task_for(NAMES)
+    return parse_feedback_body(json.dumps(body).encode(), task, max_items=max_items)
 
 
 def test_a_multi_label_body_takes_label_sets_of_one_or_more_names():
@@ -162,9 +167,8 @@ def test_bad_label_set_bodies_are_a_422_naming_the_field_and_value(body, multi_l
 # ------------------------------------------------------------------------------------------------ the endpoint
 def set_app(db, notified: list | None = None) -> FastAPI:
     app = FastAPI()
-    endpoint = FeedbackEndpoint(
-        str(db), NAMES, 10_000, 0.2, notified.append if notified is not None else None, multi_label=True
-    )
+    task = task_for(NAMES, [0.5] * len(NAMES))
+    endpoint = FeedbackEndpoint(str(db), task, 10_000, 0.2, notified.append if notified is not None else None)
     app.add_api_route(FEEDBACK_PATH, endpoint.handle, methods=["POST"], response_model=None)
     return app
 

@@ -16,19 +16,12 @@ from test_feedback import multiprocess_metrics  # noqa: F401 (a fixture)
 from test_multilabel_feedback import NAMES, VERSION, set_batch
 
 from lightning_cls.errors import InputError, UserError
-from lightning_cls.monitoring.drift import DriftThresholds, psi
-from lightning_cls.monitoring.label_set_drift import (
-    LabelSetWindow,
-    SetFeedbackWindow,
-    expected_micro_f1,
-    rate_psi,
-    reference_rates,
-    set_matrix,
-    set_scores,
-)
+from lightning_cls.monitoring.drift import DriftThresholds, FeedbackWindow, psi
+from lightning_cls.monitoring.label_set_drift import LabelSetWindow, expected_micro_f1, rate_psi, reference_rates
 from lightning_cls.serving.metrics import AccuracySettings, LoggerState
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
-from lightning_cls.task.scores import decide, multilabel_scores
+from lightning_cls.task import task_for
+from lightning_cls.task.scores import decide, multilabel_scores, set_matrix, set_scores
 
 # 100 training texts: a in 50, b in 30, c in 20, d in 10 (sets: counts add up to more than the rows)
 REFERENCE = {"rows": 100, "label_counts": {"a": 50, "b": 30, "c": 20, "d": 10}}
@@ -120,7 +113,7 @@ def columns(sets: list[list[str]]) -> tuple:
 
 
 def test_the_set_feedback_window_keeps_the_last_sets_and_waits_for_enough():
-    window = SetFeedbackWindow(NAMES, size=3, min_labels=2)
+    window = FeedbackWindow(task_for(NAMES, [0.5] * len(NAMES)), size=3, min_labels=2)
     window.add([(("a",), ("a", "b"))])
     assert window.report()["micro_f1"] is None and window.report()["rows"] == 1
     window.add([(("a", "b"), ("a", "b")), (("c",), ("c",)), (("d",), ("d",))])  # the first pair slides out
@@ -131,7 +124,7 @@ def test_the_set_feedback_window_keeps_the_last_sets_and_waits_for_enough():
 # ------------------------------------------------------------------------------------------------ the gauges
 def ml_settings(db, validation_micro_f1: float | None = 0.95) -> dict:
     return {
-        "names": NAMES,
+        "task": task_for(NAMES, [0.5] * len(NAMES)),
         "reference": REFERENCE,
         "max_batch_size": 8,
         "max_length": 32,
@@ -140,7 +133,6 @@ def ml_settings(db, validation_micro_f1: float | None = 0.95) -> dict:
         "accuracy": AccuracySettings(
             None, margin=0.05, window=20, min_labels=4, validation_micro_f1=validation_micro_f1
         ),
-        "multi_label": True,
     }
 
 

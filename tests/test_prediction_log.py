@@ -15,6 +15,7 @@ from test_feedback import NAMES, VERSION, batch, post
 from lightning_cls.serving.http import FEEDBACK_PATH, FeedbackEndpoint
 from lightning_cls.serving.prediction_log import SPILL_SUFFIX, IdIssuer, LogSettings, PredictionLog
 from lightning_cls.store.feedback_store import FeedbackStore
+from lightning_cls.task import task_for
 
 FAST = LogSettings(spill_after=0.2, write_timeout=0.05, max_backoff=0.1, stop_timeout=0.5)
 
@@ -163,8 +164,8 @@ def test_a_stop_stores_what_is_held_when_the_database_is_free(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ POST /feedback
-def test_feedback_for_ids_served_but_not_stored_is_a_503_then_a_200_once_they_are(tmp_path):
-    db = tmp_path / "f.sqlite3"
+def test_feedback_for_ids_served_but_not_stored_is_a_503_then_a_200_once_they_are(db_location):
+    db = db_location  # a SQLite file, then a database on a real PostgreSQL server: the same answers
     store = FeedbackStore(db)
     key = store.id_key()
     assert FeedbackStore(db).id_key() == key  # kept: ids stay recognisable after a restart
@@ -173,7 +174,7 @@ def test_feedback_for_ids_served_but_not_stored_is_a_503_then_a_200_once_they_ar
     with store.transaction():
         store.insert_rows(old)
     app = FastAPI()
-    endpoint = FeedbackEndpoint(str(db), NAMES, 10_000, 0.2, None, key)
+    endpoint = FeedbackEndpoint(str(db), task_for(NAMES), 10_000, 0.2, None, key)
     app.add_api_route(FEEDBACK_PATH, endpoint.handle, methods=["POST"], response_model=None)
     body = {"feedback": [{"prediction_id": old[0][0], "label": "a"}, {"prediction_id": late[0][0], "label": "b"}]}
     pending = post(app, body)

@@ -26,6 +26,7 @@ import yaml
 
 from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.monitoring.drift import PSI_WARNING
+from lightning_cls.task import task_for
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 RULES, CONFIG, RULES_TEST = (PROMETHEUS_DIR / name for name in ("rules.yml", "prometheus.yml", "rules_test.yml"))
@@ -144,7 +145,7 @@ def test_the_deployment_metrics_the_rules_read_are_defined():
     from lightning_cls.serving.version_metrics import VersionMetrics
 
     defined = set()
-    for metric in vars(VersionMetrics(["a", "b"], multi_label=False, window=10, min_labels=1)).values():
+    for metric in vars(VersionMetrics(task_for(["a", "b"]), window=10, min_labels=1)).values():
         for family in metric.collect() if hasattr(metric, "collect") else ():
             defined.add(family.name + ("_total" if family.type == "counter" else ""))
     assert defined >= DEPLOYMENT_ONLY, sorted(DEPLOYMENT_ONLY - defined)

@@ -23,6 +23,7 @@ from lightning_cls.export.runtime import InferenceSettings
 from lightning_cls.monitoring.drift import PSI_WARNING
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.http import RequestError, parse_predict_body
+from lightning_cls.serving.pages import KEYED_PATHS
 
 MAX_TEXTS, MAX_BODY, NUM_LABELS = 8, 20_000, 10
 WINDOW = 100
@@ -299,5 +300,7 @@ def test_a_server_with_an_api_key(model_dir, tmp_path, monkeypatch):
         metrics = client.get("/metrics", headers={"Authorization": "Bearer k3y"}).text
         assert metric(metrics, "lightning_cls_http_requests_total", path="/predict", status="401") == 1
         info = client.get("/info").json()["model"]
-        assert info["api_key"] == {"required_for": ["/predict", "/feedback", "/deployment", "/metrics"]}
+        keyed = ["/predict", "/feedback", "/deployment", "/metrics", *KEYED_PATHS]  # the pages' JSON shows texts
+        assert info["api_key"] == {"required_for": keyed}
+        assert client.get(KEYED_PATHS[0]).status_code == 401
         assert "k3y" not in json.dumps(info)

@@ -2,8 +2,9 @@
 
 The service keeps a served text only when it runs with `serve --keep_texts` (`serving.feedback`, schema 3: the
 `predictions.text` column); a labelled row for retraining is a feedback row joined to its prediction, with a text.
-Pure functions on pandas tables and `sqlite3` (standard library): no Lightning, no torch, and the database is opened
-read-only, so that a running service is never blocked or changed.
+Pure functions on pandas tables and one read-only query (`lightning_cls.database`: the service's SQLite file or its
+PostgreSQL URL): no Lightning, no torch, and the database is opened read-only, so that a running service is never
+blocked or changed.
 
     raw = read_feedback("feedback.sqlite3", after=parse_time("2026-03-01"))   # every labelled row with a text
     rows, summary = prepare_feedback(raw, original_texts, names, multi_label=False)
@@ -33,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import sqlalchemy as sa
 
+from lightning_cls.database import Database, StoreError, is_url, redacted
 from lightning_cls.errors import ConfigError, DataError
 
 # The labelled rows with texts (schema 3 of `serving.feedback`), oldest feedback first.
@@ -133,43 +135,43 @@ def read_feedback(path: str | Path, after: float | None = None) -> pd.DataFrame:
     first, with the columns `RAW_COLUMNS` (the true label as stored: `true_label` a name, `true_labels` a JSON list
     or None); possibly none. ``attrs["without_text"]``: labelled rows whose text was not kept.
 
-    The file is opened read-only (it is never created, migrated or locked for writing). Errors name the file: it
-    does not exist, is not a SQLite database, is not a feedback database, or is older than the texts (schema 3).
+    ``path`` is the service's SQLite file or its PostgreSQL URL, opened read-only (never created, migrated or
+    locked for writing). Errors name it: it does not exist, is not a database, is not a feedback database, or is
+    older than the texts (schema 3).
     """
-    path = Path(path)
-    option = "--feedback_db"
-    if not path.is_file():
+    option, name = "--feedback_db", redacted(path)
+    if not is_url(path) and not Path(path).is_file():
         raise DataError(f"{option} {path} does not exist (or is not a file): give the service's feedback database.")
+    kind = "a PostgreSQL" if is_url(path) else "a SQLite"
+    db = Database(path, read_only=True)
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as err:
-        raise DataError(f"{option} {path} cannot be opened: {err}.") from None
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"predictions", "feedback"} <= tables:
-            raise DataError(
-                f"{option} {path} is a SQLite database but not a feedback database (no `predictions` and `feedback` "
-                "tables): give the file `serve --feedback_db` writes."
-            )
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(predictions)")}
-        if "text" not in columns or "labels" not in {r[1] for r in conn.execute("PRAGMA table_info(feedback)")}:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            raise DataError(
-                f"{option} {path} has schema version {version}, which keeps no texts: start `serve --keep_texts` "
-                "on it with this lightning_cls (it adds the column) and collect feedback on new predictions."
-            )
-        where, params = (" AND f.time > ?", (after,)) if after is not None else ("", ())
-        rows = conn.execute(QUERY.format(where=where), params).fetchall()
-        without = conn.execute(
-            "SELECT count(*) FROM feedback f JOIN predictions p ON p.id = f.prediction_id WHERE p.text IS NULL" + where,
-            params,
-        ).fetchone()[0]
-    except sqlite3.DatabaseError as err:
-        raise DataError(f"{option} {path} cannot be read as a SQLite database: {err}.") from None
+        with db.transaction(write=False) as conn:
+            if not {"predictions", "feedback"} <= db.tables(conn):
+                raise DataError(
+                    f"{option} {name} is {kind} database but not a feedback database (no `predictions` and "
+                    "`feedback` tables): give the database `serve --feedback_db` writes."
+                )
+            if "text" not in db.columns(conn, "predictions") or "labels" not in db.columns(conn, "feedback"):
+                raise DataError(
+                    f"{option} {name} has schema version {db.schema_version(conn)}, which keeps no texts: start "
+                    "`serve --keep_texts` on it with this lightning_cls (it adds the column) and collect feedback on "
+                    "new predictions."
+                )
+            where, params = (" AND f.time > :after", {"after": after}) if after is not None else ("", {})
+            rows = conn.execute(sa.text(QUERY.format(where=where)), params).all()
+            without = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
+                    "WHERE p.text IS NULL" + where
+                ),
+                params,
+            ).scalar()
+    except StoreError as err:
+        raise DataError(f"{option} {name} cannot be read as {kind} database: {err.reason}.") from None
     finally:
-        conn.close()
-    table = pd.DataFrame(rows, columns=RAW_COLUMNS)
-    table.attrs.update(path=str(path), after=after, without_text=int(without))
+        db.close()
+    table = pd.DataFrame([tuple(r) for r in rows], columns=RAW_COLUMNS)
+    table.attrs.update(path=name, after=after, without_text=int(without))
     return table
 
 

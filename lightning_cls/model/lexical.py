@@ -101,14 +101,18 @@ class LexicalExpert:
         classifier = LogisticRegression(C=settings.C, max_iter=settings.max_iter).fit(features, labels)
         return cls(vocabulary, vectorizer.idf_, classifier.coef_, classifier.intercept_)
 
-    def scores(self, texts: list[str]) -> np.ndarray:
-        """The classifier's logits (N, num_labels), float32: softmax of them is its probabilities."""
+    def features(self, texts: list[str]) -> Any:
+        """The texts' TF-IDF rows (N, features), a sparse matrix with L2-normalised rows: what `scores` weighs (and
+        `export.explain` splits into each n-gram's share)."""
         if self._vectorizer is None:
             _require_sklearn()
             self._vectorizer = _vectorizer(vocabulary={term: i for i, term in enumerate(self.vocabulary)})
             self._vectorizer.idf_ = self.idf
-        features = self._vectorizer.transform(texts)  # (N, features), sparse, rows L2-normalised
-        return np.asarray(features @ self.coef.T, dtype=np.float32) + self.intercept
+        return self._vectorizer.transform(texts)
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """The classifier's logits (N, num_labels), float32: softmax of them is its probabilities."""
+        return np.asarray(self.features(texts) @ self.coef.T, dtype=np.float32) + self.intercept
 
     # ------------------------------------------------------------------------------------------------ storage
     def state(self) -> dict[str, torch.Tensor]:

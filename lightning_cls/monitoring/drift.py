@@ -28,13 +28,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lightning_cls.data.split_reference import length_histogram
 from lightning_cls.errors import InputError
-from lightning_cls.task.scores import task_scores
+from lightning_cls.task.scores import label_positions
+
+if TYPE_CHECKING:  # the task package loads torch: the service's logger process needs only its answers
+    from lightning_cls.task import Task, Truth
 
 # Proportions below this are raised to it before the PSI's logarithm: an empty bin on either side would otherwise
 # give an infinite index. 1e-4 keeps one empty bin that held 10% of the reference at about 0.1 * ln(0.1 / 1e-4)
@@ -44,7 +47,7 @@ PSI_WARNING = 0.2  # PSI above this is a large shift: an alert
 LOW_CONFIDENCE = 0.5  # a prediction whose top probability is below this counts as low-confidence
 LOW_CONFIDENCE_WARNING = 0.3  # a low-confidence share above this is an alert
 PSI_SIGNALS = ("label_psi", "length_psi", "window_psi")
-# A multi-label window's largest per-label PSI (`multilabel_drift`): an alert over the same threshold.
+# A multi-label window's largest per-label PSI (`label_set_drift`): an alert over the same threshold.
 LABEL_RATE_SIGNAL = "label_rate_psi"
 # Equal-width confidence bins of the ECE: the same 15 as `lightning_cls.model.calibration.ECE_BINS` (a test checks), not
 # imported from there because that module loads torchmetrics, seconds of start-up for the service's processes.
@@ -83,15 +86,6 @@ def psi(expected: Sequence[float], actual: Sequence[float], eps: float = PSI_EPS
     e = np.maximum(e / e.sum(), eps)
     a = np.maximum(a / a.sum(), eps)
     return float(np.sum((a - e) * np.log(a / e)))
-
-
-def label_positions(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
-    """The position of each label among ``names``; an unknown label is an error naming it."""
-    position = {name: i for i, name in enumerate(names)}
-    unknown = sorted({label for label in labels if label not in position})
-    if unknown:
-        raise InputError(f"Labels {unknown} are not among the model's labels {list(names)}.")
-    return np.asarray([position[label] for label in labels], dtype=np.int64)
 
 
 def label_counts(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
@@ -237,18 +231,6 @@ class DriftWindow:
 
 
 # ------------------------------------------------------------------------------------------------ against true labels
-def label_scores(true: Sequence[str], predicted: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy and macro-F1 of predicted labels against true ones (the model's ``names``; unknown ones are an
-    error naming them), as the task scores them (`lightning_cls.task.scores.task_scores`: a class that is neither
-    present nor predicted does not count, so a window of one subject is not marked down for the nine others). None
-    for both when there are no rows."""
-    if len(true) != len(predicted):
-        raise ValueError(f"{len(true)} true labels but {len(predicted)} predicted ones.")
-    if not len(true):
-        return {"rows": 0, "accuracy": None, "macro_f1": None}
-    return {"rows": len(true), **task_scores(label_positions(predicted, names), label_positions(true, names))}
-
-
 def top_label_ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:
     """Expected calibration error from each row's top probability and whether its label was right: the row-weighted
     mean gap between accuracy and mean confidence over ``bins`` equal-width bins of (0, 1], binned like
@@ -267,26 +249,30 @@ def top_label_ece(confidence: Sequence[float], correct: Sequence[bool], bins: in
 
 
 class FeedbackWindow:
-    """The last ``size`` labelled predictions of live traffic (predicted label, true label) and their accuracy and
-    macro-F1, None until it holds ``min_labels``."""
+    """The last ``size`` labelled predictions of live traffic (predicted, true: names, or label sets for a label-set
+    task) and their scores as the ``task`` computes them (`Task.live_scores`: accuracy and macro-F1; label sets add
+    micro-F1 and per-label scores), None until the window holds ``min_labels``."""
 
-    def __init__(self, names: Sequence[str], size: int = 1000, min_labels: int = 50) -> None:
+    def __init__(self, task: Task, size: int = 1000, min_labels: int = 50) -> None:
         if not 1 <= min_labels <= size:
             raise InputError(
                 f"The feedback window needs 1 <= --min_feedback <= --feedback_window, got {min_labels} and {size}."
             )
-        self.names, self.min_labels = list(names), min_labels
-        self.items: deque[tuple[str, str]] = deque(maxlen=size)
+        self.task, self.min_labels = task, min_labels
+        self.items: deque[tuple[Truth, Truth]] = deque(maxlen=size)
 
-    def add(self, pairs: Sequence[tuple[str, str]]) -> None:
-        """Append (predicted, true) pairs, oldest first; the oldest fall out of the window."""
-        self.items.extend(pairs)
+    def add(self, pairs: Sequence[tuple[Truth, Truth]]) -> None:
+        """Append (predicted, true) pairs, oldest first, as the task reads them (a pair it cannot score, such as a
+        label set sent to a single-label model, is left out); the oldest fall out of the window."""
+        for pair in pairs:
+            read = tuple(self.task.truth_of(v) for v in pair)
+            if None not in read:
+                self.items.append(read)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def report(self) -> dict[str, Any]:
-        predicted, true = ([p for p, _ in self.items], [t for _, t in self.items])
         if len(self) < self.min_labels:
-            return {"rows": len(self), "accuracy": None, "macro_f1": None}
-        return label_scores(true, predicted, self.names)
+            return self.task.no_scores(len(self))
+        return self.task.live_scores([p for p, _ in self.items], [t for _, t in self.items])

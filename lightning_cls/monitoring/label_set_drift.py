@@ -13,10 +13,10 @@ A multi-label model answers each text with a set of labels, so each label is its
   with its probability and an untagged one wrong with its own, so the expected true positives, false positives and
   false negatives are sums of probabilities (confidence-based performance estimation, as `estimated_accuracy` for
   one label). Only as good as the probabilities' calibration.
-- **live scores** against the true label sets sent to POST /feedback (`SetFeedbackWindow`): micro-F1, macro-F1
-  over the labels present or predicted (as the single-label live macro-F1 counts classes), subset accuracy (the
-  whole set right: `live_accuracy`'s multi-label reading) and each label's precision, recall and F1 (None where
-  undefined: a label neither sent nor predicted in the window).
+- **live scores** against the true label sets sent to POST /feedback (`drift.FeedbackWindow` of a `LabelSet`
+  task; `task.scores.set_scores`): micro-F1, macro-F1 over the labels present or predicted (as the single-label
+  live macro-F1 counts classes), subset accuracy (the whole set right: `live_accuracy`'s multi-label reading) and
+  each label's precision, recall and F1 (None where undefined: a label neither sent nor predicted in the window).
 """
 
 from __future__ import annotations
@@ -36,20 +36,11 @@ from lightning_cls.monitoring.drift import (
     DriftThresholds,
     DriftWindow,
     alerts_of,
-    label_positions,
     psi,
 )
+from lightning_cls.task.scores import set_matrix
 
 RATE_SIGNAL = LABEL_RATE_SIGNAL  # the window's per-label drift signal: the largest per-label PSI
-
-
-def set_matrix(sets: Sequence[Sequence[str]], names: Sequence[str]) -> np.ndarray:
-    """(N, len(names)) bool: True where row i's set has the label; an unknown label is an error naming it."""
-    out = np.zeros((len(sets), len(names)), dtype=bool)
-    flat = [label for labels in sets for label in labels]
-    rows = np.repeat(np.arange(len(sets)), [len(labels) for labels in sets])
-    out[rows, label_positions(flat, names)] = True
-    return out
 
 
 def reference_rates(reference: dict | None, names: Sequence[str]) -> np.ndarray | None:
@@ -173,54 +164,9 @@ def parse_label_sets(values: Sequence[Any], source: str, column: str) -> list[li
 
 
 # ------------------------------------------------------------------------------------------------ against true sets
-def set_scores(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]], names: Sequence[str]) -> dict:
-    """Micro-F1, macro-F1 (over the labels present or predicted), subset accuracy and per-label precision, recall
-    and F1 (None where undefined) of predicted label sets against true ones. None for the scores without rows."""
-    if len(true) != len(predicted):
-        raise ValueError(f"{len(true)} true label sets but {len(predicted)} predicted ones.")
-    if not len(true):
-        return {"rows": 0, "accuracy": None, "macro_f1": None, "micro_f1": None, "per_label": None}
-    t, p = set_matrix(true, names), set_matrix(predicted, names)
-    tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
-
-    def ratio(a: np.ndarray, b: np.ndarray) -> list[float | None]:
-        return [float(x / y) if y else None for x, y in zip(a, b, strict=True)]
-
-    precision, recall, f1 = ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
-    seen = [v for v in f1 if v is not None]
-    micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
-    return {
-        "rows": len(true),
-        "accuracy": float((t == p).all(1).mean()),  # subset accuracy: the whole set right
-        "macro_f1": float(np.mean(seen)) if seen else None,
-        "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else None,
-        "per_label": {
-            name: {"precision": precision[j], "recall": recall[j], "f1": f1[j], "support": int(tp[j] + fn[j])}
-            for j, name in enumerate(names)
-        },
-    }
 
 
-class SetFeedbackWindow:
-    """The last ``size`` labelled predictions of a multi-label model (predicted set, true set) and their scores
-    (`set_scores`), None until it holds ``min_labels``: `drift.FeedbackWindow` for label sets."""
-
-    def __init__(self, names: Sequence[str], size: int = 1000, min_labels: int = 50) -> None:
-        if not 1 <= min_labels <= size:
-            raise InputError(
-                f"The feedback window needs 1 <= --min_feedback <= --feedback_window, got {min_labels} and {size}."
-            )
-        self.names, self.min_labels = list(names), min_labels
-        self.items: deque[tuple[tuple[str, ...], tuple[str, ...]]] = deque(maxlen=size)
-
-    def add(self, pairs: Sequence[tuple[Sequence[str], Sequence[str]]]) -> None:
-        """Append (predicted set, true set) pairs, oldest first; the oldest fall out of the window."""
-        self.items.extend((tuple(p), tuple(t)) for p, t in pairs)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def report(self) -> dict[str, Any]:
-        if len(self) < self.min_labels:
-            return {"rows": len(self), "accuracy": None, "macro_f1": None, "micro_f1": None, "per_label": None}
-        return set_scores([t for _, t in self.items], [p for p, _ in self.items], self.names)
+def drift_window(task: Any, reference: dict | None, **window: Any) -> DriftWindow:
+    """The drift window of a task's answers (the one place that tells them apart): a label-set task's also watches
+    each label's rate (`LabelSetWindow`)."""
+    return (LabelSetWindow if task.multi_label else DriftWindow)(task.names, reference, **window)

@@ -28,10 +28,10 @@ from lightning_cls.monitoring.drift import (
     ECE_BINS,
     DriftThresholds,
     drift_report,
-    label_scores,
     top_label_ece,
 )
-from lightning_cls.monitoring.label_set_drift import parse_label_sets, set_drift, set_scores
+from lightning_cls.monitoring.label_set_drift import parse_label_sets, set_drift
+from lightning_cls.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,12 @@ def _labelled_rows(predictions: Any, labels: Any, column: str, names: list[str],
 
 
 def realized_set_scores(
-    predictions: Any, sets: list[list[str]], labels: Any, names: list[str], labels_path: str | Path
+    predictions: Any, sets: list[list[str]], labels: Any, task: Task, labels_path: str | Path
 ) -> dict[str, Any]:
     """Micro-F1, macro-F1, subset accuracy and per-label scores of the predicted label ``sets`` that have a true set
-    in ``labels`` (joined on `id`)."""
-    rows, truth = _labelled_rows(predictions, labels, "labels", names, labels_path)
-    scores = set_scores(truth, [sets[i] for i in rows], names)
+    in ``labels`` (joined on `id`), as the task scores live answers."""
+    rows, truth = _labelled_rows(predictions, labels, "labels", list(task.names), labels_path)
+    scores = task.live_scores([sets[i] for i in rows], truth)
     return {
         "labels": str(labels_path),
         "of_predictions": len(predictions),
@@ -166,14 +166,14 @@ def every_label_probability(table: Any, names: list[str]) -> list[list[float]] |
     return out
 
 
-def realized_scores(predictions: Any, labels: Any, names: list[str], labels_path: str | Path) -> dict[str, Any]:
+def realized_scores(predictions: Any, labels: Any, task: Task, labels_path: str | Path) -> dict[str, Any]:
     """Accuracy, macro-F1 and ECE of the predictions that have a true label in ``labels`` (joined on `id`), beside
     the accuracy their probabilities estimate. Ids not among the predictions and labels the model does not have
     are errors naming them."""
-    rows, truth = _labelled_rows(predictions, labels, "label", names, labels_path)
+    rows, truth = _labelled_rows(predictions, labels, "label", list(task.names), labels_path)
     predicted = predictions["label"].astype(str).iloc[rows].tolist()
     confidence = predictions["probability"].astype(float).iloc[rows].to_numpy()
-    scores = label_scores(truth, predicted, names)
+    scores = task.live_scores(predicted, truth) if rows else task.no_scores(0)
     correct = [p == t for p, t in zip(predicted, truth, strict=True)]
     return {
         "labels": str(labels_path),
@@ -319,7 +319,8 @@ def monitor(
     meta = read_export_metadata(model_dir)
     reference = meta.reference.to_dict() if meta.reference is not None else None
     table = read_predictions(predictions)
-    multi_label = meta.multi_label
+    task = meta.task()
+    multi_label = task.multi_label
     truth = read_labels(labels, multi_label) if labels is not None else None
     texts, lengths = None, None
     if "token_length" in table.columns:
@@ -363,9 +364,9 @@ def monitor(
                 f"--labels with a multi-label model needs the predicted label sets: {predictions} has no `labels` "
                 "column."
             )
-        report["realized"] = realized_set_scores(table, sets, truth, list(meta.labels), labels)
+        report["realized"] = realized_set_scores(table, sets, truth, task, labels)
     else:
-        report["realized"] = realized_scores(table, truth, list(meta.labels), labels) if truth is not None else None
+        report["realized"] = realized_scores(table, truth, task, labels) if truth is not None else None
     if reference is None:
         report["note"] = "the export has no reference: only the low-confidence share is computed"
     elif lengths is None:

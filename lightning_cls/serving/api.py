@@ -32,6 +32,7 @@ import torch
 
 from lightning_cls.export.runtime import InferenceSettings
 from lightning_cls.serving.deployment import Deployment, DeploymentWatch, local_slot
+from lightning_cls.serving.evidence import Kinds, add_evidence
 from lightning_cls.serving.http import PREDICT_PATH
 from lightning_cls.serving.prediction_log import IdIssuer
 from lightning_cls.serving.router import ShadowJob, ShadowRunner, canary_routes, shadow_sample
@@ -48,6 +49,7 @@ class TextBatch:
     sizes: list[int]  # texts per request
     top_ks: list[int]  # top-k per request
     client_ids: list[str | None] | None = None  # per request (canary routing is sticky per client)
+    explains: list[Kinds] | None = None  # per request: the evidence it asks for (`serving.evidence`)
 
 
 @dataclass
@@ -169,9 +171,9 @@ class ClassifierAPI(ls.LitAPI):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return self.models.champion.task.probabilities(logits)
 
-    def decode_request(self, request: dict) -> tuple[list[str], int, str | None]:
+    def decode_request(self, request: dict) -> tuple[list[str], int, str | None, Kinds]:
         # Already checked and made canonical by RequestGuard in the HTTP process.
-        return request["texts"], request["top_k"], request.get("client_id")
+        return request["texts"], request["top_k"], request.get("client_id"), tuple(request.get("explain") or ())
 
     def batch(self, inputs: list[tuple]) -> TextBatch:
         return TextBatch(
@@ -179,6 +181,7 @@ class ClassifierAPI(ls.LitAPI):
             sizes=[len(x[0]) for x in inputs],
             top_ks=[x[1] for x in inputs],
             client_ids=[x[2] if len(x) > 2 else None for x in inputs],
+            explains=[x[3] if len(x) > 3 else () for x in inputs],
         )
 
     def predict(self, x: TextBatch | tuple) -> list[list[dict]] | list[dict]:
@@ -247,6 +250,9 @@ class ClassifierAPI(ls.LitAPI):
                 ("versions", scorer.version),
             ):
                 fields[key].append(value)
+        if any(batch.explains or ()):  # asked for by a request: off by default, nothing runs here without it
+            kinds = [k for k, size in zip(batch.explains, batch.sizes, strict=True) for _ in range(size)]
+            add_evidence(flat, [scorer for scorer, _, _ in per_text], batch.texts, kinds)
         start = 0
         for size in batch.sizes:
             answers.append(flat[start : start + size])

@@ -7,11 +7,12 @@ an export folder, its version (`feedback.model_version`) and what the operator n
 reference such as models:/subjects@challenger).
 
 The history lives in the service's feedback database (table `deployments`, one row per change: the state, the
-action, the reason, the time), the one place every process of the service already reads. The main process records
-the first row at start; POST /deployment (`DeploymentEndpoint`, API key required) records each change; every
-inference worker looks for a newer row between batches (`DeploymentWatch`), loads the new models beside the ones
-serving, and switches between two batches: a request is answered by the models that were serving when its batch
-began, so a swap neither drops nor fails one (`serving.api`).
+action, the reason, the time; `store.deployment_history`), the one place every process of the service, and every
+replica on a shared PostgreSQL database, already reads. The main process records the first row at start; POST
+/deployment (`DeploymentEndpoint`, API key required) records each change; every inference worker of every replica
+looks for a newer row every half second (`DeploymentWatch`), loads the new models beside the ones serving, and
+switches between two batches: a request is answered by the models that were serving when its batch began, so a swap
+neither drops nor fails one (`serving.api`).
 
 Changes (`changed`, a pure function): ``set`` (name the champion, the challenger, the mode and the share), ``promote``
 (the challenger becomes the champion, the champion becomes the previous one), ``rollback`` (the previous champion
@@ -26,9 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,7 +37,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from lightning_cls.arg_parser import run_command
+from lightning_cls.database import StoreError, redacted
 from lightning_cls.errors import InputError, UserError
+from lightning_cls.store import deployment_history
 from lightning_cls.store.feedback_store import FeedbackStore, model_version
 
 log = logging.getLogger(__name__)
@@ -171,36 +172,25 @@ def record(db_path: str | Path, deployment: Deployment, action: str, reason: str
     """Append a change to the history; returns its seq (the workers load the newest)."""
     store = FeedbackStore(db_path, setup=False)
     try:
-        with store.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO deployments (time, state, action, reason) VALUES (?, ?, ?, ?)",
-                (time.time(), deployment.to_json(), action, reason),
-            )
-            return int(cursor.lastrowid)
+        return deployment_history.record(store, deployment.to_json(), action, reason)
     finally:
         store.close()
 
 
 def latest_seq(store: FeedbackStore) -> int:
-    with store.transaction(write=False) as conn:
-        return conn.execute("SELECT coalesce(max(seq), 0) FROM deployments").fetchone()[0]
+    return deployment_history.latest_seq(store)
 
 
 def latest(store: FeedbackStore) -> tuple[int, Deployment] | None:
-    with store.transaction(write=False) as conn:
-        row = conn.execute("SELECT seq, state FROM deployments ORDER BY seq DESC LIMIT 1").fetchone()
-    return (row[0], Deployment.from_json(row[1])) if row else None
+    found = deployment_history.latest(store)
+    return (found[0], Deployment.from_json(found[1])) if found else None
 
 
 def history(store: FeedbackStore, limit: int = 100) -> list[dict[str, Any]]:
     """The last changes, oldest first."""
-    with store.transaction(write=False) as conn:
-        rows = conn.execute(
-            "SELECT seq, time, action, reason, state FROM deployments ORDER BY seq DESC LIMIT ?", (limit,)
-        ).fetchall()
     return [
         {"seq": s, "time": t, "action": a, "reason": r, **Deployment.from_json(st).describe()}
-        for s, t, a, r, st in reversed(rows)
+        for s, t, a, r, st in deployment_history.history(store, limit)
     ]
 
 
@@ -228,7 +218,7 @@ class DeploymentWatch:
         """The newest deployment, loaded now (at the worker's start)."""
         found = latest(self.store)
         if found is None:
-            raise InputError(f"{self.db_path}: no deployment recorded (serve records one at start).")
+            raise InputError(f"{redacted(self.db_path)}: no deployment recorded (serve records one at start).")
         self.seq = found[0]
         return found[0], found[1], self.load(found[1])
 
@@ -247,8 +237,8 @@ class DeploymentWatch:
         """One look; a newer deployment is loaded and switched to now. True when it switched."""
         try:
             found = latest(self.store) if latest_seq(self.store) > self.seq else None
-        except sqlite3.Error as err:
-            log.error(f"Could not read the deployment from {self.db_path}: {err}")
+        except StoreError as err:
+            log.error(f"Could not read the deployment from {err}")
             return False
         if found is None:
             return False
@@ -305,7 +295,8 @@ class DeploymentEndpoint:
         return slot
 
     def change(self, body: dict[str, Any]) -> Deployment:
-        """Validate, move the registry aliases when both models are registered, record (blocking: SQLite, MLflow)."""
+        """Validate, move the registry aliases when both models are registered, record (blocking: the database,
+        MLflow)."""
         with self._lock:
             current = self._current()
             action = body.get("action", "set")
@@ -364,6 +355,9 @@ class DeploymentEndpoint:
             return JSONResponse({"detail": str(err)}, status_code=422)
         except UserError as err:  # the registry: unreachable, unknown alias or version
             return JSONResponse({"detail": str(err)}, status_code=502)
+        except StoreError as err:  # nothing recorded: the workers keep the deployment they have
+            detail = f"The deployment database is unavailable ({err}); nothing changed: try again."
+            return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"deployment": new.describe()})
 
 

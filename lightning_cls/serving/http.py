@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,9 +20,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from lightning_cls.database import StoreError
+from lightning_cls.errors import kind_of, short
+from lightning_cls.serving.evidence import parse_explain
 from lightning_cls.serving.metrics import HttpMetrics
 from lightning_cls.serving.prediction_log import IdIssuer
 from lightning_cls.store.feedback_store import FeedbackResult, FeedbackStore, Truth
+from lightning_cls.task import Task
 
 PREDICT_PATH = "/predict"
 FEEDBACK_PATH = "/feedback"
@@ -53,17 +56,22 @@ class RequestError(Exception):
 
 def parse_predict_body(
     body: bytes, max_texts: int, num_labels: int, default_top_k: int
-) -> tuple[list[str], int, str | None]:
-    """The texts, top-k and client id of a /predict body, ``{"text": str}`` or ``{"texts": [str, ...]}`` with an
-    optional ``"top_k": int`` and ``"client_id": str`` (a canary answers a client from one model: `router`);
-    anything else raises `RequestError` (400 for malformed JSON, 422 for a bad payload)."""
+) -> tuple[list[str], int, str | None, tuple[str, ...]]:
+    """The texts, top-k, client id and evidence kinds of a /predict body, ``{"text": str}`` or ``{"texts": [str,
+    ...]}`` with an optional ``"top_k": int``, ``"client_id": str`` (a canary answers a client from one model:
+    `router`) and ``"explain"`` (`serving.evidence.parse_explain`); anything else raises `RequestError` (400 for
+    malformed JSON, 422 for a bad payload)."""
     payload = _json(body)
     if not isinstance(payload, dict):
-        raise RequestError(422, f'Expected a JSON object {{"text": ...}} or {{"texts": [...]}}, got {_kind(payload)}.')
-    unknown = sorted(set(payload) - {"text", "texts", "top_k", "client_id"})
+        raise RequestError(
+            422, f'Expected a JSON object {{"text": ...}} or {{"texts": [...]}}, got {kind_of(payload)}.'
+        )
+    unknown = sorted(set(payload) - {"text", "texts", "top_k", "client_id", "explain"})
     if unknown:
         raise RequestError(
-            422, f'Unknown field(s) {unknown}: expected "text" or "texts", and optionally "top_k" and "client_id".'
+            422,
+            f'Unknown field(s) {unknown}: expected "text" or "texts", and optionally "top_k", "client_id" and '
+            '"explain".',
         )
     if ("text" in payload) == ("texts" in payload):
         raise RequestError(422, 'Give exactly one of "text" (a string) or "texts" (a list of strings).')
@@ -72,7 +80,7 @@ def parse_predict_body(
     else:
         texts = payload["texts"]
         if not isinstance(texts, list):
-            raise RequestError(422, f'"texts" must be a list of strings, got {_kind(texts)}.')
+            raise RequestError(422, f'"texts" must be a list of strings, got {kind_of(texts)}.')
         if not texts:
             raise RequestError(422, '"texts" is empty: give at least one text.')
         if len(texts) > max_texts:
@@ -80,7 +88,7 @@ def parse_predict_body(
         names = [f"texts[{i}]" for i in range(len(texts))]
     for name, text in zip(names, texts, strict=True):
         if not isinstance(text, str):
-            raise RequestError(422, f"{name} must be a string, got {_kind(text)}.")
+            raise RequestError(422, f"{name} must be a string, got {kind_of(text)}.")
         if not text.strip():
             raise RequestError(422, f"{name} is empty or only whitespace.")
         try:
@@ -92,22 +100,23 @@ def parse_predict_body(
         raise RequestError(422, f'"top_k" must be an integer from 1 to {num_labels}, got {top_k!r}.')
     client = payload.get("client_id")
     if client is not None and (not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID):
-        raise RequestError(422, f'"client_id" must be a string of 1 to {MAX_CLIENT_ID} characters: {_short(client)}.')
-    return texts, top_k, client
+        raise RequestError(422, f'"client_id" must be a string of 1 to {MAX_CLIENT_ID} characters: {short(client)}.')
+    try:
+        explain = parse_explain(payload.get("explain"))  # the evidence asked for (`serving.evidence`)
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
+    return texts, top_k, client, explain
 
 
-def parse_feedback_body(
-    body: bytes, names: Sequence[str], max_items: int = MAX_FEEDBACK_ITEMS, multi_label: bool = False
-) -> list[tuple[str, Truth]]:
+def parse_feedback_body(body: bytes, task: Task, max_items: int = MAX_FEEDBACK_ITEMS) -> list[tuple[str, Truth]]:
     """The (prediction id, true label) pairs of a /feedback body: ``{"feedback": [{"prediction_id": ..., "label":
-    ...}, ...]}`` (or one such object instead of the list, or the object alone). A multi-label model (``multi_label``)
-    takes the true label set instead, ``"labels": [name, ...]`` (one name or more; returned as a tuple in the order of
-    ``names``, repeats dropped), and refuses ``"label"``; a single-label model refuses ``"labels"``. Anything else
-    raises `RequestError`: 400 for malformed JSON, 422 naming every bad item and every label not among ``names``. An
-    id given twice with the same label (or set) counts once; with two different ones it is a 422."""
+    ...}, ...]}`` (or one such object instead of the list, or the object alone). The true label is read as the
+    ``task`` reads it (`Task.truth_from`): one name in ``"label"``, or for a label-set model a set in ``"labels"``
+    (a tuple in the model's label order, repeats dropped); the other field is refused. Anything else raises
+    `RequestError`: 400 for malformed JSON, 422 naming every bad item and every label not among the task's names.
+    An id given twice with the same label (or set) counts once; with two different ones it is a 422."""
     payload = _json(body)
-    field_name = "labels" if multi_label else "label"
-    example = '"labels": ["...", ...]' if multi_label else '"label": "..."'
+    field_name = task.truth_field
     if isinstance(payload, dict) and "feedback" in payload:
         unknown = sorted(set(payload) - {"feedback"})
         if unknown:
@@ -117,8 +126,8 @@ def parse_feedback_body(
     if not isinstance(items, list):
         raise RequestError(
             422,
-            f'Expected {{"feedback": [{{"prediction_id": "...", {example}}}, ...]}} or one '
-            f'{{"prediction_id": ..., "{field_name}": ...}} object, got {_kind(items)}.',
+            f'Expected {{"feedback": [{{"prediction_id": "...", {task.truth_example}}}, ...]}} or one '
+            f'{{"prediction_id": ..., "{field_name}": ...}} object, got {kind_of(items)}.',
         )
     if not items:
         raise RequestError(422, f'"feedback" is empty: give at least one {{"prediction_id", "{field_name}"}} object.')
@@ -128,7 +137,7 @@ def parse_feedback_body(
     for i, item in enumerate(items):
         where = f"feedback[{i}]"
         if not isinstance(item, dict):
-            problems.append(f"{where} must be an object, got {_kind(item)}")
+            problems.append(f"{where} must be an object, got {kind_of(item)}")
             continue
         extra = sorted(set(item) - {"prediction_id", "label", "labels"})
         pid = item.get("prediction_id")
@@ -136,81 +145,32 @@ def parse_feedback_body(
             hint = ' (an answer\'s id is sent as "prediction_id")' if "id" in extra else ""
             problems.append(f"{where} has unknown field(s) {extra}{hint}")
         elif not isinstance(pid, str) or not pid.strip():
-            problems.append(f'{where}: "prediction_id" must be a non-empty string, got {_kind(pid)}')
+            problems.append(f'{where}: "prediction_id" must be a non-empty string, got {kind_of(pid)}')
         else:
-            truth = _label_set(item, where, problems) if multi_label else _one_label(item, where, problems)
-            if truth is not None:
-                pairs.append((pid, truth))
-                for j, name in enumerate([truth] if isinstance(truth, str) else truth):
-                    sent_in.setdefault(name, f"{where}.{field_name}" + ("" if isinstance(truth, str) else f"[{j}]"))
+            try:
+                truth = task.truth_from(item, where)
+            except ValueError as err:
+                problems.extend(err.args)
+                continue
+            pairs.append((pid, truth))
+            for j, name in enumerate([truth] if isinstance(truth, str) else truth):
+                sent_in.setdefault(name, f"{where}.{field_name}" + ("" if isinstance(truth, str) else f"[{j}]"))
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise RequestError(422, "; ".join(problems[:10]) + more + ".")
-    known = set(names)
-    bad_labels = sorted(name for name in sent_in if name not in known)
+    bad_labels = sorted(name for name in sent_in if name not in task.names)
     if bad_labels:
         raise RequestError(
             422,
-            f"Unknown label(s) {bad_labels}: the model's labels are {list(names)} "
+            f"Unknown label(s) {bad_labels}: the model's labels are {list(task.names)} "
             f"(sent in {', '.join(sent_in[name] for name in bad_labels[:10])}).",
         )
-    if multi_label:  # the model's label order: the same set is the same tuple
-        order = {name: k for k, name in enumerate(names)}
-        pairs = [(pid, tuple(sorted(truth, key=order.__getitem__))) for pid, truth in pairs]
+    pairs = [(pid, task.canonical(truth)) for pid, truth in pairs]  # the same set is the same tuple
     first: dict[str, Truth] = {}
     twice = sorted({pid for pid, truth in pairs if first.setdefault(pid, truth) != truth})
     if twice:
-        what = "label sets" if multi_label else "labels"
-        raise RequestError(422, f"prediction_id(s) {_few(twice)} are given twice with different {what}.")
+        raise RequestError(422, f"prediction_id(s) {_few(twice)} are given twice with different {task.truth_noun}.")
     return list(first.items())
-
-
-def _one_label(item: dict, where: str, problems: list[str]) -> str | None:
-    """A single-label model's true label, or None with the problem added to ``problems``."""
-    label = item.get("label")
-    if "labels" in item:
-        problems.append(
-            f'{where}: this model answers one label per text: send "label": "..." (a string), not "labels" '
-            f"(got {_short(item['labels'])})"
-        )
-    elif not isinstance(label, str):
-        problems.append(f'{where}: "label" must be a string, got {_kind(label)}')
-    else:
-        return label
-    return None
-
-
-def _label_set(item: dict, where: str, problems: list[str]) -> tuple[str, ...] | None:
-    """A multi-label model's true label set (names in the order sent, repeats dropped), or None with the problem
-    added to ``problems``."""
-    labels = item.get("labels")
-    if "label" in item:
-        sent = item["label"]
-        problems.append(
-            f'{where}: this model answers label sets: send the true labels as "labels": '
-            f"{_short([sent] if isinstance(sent, str) else ['...'])} (a list of label names, one or more), not "
-            f'"label" (got "label": {_short(sent)})'
-        )
-    elif not isinstance(labels, list):
-        problems.append(f'{where}: "labels" must be a list of label names, got {_kind(labels)}')
-    elif not labels:
-        problems.append(f'{where}: "labels" is empty: give the text\'s true labels (at least one)')
-    else:
-        bad = [
-            f"{where}.labels[{j}] must be a string, got {_kind(x)}"
-            for j, x in enumerate(labels)
-            if not isinstance(x, str)
-        ]
-        if not bad:
-            return tuple(dict.fromkeys(labels))
-        problems.extend(bad)
-    return None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A sent value for a message: its JSON, cut at ``limit`` characters."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json(body: bytes) -> Any:
@@ -228,11 +188,6 @@ def _few(items: Sequence[Any], limit: int = 20) -> str:
     """A list for a message: all of it, or its first ``limit`` and how many more."""
     shown = repr(list(items[:limit]))
     return shown if len(items) <= limit else f"{shown} (and {len(items) - limit} more)"
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
 
 
 async def _send_json(send: Any, status: int, content: dict, extra_headers: list | None = None) -> None:
@@ -273,12 +228,13 @@ class RequestGuard:
                     raise too_large
                 if not message.get("more_body", False):
                     break
-            texts, top_k, client = parse_predict_body(
+            texts, top_k, client, explain = parse_predict_body(
                 b"".join(chunks), self.max_texts, self.num_labels, self.default_top_k
             )
         except RequestError as e:
             return await _send_json(send, e.status, {"detail": e.message})
-        body = json.dumps({"texts": texts, "top_k": top_k, "client_id": client}).encode()
+        canonical = {"texts": texts, "top_k": top_k, "client_id": client, **({"explain": explain} if explain else {})}
+        body = json.dumps(canonical).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         replayed = False
@@ -366,8 +322,8 @@ class FeedbackEndpoint:
     """POST /feedback: true labels for served predictions, written to the feedback database (`feedback.py`) from
     this HTTP server process, all or nothing.
 
-    A multi-label model (``multi_label``) takes the true label set of each prediction, ``"labels": [...]``, and
-    refuses a single ``"label"`` (see `parse_feedback_body`).
+    The true labels are read as the model's ``task`` reads them: one label, or for a label-set model the true set of
+    each prediction, ``"labels": [...]`` (see `parse_feedback_body`).
 
     Answers: 200 ``{"stored": n, "already_stored": m}`` (an id sent again with the label it has counts once); 400
     malformed JSON; 413 a body over the limit; 422 a bad body or a label not among the model's; 404 prediction ids
@@ -388,15 +344,13 @@ class FeedbackEndpoint:
     def __init__(
         self,
         db_path: str,
-        names: Sequence[str],
+        task: Task,
         max_body_bytes: int,
         wait: float = 2.0,
         notify: Callable[[int], None] | None = None,
         id_key: bytes | None = None,
-        multi_label: bool = False,
     ) -> None:
-        self.db_path, self.names, self.max_body_bytes, self.wait = db_path, list(names), max_body_bytes, wait
-        self.multi_label = multi_label  # true label sets ("labels": [...]) instead of one label
+        self.db_path, self.task, self.max_body_bytes, self.wait = db_path, task, max_body_bytes, wait
         self.issuer = IdIssuer(id_key) if id_key is not None else None  # None: every missing id is a 404
         self.notify = notify  # tells the logger process that new feedback is stored (it owns the live gauges)
         self._store: FeedbackStore | None = None  # opened in the HTTP server process, on first use
@@ -434,7 +388,7 @@ class FeedbackEndpoint:
     async def handle(self, request: Request) -> JSONResponse:
         try:
             body = await read_body(request, self.max_body_bytes)
-            pairs = parse_feedback_body(body, self.names, multi_label=self.multi_label)
+            pairs = parse_feedback_body(body, self.task)
             result = await self.record(pairs)
         except RequestError as e:
             return JSONResponse({"detail": e.message}, status_code=e.status)
@@ -445,7 +399,7 @@ class FeedbackEndpoint:
             )
             headers = {"Retry-After": str(PENDING_RETRY_AFTER)}
             return JSONResponse({"detail": detail, "pending_ids": e.ids}, status_code=503, headers=headers)
-        except (sqlite3.OperationalError, ValueError) as e:  # locked past the busy timeout; the file unusable
+        except (StoreError, ValueError) as e:  # locked past the timeout, unreachable; the database unusable
             detail = f"The feedback database is unavailable ({e}); nothing was stored: try again."
             return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
         if result.unknown:

@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning_cls import __version__
 from lightning_cls.data.windows import WindowSpec
+from lightning_cls.database import redacted
 from lightning_cls.export.folder import ExportMetadata
 from lightning_cls.export.runtime import Choice, InferenceSettings
 from lightning_cls.serving.deployment import DEPLOYMENT_PATH
@@ -84,7 +85,7 @@ def service_info(s: Any, meta: ExportMetadata, r: Resolved, run: RunSettings, te
             "alert_margin": s.accuracy_alert_margin,
         },
         "feedback": {
-            "db": run.store.path,
+            "db": redacted(run.store.path),
             "kept_after_stop": not temporary_db,
             "retention": {"predictions": s.feedback_retention, "days": s.feedback_retention_days},
             "window": s.feedback_window,

@@ -78,7 +78,7 @@ class LabelSetMetrics:
                 self.reference_rate.labels(label).set(float(rate))
 
     def observe(self, report: dict[str, Any]) -> None:
-        """The drift gauges from a `multilabel_drift.LabelSetWindow` report."""
+        """The drift gauges from a `label_set_drift.LabelSetWindow` report."""
         per_label = report.get("per_label") or {}
         for label in self.names:
             row = per_label.get(label) or {}
@@ -87,7 +87,7 @@ class LabelSetMetrics:
         self.estimated_micro_f1.set(_value(report.get("estimated_micro_f1")))
 
     def set_live(self, report: dict[str, Any]) -> None:
-        """The live gauges from a `multilabel_drift.SetFeedbackWindow` report."""
+        """The live gauges from a `drift.FeedbackWindow` report (a label-set task's)."""
         per_label = report.get("per_label") or {}
         for label in self.names:
             row = per_label.get(label) or {}

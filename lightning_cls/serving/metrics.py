@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from typing import Any
 
 import litserve as ls
 
+from lightning_cls.database import StoreError
 from lightning_cls.monitoring.drift import (
     DEFAULT_THRESHOLDS,
     LABEL_RATE_SIGNAL,
@@ -43,11 +43,12 @@ from lightning_cls.monitoring.drift import (
     DriftWindow,
     FeedbackWindow,
 )
-from lightning_cls.monitoring.label_set_drift import LabelSetWindow, SetFeedbackWindow
+from lightning_cls.monitoring.label_set_drift import drift_window
 from lightning_cls.serving.gauges import GAUGE, UNREGISTERED, exponential_buckets
 from lightning_cls.serving.prediction_log import LogSettings, PredictionLog
 from lightning_cls.serving.version_metrics import VersionMetrics
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
+from lightning_cls.task import SingleLabel, Task
 
 log = logging.getLogger(__name__)
 
@@ -347,21 +348,22 @@ class LoggerState:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         s = settings
-        self.names = s["names"]
-        self.multi_label = bool(s.get("multi_label"))  # answers are label sets
+        self.task = s["task"]  # what the answers are (one label or a label set), how feedback on them is scored
         self.accuracy_settings: AccuracySettings = s["accuracy"]
         a = self.accuracy_settings
         self.label_sets = None
-        if self.multi_label:
+        if self.task.multi_label:  # per-label gauges beside the common ones
             from lightning_cls.serving.label_metrics import LabelSetMetrics
 
-            self.label_sets = LabelSetMetrics(s["names"], s["reference"], a.validation_micro_f1)
-        window = (LabelSetWindow if self.multi_label else DriftWindow)(s["names"], s["reference"], **s["window"])
-        self.predictions = PredictionMetrics(s["names"], s["max_batch_size"], s["max_length"], window, self.label_sets)
+            self.label_sets = LabelSetMetrics(self.task.names, s["reference"], a.validation_micro_f1)
+        window = drift_window(self.task, s["reference"], **s["window"])
+        self.predictions = PredictionMetrics(
+            self.task.names, s["max_batch_size"], s["max_length"], window, self.label_sets
+        )
         self.accuracy = AccuracyMetrics(a)
-        self.feedback = (SetFeedbackWindow if self.multi_label else FeedbackWindow)(s["names"], a.window, a.min_labels)
+        self.feedback = FeedbackWindow(self.task, a.window, a.min_labels)
         # By version and role, for two models in one service (`version_metrics`).
-        self.versions = VersionMetrics(s["names"], self.multi_label, a.window, a.min_labels)
+        self.versions = VersionMetrics(self.task, a.window, a.min_labels)
         self.store_settings: StoreSettings | None = s["store"]
         self.store: FeedbackStore | None = None
         self.log: PredictionLog | None = None
@@ -383,7 +385,7 @@ class LoggerState:
         self.versions.batch(batch)
         over = f"over the last {report['texts']} predictions"
         self.accuracy.check("estimated", report["estimated_accuracy"], over)
-        if self.multi_label:
+        if self.label_sets is not None:
             self.accuracy.check("estimated", report["estimated_micro_f1"], over, metric="micro-F1")
         self.refresh_feedback()
 
@@ -408,13 +410,13 @@ class LoggerState:
             return
         try:
             answers, self._feedback_seq = self.store.answers_since(self._feedback_seq, self.accuracy_settings.window)
-        except sqlite3.Error as err:
-            log.error(f"Could not read the feedback from {self.store_settings.path}: {err}")
+        except StoreError as err:
+            log.error(f"Could not read the feedback from {err}")
             return
-        self.versions.feedback(answers, self._readable)
+        self.versions.feedback(answers)
         pairs = [(a.predicted, a.true) for a in answers if a.answered and a.version == self.champion]
         if pairs or not count:
-            self.feedback.add(self._readable(pairs))
+            self.feedback.add(pairs)
             if count:
                 self.accuracy.labels.inc(len(pairs))
             report = self.feedback.report()
@@ -423,16 +425,6 @@ class LoggerState:
                 self.label_sets.set_live(report)
                 over = f"over the last {report['rows']} labelled predictions"
                 self.accuracy.check("live", report["micro_f1"], over, metric="micro-F1")
-
-    def _readable(self, pairs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """(predicted, true) pairs as this model's window takes them: label sets (tuples) for a multi-label model, a
-        name standing for the set of that name (feedback sent as one name, or a prediction stored with its most
-        probable label only, before sets were stored); names for a single-label model, where a set of one name is
-        that name and any other set cannot be scored (left out)."""
-        if self.multi_label:
-            return [tuple((v,) if isinstance(v, str) else v for v in pair) for pair in pairs]
-        one = [tuple(v if isinstance(v, str) else (v[0] if len(v) == 1 else None) for v in pair) for pair in pairs]
-        return [pair for pair in one if None not in pair]
 
     def _after_write(self, store: FeedbackStore, stored: int) -> None:
         """In the prediction log's writer thread, after each write: the retention bound, every 1% of it (the table
@@ -471,15 +463,16 @@ class MonitoringLogger(ls.Logger):
         store: StoreSettings | None = None,
         accuracy: AccuracySettings = DEFAULT_ACCURACY,
         prediction_log: LogSettings | None = None,
-        multi_label: bool = False,
+        task: Task | None = None,
     ) -> None:
         super().__init__()
         window = {"size": window_size, "min_texts": min_window, "thresholds": thresholds}
         # check the settings here, not in the other process
+        task = task or SingleLabel(tuple(names))
         DriftWindow(names, reference, **window)
-        FeedbackWindow(names, accuracy.window, accuracy.min_labels)
+        FeedbackWindow(task, accuracy.window, accuracy.min_labels)
         self.settings = {
-            "names": list(names),
+            "task": task,
             "reference": reference,
             "max_batch_size": max_batch_size,
             "max_length": max_length,
@@ -487,7 +480,6 @@ class MonitoringLogger(ls.Logger):
             "store": store,
             "accuracy": accuracy,
             "log": prediction_log,
-            "multi_label": multi_label,
         }
         self._monitor: LoggerState | None = None
 

@@ -5,8 +5,9 @@ busy or failing database must not drop what was already served. `PredictionLog` 
 batch's rows to a writer thread, which inserts them in one transaction per attempt. A failed attempt (the file
 locked by another writer, a full disk) is retried with exponential backoff; meanwhile the rows wait in memory, and
 once they have waited `LogSettings.spill_after` seconds or there are more than `memory_rows` of them they are
-appended to a spill file beside the database (`<db>.spill.jsonl`, one JSON row per line, fsynced), so that a crash
-of the logger process loses at most about a second of rows. The spill file is written into the database first at
+appended to a spill file beside the database (`<db>.spill.jsonl`, one JSON row per line, fsynced; for a PostgreSQL
+database, in this machine's cache: `spill_path_for`), so that a crash of the logger process loses at most about a
+second of rows. The spill file is written into the database first at
 the next successful attempt, or on the next start (a kill -9 during an outage); inserts skip ids already stored, so
 a file replayed twice stores each row once. Rows that neither the database nor the spill file (full: `max_spill_rows`,
 or unwritable) can take are counted (`lightning_cls_prediction_log_dropped_total`) and their ids logged: never silent.
@@ -25,7 +26,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_cls.database import StoreError, is_url, redacted
 from lightning_cls.store.feedback_store import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,11 @@ class LogSettings:
         memory_rows: Rows held in memory while writes fail; beyond, they go to the spill file.
         spill_after: Seconds a row may wait in memory before it goes to the spill file.
         max_spill_rows: Rows the spill file may hold; rows beyond are dropped, counted and logged with their ids.
-        write_timeout: Seconds one write attempt waits for another writer's lock (SQLite busy timeout).
+        write_timeout: Seconds one write attempt waits for another writer's lock (SQLite's busy timeout,
+            PostgreSQL's lock timeout).
         max_backoff: Longest pause between attempts (the pause doubles from 50 ms after each failure).
         stop_timeout: Seconds a stop gives the log to store what it holds; the rest goes to the spill file.
+        spill_path: The spill file (default: `spill_path_for` the database).
     """
 
     memory_rows: int = 10_000
@@ -87,6 +90,20 @@ class LogSettings:
     write_timeout: float = 1.0
     max_backoff: float = 2.0
     stop_timeout: float = 5.0
+    spill_path: str | None = None
+
+
+def spill_path_for(location: str | Path, replica: str = "") -> Path:
+    """Where the rows wait while the database refuses them: beside a SQLite file (``<db>.spill.jsonl``); for a
+    PostgreSQL URL, in this machine's cache (``$XDG_CACHE_HOME`` or ``~/.cache``, ``lightning_cls/spill/``), one file
+    per database and ``replica`` (serve gives its port: two replicas on one machine must not share a file, since a
+    replay deletes it). The name is the same at the next start, which replays what a crash left."""
+    if not is_url(location):
+        return Path(str(location) + SPILL_SUFFIX)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_cls" / "spill"
+    server = redacted(location).split("@")[-1]  # host:port/db, no user or password
+    name = "".join(c if c.isalnum() or c in "-." else "_" for c in server) + (f"-{replica}" if replica else "")
+    return cache / (name + SPILL_SUFFIX)
 
 
 class PredictionLog:
@@ -104,9 +121,10 @@ class PredictionLog:
         metrics: Any = None,
         after_write: Any = None,
     ) -> None:
-        self.path, self.settings, self.metrics, self.after_write = Path(path), settings, metrics, after_write
-        self.spill_path = self.path.with_name(self.path.name + SPILL_SUFFIX)
-        self.store = FeedbackStore(self.path, busy_timeout=settings.write_timeout, setup=False)
+        self.settings, self.metrics, self.after_write = settings, metrics, after_write
+        self.path = redacted(path)  # as shown in the log (a URL without its password)
+        self.spill_path = Path(settings.spill_path) if settings.spill_path else spill_path_for(path)
+        self.store = FeedbackStore(path, busy_timeout=settings.write_timeout, setup=False)
         self._rows: deque[tuple[float, list]] = deque()  # (time it arrived, row), oldest first
         self._cond = threading.Condition()
         self._stop = False
@@ -195,8 +213,8 @@ class PredictionLog:
             with self.store.transaction():  # takes the write lock first: the spill file is read only when it can go
                 new = self.store.insert_rows(self._read_spill()) if spilled else 0
                 new += self.store.insert_rows(rows)
-        except sqlite3.Error as err:
-            self._failed(err, taken + spilled)
+        except StoreError as err:
+            self._failed(err.reason, taken + spilled)
             return False
         if spilled:
             self.spill_path.unlink(missing_ok=True)
@@ -215,11 +233,11 @@ class PredictionLog:
         if self.after_write is not None:
             try:
                 self.after_write(self.store, new)
-            except sqlite3.Error as err:
-                log.error(f"Prediction log: after a write to {self.path}: {err}")
+            except StoreError as err:
+                log.error(f"Prediction log: after a write to {err}")
         return True
 
-    def _failed(self, err: Exception, waiting: int) -> None:
+    def _failed(self, err: str, waiting: int) -> None:
         self._count("failures", 1)
         if self._failing_since is None:
             self._failing_since = time.monotonic()
@@ -243,6 +261,7 @@ class PredictionLog:
         kept, dropped = rows[:room], rows[room:]
         if kept:
             try:
+                self.spill_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.spill_path, "a", encoding="utf-8") as f:
                     f.write("".join(json.dumps(r) + "\n" for r in kept))
                     f.flush()

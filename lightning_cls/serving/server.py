@@ -25,6 +25,7 @@ import torch
 from lightning_cls.arg_parser import run_command
 from lightning_cls.data.tokenization import padded_width
 from lightning_cls.data.windows import WindowSpec
+from lightning_cls.database import absolute
 from lightning_cls.errors import ConfigError, InputError
 from lightning_cls.export.folder import ExportMetadata, export_temperature, read_export_metadata
 from lightning_cls.export.runtime import (
@@ -60,7 +61,8 @@ from lightning_cls.serving.http import (
 )
 from lightning_cls.serving.info import Resolved, RunSettings, service_info
 from lightning_cls.serving.metrics import AccuracySettings, MonitoringLogger
-from lightning_cls.serving.prediction_log import LogSettings
+from lightning_cls.serving.pages import KEYED_PATHS, build_pages
+from lightning_cls.serving.prediction_log import LogSettings, spill_path_for
 from lightning_cls.store.feedback_store import FeedbackStore, StoreSettings
 
 log = logging.getLogger(__name__)
@@ -126,8 +128,10 @@ class ServeSettings:
             temperature T (false: the plain softmax). Labels are the same either way.
         min_confidence: An answer whose probability is below this keeps its label and probabilities and says
             "abstained": true (counted in lightning_cls_abstentions_total); default: never abstain.
-        feedback_db: SQLite file where the predictions (never the texts) and the true labels sent to POST /feedback
-            are kept, across restarts (created if needed). Default: a temporary file, deleted when the server stops.
+        feedback_db: SQLite file, or PostgreSQL URL (postgresql://user@host:port/db, for replicas that share one
+            truth), where the predictions (never the texts), the true labels sent to POST /feedback and the
+            deployments are kept, across restarts (created if needed). Default: a temporary SQLite file, deleted when
+            the server stops.
         feedback_retention: Most predictions kept in --feedback_db; the oldest, with their feedback, are deleted.
         feedback_retention_days: Also delete predictions older than this many days (default: no age limit).
         feedback_window: Labelled predictions the live accuracy and macro-F1 are computed over (the last received).
@@ -360,7 +364,8 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     exported_temperature = export_temperature(meta)
     temperature = exported_temperature if s.use_temperature else None
     valid_accuracy = validation_accuracy(meta)
-    multi_label = meta.multi_label  # answers are label sets; feedback sends sets
+    task = meta.task(s.use_temperature)  # one label or a label set: how feedback is read and scored
+    multi_label = task.multi_label
     version = champion.version
     challenger = None
     if s.challenger is not None:
@@ -399,7 +404,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         min_confidence=s.min_confidence,
         id_key=id_key,
         use_temperature=s.use_temperature,
-        deployment_db=str(Path(s.feedback_db).resolve()),
+        deployment_db=absolute(s.feedback_db),
         keep_texts=s.keep_texts,
     )
     paths = [PREDICT_PATH, FEEDBACK_PATH, DEPLOYMENT_PATH, "/health", "/info", "/metrics"]
@@ -413,6 +418,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     key = os.environ.get(s.api_key_env) or None  # read here, in the main process; never logged nor shown
     # /feedback changes state: it needs the key whenever there is one.
     protected = [PREDICT_PATH, FEEDBACK_PATH, DEPLOYMENT_PATH] + (["/metrics"] if s.metrics_need_key else [])
+    protected += KEYED_PATHS  # the pages' JSON that shows texts or the store (the pages themselves stay open)
     # Added in order, each around the previous: the key is checked before the body is read, and the metrics see
     # both kinds of rejection.
     middlewares = [(RequestGuard, guard)] + ([(ApiKeyGuard, {"key": key, "paths": protected})] if key else [])
@@ -426,7 +432,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         validation_micro_f1(meta) if multi_label else None,
     )
     store = StoreSettings(
-        str(Path(s.feedback_db).resolve()),
+        absolute(s.feedback_db),
         version,
         s.feedback_retention,
         s.feedback_retention_days,
@@ -467,8 +473,8 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
             s.drift,
             store=store,
             accuracy=accuracy,
-            prediction_log=LogSettings(),
-            multi_label=multi_label,
+            prediction_log=LogSettings(spill_path=str(spill_path_for(s.feedback_db, str(s.port)))),
+            task=task,
         ),
     )
 
@@ -477,13 +483,15 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
         if server.logger_queue is not None:
             server.logger_queue.put(("feedback", count))
 
-    feedback = FeedbackEndpoint(
-        store.path, names, s.max_body_bytes, s.feedback_wait, feedback_arrived, id_key, multi_label=multi_label
-    )
+    feedback = FeedbackEndpoint(store.path, task, s.max_body_bytes, s.feedback_wait, feedback_arrived, id_key)
     server.app.add_api_route(FEEDBACK_PATH, feedback.handle, methods=["POST"], response_model=None)
     deployment = DeploymentEndpoint(store.path, names, multi_label, s.registry_uri, keyed=key is not None)
     server.app.add_api_route(DEPLOYMENT_PATH, deployment.handle_get, methods=["GET"], response_model=None)
     server.app.add_api_route(DEPLOYMENT_PATH, deployment.handle_post, methods=["POST"], response_model=None)
+    limits = {"max_texts": s.max_texts, "default_top_k": s.top_k}
+    page_settings = {"alert_margin": s.accuracy_alert_margin, "drift": s.drift, "keyed": key is not None}
+    pages = build_pages(meta, store.path, s.keep_texts, valid_accuracy, limits=limits, **page_settings)
+    pages.install(server.app)  # Tag, Review and Model at /, /review, /model (`serving.pages`)
 
     @server.app.get("/metrics")
     def metrics() -> Any:

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_cls.monitoring.drift import FeedbackWindow
-from lightning_cls.monitoring.label_set_drift import SetFeedbackWindow
 from lightning_cls.store.feedback_store import LabelledAnswer
+from lightning_cls.task import Task
 
 MODE_LABELS = ("none", "shadow", "canary")
 
@@ -37,12 +37,12 @@ def _nan(x: float | None) -> float:
 
 
 class VersionMetrics:
-    def __init__(self, names: Sequence[str], multi_label: bool, window: int, min_labels: int) -> None:
+    def __init__(self, task: Task, window: int, min_labels: int) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
         from lightning_cls.serving.gauges import GAUGE, UNREGISTERED, exponential_buckets
 
-        self.names, self.multi_label, self.window, self.min_labels = list(names), multi_label, window, min_labels
+        self.task, self.window, self.min_labels = task, window, min_labels
         by_version, by_role = ["version"], ["version", "role"]
         self.role = Gauge("lightning_cls_model_role", "1: the version answers in this role now", by_role, **GAUGE)
         self.share = Gauge(
@@ -149,15 +149,14 @@ class VersionMetrics:
     def shadow_dropped(self, value: dict[str, Any]) -> None:
         self.dropped.labels(value["version"]).inc(value["texts"])
 
-    def feedback(self, answers: Sequence[LabelledAnswer], readable: Any) -> None:
-        """Labelled answers of every version (``readable`` turns (predicted, true) pairs into the window's kind)."""
+    def feedback(self, answers: Sequence[LabelledAnswer]) -> None:
+        """Labelled answers of every version, returned or shadow, each into its version's window."""
         touched = set()
         for a in answers:
             window = self._live.get(a.version)
             if window is None:
-                kind = SetFeedbackWindow if self.multi_label else FeedbackWindow
-                window = self._live[a.version] = kind(self.names, self.window, self.min_labels)
-            window.add(readable([(a.predicted, a.true)]))
+                window = self._live[a.version] = FeedbackWindow(self.task, self.window, self.min_labels)
+            window.add([(a.predicted, a.true)])
             touched.add(a.version)
         for version in touched:
             self._set_live(version)

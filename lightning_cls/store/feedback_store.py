@@ -1,8 +1,10 @@
-"""Ground truth for served predictions: the embedded SQLite database of predictions and of the true labels sent to
-POST /feedback, shared by the service's processes.
+"""Ground truth for served predictions: the database of predictions and of the true labels sent to POST /feedback,
+shared by the service's processes, and by its replicas.
 
-Who writes what (one SQLite file in WAL mode: readers never wait for the writer, writers wait for each other up to
-a busy timeout):
+The database is a SQLite file (the default: one machine; WAL mode, so readers never wait for the writer, writers wait
+for each other up to a busy timeout) or a PostgreSQL server named by a URL (``postgresql://user@host:port/db``: every
+replica's processes read and write the same rows). The same SQL runs on both (`lightning_cls.database` owns their
+differences, `schema` the tables). Who writes what:
 
 - the logger process (`metrics.MonitoringLogger`) inserts every server batch's predictions off the inference path
   (the inference worker only sends it one message per batch), from the writer thread of its `prediction_log`
@@ -10,23 +12,24 @@ a busy timeout):
   retention bound;
 - the HTTP server process(es) (`http.FeedbackEndpoint`) insert the true labels, with their own connection, then
   tell the logger process that feedback arrived (a message on LitServe's logger queue);
-- the logger process then reads the new feedback rows (their `seq` only grows: SQLite has one writer at a time and
-  AUTOINCREMENT never reuses a number) into its window and sets the live accuracy gauges, so that every
-  prediction-side gauge keeps a single writer.
+- the logger process then reads the new feedback rows (their `seq` only grows and commits in order: SQLite has one
+  writer at a time, PostgreSQL's writers of feedback take one lock, and neither reuses a number) into its window and
+  sets the live accuracy gauges, so that every prediction-side gauge keeps a single writer. With replicas on one
+  PostgreSQL database, each one's logger reads every replica's feedback.
 
 Texts are never stored: a prediction row holds its id, time, label and probabilities, token and window counts, and
-which model made it. Plain `sqlite3` (standard library); nothing here imports the web or torch stacks.
+which model made it. SQLAlchemy Core; nothing here imports the web or torch stacks.
 
 A multi-label model's answers are label sets: the prediction row keeps its set (`labels`, a JSON list, most probable
 first) beside its most probable label, and a true label set is stored as a JSON list in `feedback.labels` (in the
 model's label order) with `feedback.label` the same names joined by "; " (as `predict` writes sets in CSV), so that a
 plain `SELECT prediction_id, label FROM feedback` still reads. A true label is a `str`, a true set a `tuple` of names.
 
-Schema versions (`PRAGMA user_version`): 1, single labels; 2 adds the two `labels` columns (NULL for single-label
-models). 3 adds `predictions.text` (NULL unless `serve --keep_texts`: the texts `fit` retrains on,
-`lightning_cls.data.feedback`), the `shadow_predictions` of a challenger run in shadow (`serving.router`) and the
-`deployments` history (`serving.deployment`). Opening an older file adds what it lacks (`ALTER TABLE ... ADD COLUMN`,
-`CREATE TABLE IF NOT EXISTS`: no row is rewritten); a file of a newer version than this code writes is refused.
+Schema versions (`schema`): 1, single labels; 2 adds the two `labels` columns (NULL for single-label models). 3 adds
+`predictions.text` (NULL unless `serve --keep_texts`: the texts `fit` retrains on, `lightning_cls.data.feedback`),
+the `shadow_predictions` of a challenger run in shadow (`serving.router`) and the `deployments` history
+(`deployment_history`). Opening an older database adds what it lacks (no row is rewritten); a database of a newer
+version than this code writes is refused.
 
 Which model answered: every prediction row names its `model_version`. With two models in the service (a canary),
 each answer's row names the version that produced it, so feedback on it lands against that version, also after the
@@ -38,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -46,70 +49,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_cls.errors import InputError
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-# PRAGMA user_version; a newer database is refused (2: the `labels` columns; 3: texts, shadows, deployments)
-SCHEMA_VERSION = 3
-BUSY_TIMEOUT = 10.0  # seconds a writer waits for another one before "database is locked"
+from lightning_cls.database import Database, StoreError, is_url
+from lightning_cls.errors import InputError
+from lightning_cls.store.schema import SCHEMA_VERSION, migrate
+
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another one's lock ("database is locked", "lock timeout")
 SHADOW_ROW = "shadow"  # first value of a shadow answer's row in the prediction log (a prediction id is hex)
 _CHUNK = 500  # ids per `IN (...)` query, well under SQLite's limit on bound parameters
+FEEDBACK_LOCK = "feedback"  # writers of feedback rows (and of deletions that take feedback with them) take turns
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS models (
-    model_version TEXT PRIMARY KEY,
-    labels TEXT NOT NULL,            -- JSON list: the order of each prediction's `probabilities`
-    model_dir TEXT,
-    first_served REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS predictions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,         -- the answer's prediction_id
-    time REAL NOT NULL,              -- Unix time of the forward pass
-    label TEXT NOT NULL,             -- the predicted label
-    probability REAL NOT NULL,       -- its probability (calibrated when a temperature was in use)
-    probabilities TEXT NOT NULL,     -- JSON list over the model's labels (models.labels)
-    num_tokens INTEGER NOT NULL,
-    windows INTEGER NOT NULL,
-    truncated INTEGER NOT NULL,
-    abstained INTEGER NOT NULL,
-    temperature REAL,                -- the temperature applied (NULL: plain softmax)
-    model_version TEXT NOT NULL,
-    labels TEXT,                     -- JSON list: a multi-label answer's label set, most probable first
-    text TEXT                        -- the text itself, only with serve --keep_texts (retraining from feedback)
-);
-CREATE INDEX IF NOT EXISTS predictions_time ON predictions (time);
-CREATE TABLE IF NOT EXISTS shadow_predictions (
-    id TEXT NOT NULL,                -- the prediction_id of the answer it shadows (the answered request's)
-    model_version TEXT NOT NULL,     -- the shadow (challenger) model that made it, never returned to the client
-    time REAL NOT NULL,
-    label TEXT NOT NULL,
-    probability REAL NOT NULL,
-    labels TEXT,                     -- JSON list: a multi-label shadow answer's set
-    PRIMARY KEY (id, model_version)
-);
-CREATE INDEX IF NOT EXISTS shadow_predictions_time ON shadow_predictions (time);
-CREATE TABLE IF NOT EXISTS deployments (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    state TEXT NOT NULL,             -- JSON: `deployment.Deployment` (champion, challenger, mode, share, previous)
-    action TEXT NOT NULL,            -- start, set, promote, rollback
-    reason TEXT
-);
-CREATE TABLE IF NOT EXISTS secrets (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL              -- hex. prediction_ids: the key that tags the ids this database's servers issue
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    prediction_id TEXT NOT NULL UNIQUE REFERENCES predictions (id) ON DELETE CASCADE,
-    label TEXT NOT NULL,             -- the true label (a label set: its names, semicolon-separated)
-    time REAL NOT NULL,              -- Unix time it was received
-    labels TEXT                      -- JSON list: the true label set, in the model's label order (NULL: one label)
-);
-"""
-# Columns added by a schema version after the table's first: (table, column, type), added to older files on open.
-_ADDED_COLUMNS = (("predictions", "labels", "TEXT"), ("feedback", "labels", "TEXT"), ("predictions", "text", "TEXT"))
-_ROW_FIELDS = 13  # values of a `predictions` row (`rows_of`); rows spilled by version 1 have 11, by version 2 12
+# The `predictions` columns in the order of a `rows_of` row; rows spilled by version 1 have the first 11, by
+# version 2 the first 12.
+_ROW_COLUMNS = (
+    "id", "time", "label", "probability", "probabilities", "num_tokens", "windows", "truncated", "abstained",
+    "temperature", "model_version", "labels", "text",
+)  # fmt: skip
+_SHADOW_COLUMNS = ("id", "model_version", "time", "label", "probability", "labels")
+
+
+def _insert(table: str, columns: Sequence[str]) -> sa.TextClause:
+    """An insert that skips a row whose key is stored already (SQLite 3.24+ and PostgreSQL spell it alike)."""
+    values = ", ".join(f":{c}" for c in columns)
+    return sa.text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values}) ON CONFLICT DO NOTHING")
+
 
 Truth = str | tuple[str, ...]  # a true (or predicted) label, or a label set
 
@@ -137,7 +102,7 @@ def model_version(model_dir: str | Path) -> str:
 class StoreSettings:
     """Where the logger process keeps predictions, and for how long (pickled to that process)."""
 
-    path: str
+    path: str  # a SQLite file or a PostgreSQL URL (`lightning_cls.database`)
     model_version: str
     max_rows: int = 1_000_000  # predictions kept; the oldest (with their feedback) are deleted beyond it
     max_days: float | None = None  # and those older than this many days
@@ -161,85 +126,77 @@ class FeedbackResult:
 
 
 class FeedbackStore:
-    """One connection to the database (one per process and thread: SQLite connections do not cross a fork).
+    """The store on one database (a SQLite file or a PostgreSQL URL); open one per process (no connection crosses a
+    fork), and use it from one thread at a time.
 
     Opening creates the tables if needed and checks the schema version (a write: it waits for the lock); errors name
-    the file. ``setup=False`` skips that, for the service's processes once the main process has done it (they must
-    open the database even while another writer holds it).
+    the database. ``setup=False`` skips that, for the service's processes once the main process has done it (they
+    must open the database even while another writer holds it). Every method runs in its own transaction, or in the
+    one `transaction` opened around it.
     """
 
     def __init__(self, path: str | Path, busy_timeout: float = BUSY_TIMEOUT, setup: bool = True) -> None:
-        self.path = Path(path)
+        self.path = str(path)
+        self._local = threading.local()  # the transaction open in this thread (`transaction`), if any
+        kind = "a PostgreSQL" if is_url(self.path) else "a SQLite"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Autocommit mode (isolation_level=None): transactions are begun and ended here, explicitly.
-            self.conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise sqlite3.OperationalError(f"the journal mode stays {mode!r}, not WAL (a network file system?)")
-            # In WAL mode NORMAL cannot corrupt the database; a power cut may lose the last transactions.
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn.execute("PRAGMA foreign_keys = ON")  # feedback rows go with their prediction
-            if not setup:
-                return
-            with self.transaction():
-                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise InputError(
-                        f"--feedback_db {self.path} has schema version {version}, newer than this lightning_cls "
-                        f"writes ({SCHEMA_VERSION}): upgrade lightning_cls or give another file."
-                    )
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
-                self._add_missing_columns()
-                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as err:
-            raise InputError(f"--feedback_db {self.path} cannot be used as a SQLite database: {err}.") from None
+            self.db = Database(path, busy_timeout)
+            self.name = self.db.name  # the location as it may be shown (no password)
+            if setup:
+                with self.transaction(lock="schema") as conn:
+                    version = self.db.schema_version(conn)
+                    if version > SCHEMA_VERSION:
+                        raise InputError(
+                            f"--feedback_db {self.name} has schema version {version}, newer than this lightning_cls "
+                            f"writes ({SCHEMA_VERSION}): upgrade lightning_cls or give another database."
+                        )
+                    migrate(self.db, conn)
+            else:  # connect now: a database that cannot be reached fails here, not at the first answer
+                with self.transaction(write=False):
+                    pass
+        except StoreError as err:
+            raise InputError(f"--feedback_db {err.name} cannot be used as {kind} database: {err.reason}.") from None
         except OSError as err:
             raise InputError(f"--feedback_db {self.path}: {err.strerror or err}.") from None
 
-    def _add_missing_columns(self) -> None:
-        """Migrate an older file: the columns later versions added (nullable, so no row is rewritten)."""
-        for table, column, kind in _ADDED_COLUMNS:
-            have = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE (takes the write lock now, so that a check and the write that depends on it see the same
-        rows) or a plain read transaction (one consistent snapshot); COMMIT, or ROLLBACK on any error."""
-        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+    def transaction(self, write: bool = True, lock: str | None = None) -> Iterator[Connection]:
+        """A transaction (`Database.transaction`: SQLite's write lock first with ``write``, PostgreSQL's named
+        ``lock``), committed at the end, rolled back on any error; the store's methods called inside it join it."""
+        open_now = getattr(self._local, "conn", None)
+        if open_now is not None:
+            yield open_now
+            return
+        with self.db.transaction(write, lock) as conn:
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
 
     def close(self) -> None:
-        self.conn.close()
+        if hasattr(self, "db"):
+            self.db.close()
 
     # -------------------------------------------------------------------------------------------- predictions
     def register_model(self, version: str, labels: Sequence[str], model_dir: str) -> None:
-        with self.transaction():
-            self.conn.execute(
-                "INSERT OR IGNORE INTO models (model_version, labels, model_dir, first_served) VALUES (?, ?, ?, ?)",
-                (version, json.dumps(list(labels)), model_dir, time.time()),
-            )
+        with self.transaction() as conn:
+            conn.execute(
+                _insert("models", ("model_version", "labels", "model_dir", "first_served")),
+                {"model_version": version, "labels": json.dumps(list(labels)), "model_dir": model_dir,
+                 "first_served": time.time()},
+            )  # fmt: skip
 
     def id_key(self) -> bytes:
         """The key that tags the prediction ids issued by servers on this database (`prediction_log.IdIssuer`),
-        made once, at the first start, and kept: ids issued before a restart stay recognisable after it."""
-        with self.transaction():
-            self.conn.execute(
-                "INSERT OR IGNORE INTO secrets (name, value) VALUES ('prediction_ids', ?)", (secrets.token_hex(32),)
+        made once, at the first start, and kept: ids issued before a restart, or by another replica on the same
+        database, are recognisable."""
+        with self.transaction() as conn:
+            conn.execute(
+                _insert("secrets", ("name", "value")), {"name": "prediction_ids", "value": secrets.token_hex(32)}
             )
-            return bytes.fromhex(
-                self.conn.execute("SELECT value FROM secrets WHERE name = 'prediction_ids'").fetchone()[0]
-            )
+            value = conn.execute(sa.text("SELECT value FROM secrets WHERE name = 'prediction_ids'")).scalar_one()
+        return bytes.fromhex(value)
 
     @staticmethod
     def rows_of(batch: dict[str, Any], version: str, temperature: float | None) -> list[tuple]:
@@ -302,74 +259,74 @@ class FeedbackStore:
         ]
 
     def insert_rows(self, rows: Sequence[Sequence[Any]]) -> int:
-        """Insert `rows_of` rows inside the caller's transaction; a row whose id is stored already is skipped (a
-        spill file replayed twice stores each row once; a row spilled by an older version, without a label set, is
-        stored without one). `shadow_rows_of` rows among them go to `shadow_predictions`. Returns how many were new."""
-        shadows = [r[1:] for r in rows if r and r[0] == SHADOW_ROW]
-        if shadows:
-            rows = [r for r in rows if not (r and r[0] == SHADOW_ROW)]
-        before = self.conn.total_changes
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO shadow_predictions (id, model_version, time, label, probability, labels) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            shadows,
-        )
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO predictions (id, time, label, probability, probabilities, num_tokens, windows, "
-            "truncated, abstained, temperature, model_version, labels, text) "
-            f"VALUES ({', '.join('?' * _ROW_FIELDS)})",
-            [(*r, *[None] * (_ROW_FIELDS - len(r))) for r in rows],
-        )
-        return self.conn.total_changes - before
+        """Insert `rows_of` rows (in the transaction open around it, if any); a row whose id is stored already is
+        skipped (a spill file replayed twice stores each row once; a row spilled by an older version, without a label
+        set, is stored without one). `shadow_rows_of` rows among them go to `shadow_predictions`. Returns how many
+        were new."""
+        shadows = [dict(zip(_SHADOW_COLUMNS, r[1:], strict=True)) for r in rows if r and r[0] == SHADOW_ROW]
+        answers = [
+            dict(zip(_ROW_COLUMNS, [*r, *[None] * (len(_ROW_COLUMNS) - len(r))], strict=True))
+            for r in rows
+            if not (r and r[0] == SHADOW_ROW)
+        ]
+        new = 0
+        with self.transaction() as conn:
+            if shadows:
+                new += conn.execute(_insert("shadow_predictions", _SHADOW_COLUMNS), shadows).rowcount
+            if answers:
+                new += conn.execute(_insert("predictions", _ROW_COLUMNS), answers).rowcount
+        return new
 
     def insert_batch(self, batch: dict[str, Any], version: str, temperature: float | None) -> int:
         """The predictions of one server batch, in one transaction (the service goes through `PredictionLog`)."""
-        with self.transaction():
-            return self.insert_rows(self.rows_of(batch, version, temperature))
+        return self.insert_rows(self.rows_of(batch, version, temperature))
 
     def oldest_time(self) -> float | None:
         """The time of the oldest stored prediction (the retention front; None: none stored). Indexed: cheap."""
-        with self.transaction(write=False):
-            return self.conn.execute("SELECT min(time) FROM predictions").fetchone()[0]
+        with self.transaction(write=False) as conn:
+            return conn.execute(sa.text("SELECT min(time) FROM predictions")).scalar()
 
     def prune(self, max_rows: int, max_days: float | None = None, now: float | None = None) -> int:
         """Delete the predictions beyond the newest ``max_rows`` and those older than ``max_days`` (their feedback
-        goes with them); returns how many. Freed pages are reused, so the file stops growing at the bound."""
+        goes with them); returns how many. Freed pages are reused, so the database stops growing at the bound."""
         now = time.time() if now is None else now
-        with self.transaction():
+        # The feedback lock: feedback being written for a prediction deleted here would fail its foreign key.
+        with self.transaction(lock=FEEDBACK_LOCK) as conn:
             # seq grows by one per prediction: the newest max_rows (at most) are those above max(seq) - max_rows,
             # found through the primary key without stepping over the kept rows (as a count or an OFFSET would).
-            deleted = self.conn.execute(
-                "DELETE FROM predictions WHERE seq <= (SELECT max(seq) FROM predictions) - ?", (max_rows,)
+            deleted = conn.execute(
+                sa.text("DELETE FROM predictions WHERE seq <= (SELECT max(seq) FROM predictions) - :n"), {"n": max_rows}
             ).rowcount
             if max_days is not None:
                 cutoff = now - max_days * 86400
-                deleted += self.conn.execute("DELETE FROM predictions WHERE time < ?", (cutoff,)).rowcount
+                deleted += conn.execute(sa.text("DELETE FROM predictions WHERE time < :t"), {"t": cutoff}).rowcount
             # Shadow answers go with the answers they shadowed (older than the oldest kept prediction).
-            self.conn.execute(
-                "DELETE FROM shadow_predictions WHERE time < (SELECT coalesce(min(time), 1e300) FROM predictions)"
+            conn.execute(
+                sa.text(
+                    "DELETE FROM shadow_predictions WHERE time < (SELECT coalesce(min(time), 1e300) FROM predictions)"
+                )
             )
         return deleted
 
     # -------------------------------------------------------------------------------------------- feedback
     def known_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored predictions (a read: it never waits for a writer)."""
-        with self.transaction(write=False):
-            return {r[0] for r in self._where_in("SELECT id FROM predictions WHERE id IN ({})", ids)}
+        with self.transaction(write=False) as conn:
+            return {r[0] for r in _where_in(conn, "SELECT id FROM predictions WHERE id IN :ids", ids)}
 
     def record_feedback(self, items: Sequence[tuple[str, Truth]], now: float | None = None) -> FeedbackResult:
         """Store true labels, (prediction id, label) pairs with distinct ids, where a label is a name or, for a
         multi-label model, a tuple of names (a label set), all or nothing: nothing is stored if an id is not a stored
         prediction or already has another label (a set in another order is the same set). The same label sent again
-        is not stored twice (`repeated`)."""
+        is not stored twice (`repeated`), also when two replicas receive it at once (they take turns)."""
         now = time.time() if now is None else now
         ids = [pid for pid, _ in items]
-        with self.transaction():
-            known = {r[0] for r in self._where_in("SELECT id FROM predictions WHERE id IN ({})", ids)}
+        with self.transaction(lock=FEEDBACK_LOCK) as conn:
+            known = {r[0] for r in _where_in(conn, "SELECT id FROM predictions WHERE id IN :ids", ids)}
             stored = {
                 pid: _truth(label, labels)
-                for pid, label, labels in self._where_in(
-                    "SELECT prediction_id, label, labels FROM feedback WHERE prediction_id IN ({})", ids
+                for pid, label, labels in _where_in(
+                    conn, "SELECT prediction_id, label, labels FROM feedback WHERE prediction_id IN :ids", ids
                 )
             }
             unknown = [pid for pid in ids if pid not in known]
@@ -378,8 +335,19 @@ class FeedbackStore:
             ]
             if unknown or conflicts:
                 return FeedbackResult(unknown=unknown, conflicts=conflicts)
-            new = [(pid, *_columns(label), now) for pid, label in items if pid not in stored]
-            self.conn.executemany("INSERT INTO feedback (prediction_id, label, labels, time) VALUES (?, ?, ?, ?)", new)
+            new = [
+                dict(zip(("prediction_id", "label", "labels", "time"), (pid, *_columns(label), now), strict=True))
+                for pid, label in items
+                if pid not in stored
+            ]
+            if new:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO feedback (prediction_id, label, labels, time) "
+                        "VALUES (:prediction_id, :label, :labels, :time)"
+                    ),
+                    new,
+                )
         return FeedbackResult(stored=len(new), repeated=len(items) - len(new))
 
     def feedback_since(self, after_seq: int, version: str, limit: int) -> tuple[list[tuple[Truth, Truth]], int]:
@@ -394,36 +362,39 @@ class FeedbackStore:
         judges: the answered prediction's (its model version, answered=True) and every shadow answer to the same
         request (answered=False); and the last feedback seq read. A label set (a multi-label prediction, or a true
         set) is a tuple of names; a single label a string."""
-        with self.transaction(write=False):
-            top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM feedback").fetchone()[0]
-            rows = self.conn.execute(
-                "SELECT f.seq, p.model_version, 1, p.label, p.labels, f.label, f.labels FROM feedback f "
-                "JOIN predictions p ON p.id = f.prediction_id WHERE f.seq > ? AND f.seq <= ? "
-                "UNION ALL SELECT f.seq, s.model_version, 0, s.label, s.labels, f.label, f.labels FROM feedback f "
-                "JOIN shadow_predictions s ON s.id = f.prediction_id WHERE f.seq > ? AND f.seq <= ? "
-                "ORDER BY 1 DESC LIMIT ?",
-                (after_seq, top, after_seq, top, 2 * limit),
-            ).fetchall()
+        with self.transaction(write=False) as conn:
+            top = conn.execute(sa.text("SELECT coalesce(max(seq), 0) FROM feedback")).scalar()
+            rows = conn.execute(
+                sa.text(
+                    "SELECT f.seq, p.model_version, 1, p.label, p.labels, f.label, f.labels FROM feedback f "
+                    "JOIN predictions p ON p.id = f.prediction_id WHERE f.seq > :after AND f.seq <= :top "
+                    "UNION ALL SELECT f.seq, s.model_version, 0, s.label, s.labels, f.label, f.labels FROM feedback f "
+                    "JOIN shadow_predictions s ON s.id = f.prediction_id WHERE f.seq > :after AND f.seq <= :top "
+                    "ORDER BY 1 DESC LIMIT :limit"
+                ),
+                {"after": after_seq, "top": top, "limit": 2 * limit},
+            ).all()
         answers = [
             LabelledAnswer(v, bool(answered), _truth(p, ps), _truth(t, ts))
             for _, v, answered, p, ps, t, ts in reversed(rows)
         ]
         return answers, max(top, after_seq)
 
-    def _where_in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple]:
-        """The rows of ``sql`` with its ``{}`` filled by placeholders for ``ids``, queried in chunks."""
-        ids = list(ids)
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            yield from self.conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
-
     def counts(self) -> dict[str, int]:
         """Rows in each table (for /info-like summaries and tests)."""
-        with self.transaction(write=False):
+        with self.transaction(write=False) as conn:
             return {
-                table: self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                table: conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar()
                 for table in ("predictions", "feedback")
             }
+
+
+def _where_in(conn: Connection, sql: str, ids: Sequence[str]) -> Iterator[tuple]:
+    """The rows of ``sql`` with its ``:ids`` bound to ``ids``, queried in chunks."""
+    statement = sa.text(sql).bindparams(sa.bindparam("ids", expanding=True))
+    ids = list(ids)
+    for start in range(0, len(ids), _CHUNK):
+        yield from conn.execute(statement, {"ids": ids[start : start + _CHUNK]})
 
 
 def _truth(label: str, labels: str | None) -> Truth:

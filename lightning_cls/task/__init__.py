@@ -18,12 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
-from lightning_cls.task.scores import decide, multi_hot, multilabel_scores, task_scores
+if TYPE_CHECKING:  # torch is needed only for logits (training, answering): scoring names stays light to import
+    import torch
+
+from lightning_cls.errors import kind_of, short
+from lightning_cls.task.scores import decide, label_scores, multi_hot, multilabel_scores, set_scores, task_scores
+
+Truth = str | tuple[str, ...]  # a true (or predicted) answer as names: one label, or a label set
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,36 @@ class Task:
         """What each text gets, in words (the model card says it)."""
         raise NotImplementedError
 
+    # The truth as a client sends it: POST /feedback's field, an example of it, and what several are called.
+    truth_field: ClassVar[str] = ""
+    truth_example: ClassVar[str] = ""
+    truth_noun: ClassVar[str] = ""
+
+    def truth_from(self, item: dict, where: str) -> Truth:
+        """The true answer in a sent ``item`` (its `truth_field`), as this task takes it; a ValueError whose message
+        names ``where`` and what to send instead. Label names are checked by the caller (all of them at once)."""
+        raise NotImplementedError
+
+    def canonical(self, truth: Truth) -> Truth:
+        """One spelling per answer (a set in the task's label order), so that equal answers compare equal."""
+        return truth
+
+    def truth_of(self, value: Truth) -> Truth | None:
+        """A stored answer or truth (one name, or a tuple of names) as this task scores it; None: it cannot be."""
+        raise NotImplementedError
+
+    # The keys `live_scores` reports (None until a window holds enough rows).
+    live_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def live_scores(self, predicted: Sequence[Truth], true: Sequence[Truth]) -> dict[str, Any]:
+        """Scores of answers against true ones, both as names (live feedback, a labels file): over the labels
+        present or predicted, so a window of a few subjects is not marked down for the others."""
+        raise NotImplementedError
+
+    def no_scores(self, rows: int) -> dict[str, Any]:
+        """What `live_scores` reports when there are too few rows to score."""
+        return {"rows": rows, **dict.fromkeys(self.live_metrics)}
+
     def answer(self, logits: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """(probabilities, decisions) of per-text logits."""
         probs = self.probabilities(logits)
@@ -95,7 +130,9 @@ class SingleLabel(Task):
     problem_type: ClassVar[str] = "single_label_classification"
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits, labels)
+        from torch.nn.functional import cross_entropy
+
+        return cross_entropy(logits, labels)
 
     def describe(self) -> str:
         return f"one of {self.num_labels} labels (the most probable; probabilities are a softmax over the labels)"
@@ -120,6 +157,31 @@ class SingleLabel(Task):
         index = {n: i for i, n in enumerate(self.names)}
         return np.asarray([index[name] for name in truth], dtype=np.int64)
 
+    truth_field: ClassVar[str] = "label"
+    truth_example: ClassVar[str] = '"label": "..."'
+    truth_noun: ClassVar[str] = "labels"
+    live_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+
+    def truth_from(self, item: dict, where: str) -> Truth:
+        label = item.get("label")
+        if "labels" in item:
+            raise ValueError(
+                f'{where}: this model answers one label per text: send "label": "..." (a string), not "labels" '
+                f"(got {short(item['labels'])})"
+            )
+        if not isinstance(label, str):
+            raise ValueError(f'{where}: "label" must be a string, got {kind_of(label)}')
+        return label
+
+    def truth_of(self, value: Truth) -> Truth | None:
+        # A set of one name is that name; any other set cannot be scored as one label.
+        if isinstance(value, str):
+            return value
+        return value[0] if len(value) == 1 else None
+
+    def live_scores(self, predicted: Sequence[Truth], true: Sequence[Truth]) -> dict[str, Any]:
+        return label_scores(true, predicted, self.names)
+
 
 @dataclass(frozen=True)
 class LabelSet(Task):
@@ -143,7 +205,9 @@ class LabelSet(Task):
     problem_type: ClassVar[str] = "multi_label_classification"
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        from torch.nn.functional import binary_cross_entropy_with_logits
+
+        return binary_cross_entropy_with_logits(logits, labels.float())
 
     def describe(self) -> str:
         return (
@@ -171,6 +235,45 @@ class LabelSet(Task):
     def encode(self, truth: Sequence[Any]) -> np.ndarray:
         return multi_hot(truth, self.names).astype(np.int64)
 
+    truth_field: ClassVar[str] = "labels"
+    truth_example: ClassVar[str] = '"labels": ["...", ...]'
+    truth_noun: ClassVar[str] = "label sets"
+    # `accuracy` is the subset accuracy (the whole set right): what the single-label gauges read for label sets.
+    live_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "micro_f1", "per_label")
+
+    def truth_from(self, item: dict, where: str) -> Truth:
+        labels = item.get("labels")
+        if "label" in item:
+            sent = item["label"]
+            raise ValueError(
+                f'{where}: this model answers label sets: send the true labels as "labels": '
+                f"{short([sent] if isinstance(sent, str) else ['...'])} (a list of label names, one or more), not "
+                f'"label" (got "label": {short(sent)})'
+            )
+        if not isinstance(labels, list):
+            raise ValueError(f'{where}: "labels" must be a list of label names, got {kind_of(labels)}')
+        if not labels:
+            raise ValueError(f'{where}: "labels" is empty: give the text\'s true labels (at least one)')
+        bad = [
+            f"{where}.labels[{j}] must be a string, got {kind_of(x)}"
+            for j, x in enumerate(labels)
+            if not isinstance(x, str)
+        ]
+        if bad:
+            raise ValueError(*bad)
+        return tuple(dict.fromkeys(labels))
+
+    def canonical(self, truth: Truth) -> Truth:
+        order = {name: k for k, name in enumerate(self.names)}
+        return tuple(sorted(self.truth_of(truth), key=lambda name: order.get(name, len(order))))
+
+    def truth_of(self, value: Truth) -> Truth | None:
+        # One name stands for the set of that name (feedback sent as one name, or a prediction stored before sets were).
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    def live_scores(self, predicted: Sequence[Truth], true: Sequence[Truth]) -> dict[str, Any]:
+        return set_scores(true, predicted, self.names)
+
     def labels_of(self, decided: np.ndarray, probs: np.ndarray | torch.Tensor) -> list[list[str]]:
         order = np.argsort(-_numpy(probs), axis=-1, kind="stable")
         decided = np.asarray(decided, dtype=bool)
@@ -178,7 +281,7 @@ class LabelSet(Task):
 
 
 def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "detach"):  # a torch tensor
         return values.detach().cpu().numpy()
     return np.asarray(values)
 

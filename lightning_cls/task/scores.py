@@ -6,8 +6,11 @@ label sets (`decide`, `multilabel_scores`, `fit_thresholds`, `label_ece`, `epoch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from lightning_cls.errors import InputError
 
 
 def multi_hot(sets: Sequence[Sequence[str]], names: Sequence[str]) -> np.ndarray:
@@ -157,3 +160,62 @@ def format_label_set_report(report: dict) -> str:
             for name in ("neural", "lexical", "fused")
         ]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ answers and truths as label names (live scores)
+def label_positions(labels: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """The position of each label among ``names``; an unknown label is an error naming it."""
+    position = {name: i for i, name in enumerate(names)}
+    unknown = sorted({label for label in labels if label not in position})
+    if unknown:
+        raise InputError(f"Labels {unknown} are not among the model's labels {list(names)}.")
+    return np.asarray([position[label] for label in labels], dtype=np.int64)
+
+
+def set_matrix(sets: Sequence[Sequence[str]], names: Sequence[str]) -> np.ndarray:
+    """(N, len(names)) bool: True where row i's set has the label; an unknown label is an error naming it."""
+    out = np.zeros((len(sets), len(names)), dtype=bool)
+    flat = [label for labels in sets for label in labels]
+    rows = np.repeat(np.arange(len(sets)), [len(labels) for labels in sets])
+    out[rows, label_positions(flat, names)] = True
+    return out
+
+
+def label_scores(true: Sequence[str], predicted: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy and macro-F1 of predicted labels against true ones (the model's ``names``; unknown ones are an
+    error naming them), as the task scores them (`task_scores`: a class that is neither
+    present nor predicted does not count, so a window of one subject is not marked down for the nine others). None
+    for both when there are no rows."""
+    if len(true) != len(predicted):
+        raise ValueError(f"{len(true)} true labels but {len(predicted)} predicted ones.")
+    if not len(true):
+        return {"rows": 0, "accuracy": None, "macro_f1": None}
+    return {"rows": len(true), **task_scores(label_positions(predicted, names), label_positions(true, names))}
+
+
+def set_scores(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]], names: Sequence[str]) -> dict:
+    """Micro-F1, macro-F1 (over the labels present or predicted), subset accuracy and per-label precision, recall
+    and F1 (None where undefined) of predicted label sets against true ones. None for the scores without rows."""
+    if len(true) != len(predicted):
+        raise ValueError(f"{len(true)} true label sets but {len(predicted)} predicted ones.")
+    if not len(true):
+        return {"rows": 0, "accuracy": None, "macro_f1": None, "micro_f1": None, "per_label": None}
+    t, p = set_matrix(true, names), set_matrix(predicted, names)
+    tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> list[float | None]:
+        return [float(x / y) if y else None for x, y in zip(a, b, strict=True)]
+
+    precision, recall, f1 = ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+    seen = [v for v in f1 if v is not None]
+    micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "rows": len(true),
+        "accuracy": float((t == p).all(1).mean()),  # subset accuracy: the whole set right
+        "macro_f1": float(np.mean(seen)) if seen else None,
+        "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else None,
+        "per_label": {
+            name: {"precision": precision[j], "recall": recall[j], "f1": f1[j], "support": int(tp[j] + fn[j])}
+            for j, name in enumerate(names)
+        },
+    }

@@ -1,0 +1,149 @@
+"""The pages' parts without a browser: the review queue's queries and claims on the store, the model page's series
+and alerts, the page's headers (CSP) and the rule that the script never writes HTML."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pages_helpers import NAMES, fused_export
+
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.monitoring.drift import DriftThresholds
+from lightning_cls.serving.model_page import PageSettings, series
+from lightning_cls.serving.pages import CSP, KEYED_PATHS, asset, build_pages
+from lightning_cls.serving.review import ReviewDesk
+from lightning_cls.store import review_queue as queue
+from lightning_cls.store.feedback_store import FeedbackStore
+
+
+def add_answers(store: FeedbackStore, rows: list[tuple[str, str, float, str | None]], version: str = "v1") -> None:
+    """Stored answers: (id, label, probability, kept text or None)."""
+    probs = [[p if n == label else (1 - p) / (len(NAMES) - 1) for n in NAMES] for _, label, p, _ in rows]
+    batch = {
+        "time": time.time(),
+        "ids": [r[0] for r in rows],
+        "labels": [r[1] for r in rows],
+        "probabilities": [r[2] for r in rows],
+        "all_probabilities": probs,
+        "lengths": [10] * len(rows),
+        "windows": [1] * len(rows),
+        "truncated": [False] * len(rows),
+        "abstained": [r[2] < 0.3 for r in rows],
+        "texts": [r[3] for r in rows],
+    }
+    store.insert_batch(batch, version, None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite3")
+    store.register_model("v1", NAMES, str(tmp_path / "no-such-folder"))
+    add_answers(
+        store,
+        [
+            ("sure", NAMES[0], 0.95, "a text we are sure of"),
+            ("unsure", NAMES[1], 0.35, "a text we are unsure of"),
+            ("abstained", NAMES[2], 0.2, "a text abstained on"),
+            ("no-text", NAMES[3], 0.1, None),
+        ],
+    )
+    yield store
+    store.close()
+
+
+def test_the_queue_holds_kept_unlabelled_texts_and_a_claim_keeps_others_off(store):
+    now = time.time()
+    ids = {c.id for c in queue.candidates(store, "reviewer-a", now)}
+    assert ids == {"sure", "unsure", "abstained"}  # never one without a kept text
+    assert queue.claim(store, "unsure", "reviewer-a", now)
+    assert not queue.claim(store, "unsure", "reviewer-b", now)  # held
+    assert "unsure" not in {c.id for c in queue.candidates(store, "reviewer-b", now)}
+    assert "unsure" in {c.id for c in queue.candidates(store, "reviewer-a", now)}  # its claimant still sees it
+    assert queue.claim(store, "unsure", "reviewer-b", now + queue.HOLD_SECONDS + 1)  # a lapsed claim is taken over
+    assert queue.remaining(store, "reviewer-a", now + queue.HOLD_SECONDS + 1) == 2
+
+    store.record_feedback([("sure", NAMES[0])])  # a label takes an item out of the queue
+    assert not queue.claim(store, "sure", "reviewer-a", now)
+    assert queue.skip(store, "abstained", "reviewer-a") is False  # only a claimant skips
+    assert queue.claim(store, "abstained", "reviewer-a", now) and queue.skip(store, "abstained", "reviewer-a")
+    assert {c.id for c in queue.candidates(store, "reviewer-a", now + 10_000)} == {"unsure"}
+
+
+def test_the_desk_shows_the_least_certain_first_and_never_one_item_to_two_reviewers(store, tmp_path):
+    desk = ReviewDesk(store.path)
+    first = desk.next_item("reviewer-a")
+    second = desk.next_item("reviewer-b")
+    assert first["prediction_id"] == "abstained" and "abstained" in first["reasons"]
+    assert second["prediction_id"] == "unsure"
+    assert first["text"] == "a text abstained on" and first["top_k"] == []  # no loadable folder: no evidence
+    assert desk.next_item("reviewer-c")["prediction_id"] == "sure"
+    assert desk.next_item("reviewer-d") is None
+
+
+@pytest.fixture(scope="module")
+def fused_folder(sample_dir, tmp_path_factory):
+    return fused_export(sample_dir / "wordpiece", tmp_path_factory.mktemp("pages"))
+
+
+def test_an_item_of_a_fused_model_says_where_its_experts_disagree_and_shows_evidence(fused_folder, tmp_path):
+    store = FeedbackStore(tmp_path / "db.sqlite3")
+    store.register_model("v1", NAMES, str(fused_folder))
+    # The stored answer says "statistics" for a text full of astrophysics words: the expert says otherwise.
+    add_answers(store, [("x", "statistics", 0.9, "galaxy redshift telescope supernova luminosity stellar")])
+    item = ReviewDesk(store.path).next_item("reviewer-a")
+    assert any("lexical expert astrophysics" in r for r in item["reasons"]), item["reasons"]
+    shown = [t["label"] for t in item["top_k"]]
+    assert shown[0] == "statistics" and set(item["evidence"]) == set(shown)
+    assert all("lexical" in e for e in item["evidence"].values())
+
+
+def test_series_bucket_answers_and_labels_and_raise_the_services_alerts():
+    names = ["a", "b"]
+    settings = PageSettings(names, {"a": 50, "b": 50}, validation_accuracy=0.9, alert_margin=0.05, min_bucket=5)
+    answers = [(1000.0 + i, "v1", "a", None, 0.6, 0) for i in range(10)]  # all "a": label PSI up, confidence down
+    feedback = [(1005.0 + i, "v1", "a", None, "b" if i % 2 else "a", None) for i in range(6)]
+    out = series(answers, feedback, settings)
+    [point] = out["versions"]["v1"]
+    assert out["bucket_seconds"] == 60 and point["answers"] == 10 and point["feedback"] == 6
+    assert point["estimated_accuracy"] == pytest.approx(0.6) and point["live_accuracy"] == pytest.approx(0.5)
+    assert point["label_psi"] > DriftThresholds().psi_warning
+    alerts = " | ".join(a["alert"] for a in out["alerts"])
+    assert "estimated accuracy 0.600 below 0.850" in alerts and "live accuracy 0.500" in alerts
+    assert "label PSI" in alerts
+    assert series([], [], settings) == {"bucket_seconds": None, "versions": {}, "alerts": []}
+
+
+def test_the_script_never_writes_html_and_loads_nothing_from_elsewhere():
+    script, page = asset("app.js").decode(), asset("index.html").decode()
+    script = re.sub(r"^\s*//.*$", "", script, flags=re.M)  # the comments may name what the code never does
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", script)
+    assert not re.search(r"https?://", page) and "<script>" not in page  # no inline script, no other origin
+    assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", script)
+
+
+def test_the_pages_are_served_with_a_content_security_policy(fused_folder, tmp_path):
+    app = FastAPI()
+    pages = build_pages(read_export_metadata(fused_folder), str(tmp_path / "db"), False, 0.9, alert_margin=0.05,
+                        drift=DriftThresholds(), keyed=True, limits={})  # fmt: skip
+    pages.install(app)
+
+    async def get(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.get(path)
+
+    for path in ("/", "/review", "/model"):
+        response = asyncio.run(get(path))
+        assert response.status_code == 200 and response.headers["content-security-policy"] == CSP
+        assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP
+        assert response.headers["x-content-type-options"] == "nosniff" and "<html" in response.text
+    js = asyncio.run(get("/static/app.js"))
+    assert js.headers["content-type"].startswith("text/javascript") and "textContent" in js.text
+    assert asyncio.run(get("/static/..%2Fpages.py")).status_code == 404
+    info = asyncio.run(get("/pages/info")).json()
+    assert info["lexical"] == {"weight": 0.7} and info["api_key"] is True and info["labels"] == NAMES
+    assert "/pages/history" in KEYED_PATHS and "/pages/review/next" in KEYED_PATHS
