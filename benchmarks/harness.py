@@ -7,7 +7,8 @@
   split), `export_split` (a split of the data an export's checkpoint was trained on); both rebuild the split with
   `lightning_cls.data.datamodule.data_module_from_settings`, the package's one way
 - servers: `free_port`, `serve_command` (`python -m lightning_cls serve ...`), `Server` (a server process on a free
-  port, ready once /health answers; stopped with its whole process group)
+  port, ready once /health answers; stopped with its whole process group), `stop_group` (one started by another
+  process: deploy/run_replicas.py's `stop`)
 - the command line: `argument_parser`; a side per process: `run_worker` / `worker_result` (one measurement in a
   fresh process, its own peak memory)
 - printing: `print_table`, `ratio` (a value against its baseline's, as `1.23x`)
@@ -107,8 +108,9 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     )
 
 
-def fabricate_model(out: Path) -> Path:
-    """A tiny untrained DistilBERT-shaped export (tokenizer trained on generated texts), for a quick check."""
+def fabricate_model(out: Path, seed: int = 0) -> Path:
+    """A tiny untrained DistilBERT-shaped export (tokenizer trained on generated texts), for a quick check; another
+    ``seed``, another model (and version)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from serving_helpers import fabricate_export
 
@@ -116,7 +118,7 @@ def fabricate_model(out: Path) -> Path:
 
     texts, _ = generate_texts(rows_per_label=30, seed=0)
     train_wordpiece_tokenizer(texts, out / "tokenizer", vocab_size=400)
-    return fabricate_export(out / "tokenizer", out / "model")
+    return fabricate_export(out / "tokenizer", out / "model", seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ the texts
@@ -192,13 +194,20 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Server:
-        import httpx
+        return self.launch().wait_ready()
 
+    def launch(self) -> Server:
+        """Start the process without waiting for it (several servers then start side by side: `wait_ready` each)."""
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         self.log_file = open(self.log, "w")  # noqa: SIM115 (the server writes it until `stop` closes it)
         self.process = subprocess.Popen(
             self.command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
         )
+        return self
+
+    def wait_ready(self) -> Server:
+        import httpx
+
         deadline = time.monotonic() + self.READY_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -227,6 +236,29 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_group(pid: int, grace: float = 30.0) -> bool:
+    """Stop a process started by another process (`Server` in a script that has exited; its pid from a state
+    file) as `Server.stop` does: SIGTERM to it, up to ``grace`` seconds to exit, then SIGKILL to its process group
+    (it leads one: ``start_new_session``). True when it exited on the SIGTERM."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline, clean = time.monotonic() + grace, False
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # our child (the same process started it): reap it
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            clean = True
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return clean
 
 
 # ------------------------------------------------------------------------------------------------ a side per process

@@ -168,11 +168,15 @@ def changed(current: Deployment, action: str, resolve: Callable[[str], Slot], bo
 
 
 # ------------------------------------------------------------------------------------------------ the history
-def record(db_path: str | Path, deployment: Deployment, action: str, reason: str = "") -> int:
-    """Append a change to the history; returns its seq (the workers load the newest)."""
+CHANGE_TRIES = 5  # a change computed again from the newer state when another replica's was recorded first
+
+
+def record(db_path: str | Path, deployment: Deployment, action: str, reason: str = "", after: int | None = None) -> int:
+    """Append a change to the history; returns its seq (the workers load the newest). ``after``: the seq it was
+    computed from (`deployment_history.Superseded` if another change came since)."""
     store = FeedbackStore(db_path, setup=False)
     try:
-        return deployment_history.record(store, deployment.to_json(), action, reason)
+        return deployment_history.record(store, deployment.to_json(), action, reason, after)
     finally:
         store.close()
 
@@ -192,6 +196,10 @@ def history(store: FeedbackStore, limit: int = 100) -> list[dict[str, Any]]:
         {"seq": s, "time": t, "action": a, "reason": r, **Deployment.from_json(st).describe()}
         for s, t, a, r, st in deployment_history.history(store, limit)
     ]
+
+
+class ConcurrentChange(UserError):
+    """A change that other changes, recorded first each time, kept superseding."""
 
 
 class DeploymentWatch:
@@ -261,7 +269,8 @@ class DeploymentEndpoint:
 
     Answers: 200 the new deployment (the workers switch within a second, between batches; /info and the
     ``lightning_cls_model_role`` gauge say when); 422 a bad body, a model of another label set, nothing to promote or
-    roll back to; 502 the registry failed. Nothing changes unless the answer is 200.
+    roll back to; 409 other changes kept coming first (`change`); 502 the registry failed. Nothing changes unless the
+    answer is 200.
     """
 
     def __init__(
@@ -277,7 +286,7 @@ class DeploymentEndpoint:
         self.registry_uri, self.keyed, self.max_body_bytes = registry_uri, keyed, max_body_bytes
         self._lock = threading.Lock()  # one change at a time in this process
 
-    def _current(self) -> Deployment:
+    def _current(self) -> tuple[int, Deployment]:
         store = FeedbackStore(self.db_path, setup=False)
         try:
             found = latest(store)
@@ -285,7 +294,7 @@ class DeploymentEndpoint:
             store.close()
         if found is None:
             raise InputError("no deployment recorded.")
-        return found[1]
+        return found
 
     def _slot(self, reference: Any) -> Slot:
         if not isinstance(reference, str) or not reference.strip():
@@ -296,16 +305,25 @@ class DeploymentEndpoint:
 
     def change(self, body: dict[str, Any]) -> Deployment:
         """Validate, move the registry aliases when both models are registered, record (blocking: the database,
-        MLflow)."""
+        MLflow). The record is a compare-and-set on the state the change was computed from: when another replica
+        (or process) recorded a change meanwhile, the change is computed again from that one (a second promote then
+        finds no challenger: 422), at most `CHANGE_TRIES` times. The aliases move only where the registry still
+        shows the old state (`_move_aliases`), so moving them again on a retry is harmless."""
+        action = body.get("action", "set")
         with self._lock:
-            current = self._current()
-            action = body.get("action", "set")
-            new = changed(current, action, self._slot, body)
-            if action in ("promote", "rollback"):
-                self._move_aliases(current, new, action)
-            record(self.db_path, new, action, str(body.get("reason", "")))
-            log.info(f"Deployment {action}: {json.dumps(new.describe())}")
-            return new
+            for _ in range(CHANGE_TRIES):
+                seq, current = self._current()
+                new = changed(current, action, self._slot, body)
+                if action in ("promote", "rollback"):
+                    self._move_aliases(current, new, action)
+                try:
+                    record(self.db_path, new, action, str(body.get("reason", "")), after=seq)
+                except deployment_history.Superseded as err:
+                    log.info(f"Deployment {action}: {err}; computing it again from the newer one.")
+                    continue
+                log.info(f"Deployment {action}: {json.dumps(new.describe())}")
+                return new
+        raise ConcurrentChange(f"the deployment kept changing under this {action} ({CHANGE_TRIES} tries): try again.")
 
     def _move_aliases(self, current: Deployment, new: Deployment, action: str) -> None:
         """promote/rollback of registered versions of one model move its aliases too (one record of the truth)."""
@@ -353,6 +371,8 @@ class DeploymentEndpoint:
             new = await asyncio.to_thread(self.change, payload)
         except InputError as err:
             return JSONResponse({"detail": str(err)}, status_code=422)
+        except ConcurrentChange as err:
+            return JSONResponse({"detail": str(err)}, status_code=409)
         except UserError as err:  # the registry: unreachable, unknown alias or version
             return JSONResponse({"detail": str(err)}, status_code=502)
         except StoreError as err:  # nothing recorded: the workers keep the deployment they have
@@ -364,18 +384,26 @@ class DeploymentEndpoint:
 def start_deployment(db_path: str, champion: Slot, challenger: Slot | None, mode: str | None, share: float) -> int:
     """At `serve`'s start: the flags' deployment, recorded unless it is the one recorded last (a restart of the
     same deployment adds no row); returns its seq."""
-    new = Deployment(champion, challenger, mode if challenger else None, share if challenger else 0.0)
-    store = FeedbackStore(db_path, setup=False)
-    try:
-        found = latest(store)
-    finally:
-        store.close()
-    if found is not None:
-        last = found[1]
-        if replace(last, previous=None) == new:
-            return found[0]
-        new = replace(new, previous=last.champion if last.champion.version != champion.version else last.previous)
-    return record(db_path, new, "start", "serve started")
+    flags = Deployment(champion, challenger, mode if challenger else None, share if challenger else 0.0)
+    # Replicas started together on one database each check and record: compare-and-set, so that one records the
+    # start and the others find it recorded.
+    for _ in range(CHANGE_TRIES):
+        store = FeedbackStore(db_path, setup=False)
+        try:
+            found = latest(store)
+        finally:
+            store.close()
+        new = flags
+        if found is not None:
+            last = found[1]
+            if replace(last, previous=None) == flags:
+                return found[0]
+            new = replace(flags, previous=last.champion if last.champion.version != champion.version else last.previous)
+        try:
+            return record(db_path, new, "start", "serve started", after=found[0] if found else 0)
+        except deployment_history.Superseded:
+            continue
+    raise ConcurrentChange(f"{redacted(db_path)}: the deployment kept changing while serve started; start it again.")
 
 
 # ------------------------------------------------------------------------------------------------ the command

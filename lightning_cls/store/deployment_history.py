@@ -16,9 +16,24 @@ from lightning_cls.store.feedback_store import FeedbackStore
 DEPLOYMENT_LOCK = "deployments"
 
 
-def record(store: FeedbackStore, state: str, action: str, reason: str = "") -> int:
-    """Append a change; returns its seq (the workers load the newest)."""
+class Superseded(Exception):
+    """Another change was recorded after the one a new change was computed from (`record`'s ``after``)."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"the deployment changed meanwhile (seq {found}, not {expected})")
+        self.expected, self.found = expected, found
+
+
+def record(store: FeedbackStore, state: str, action: str, reason: str = "", after: int | None = None) -> int:
+    """Append a change; returns its seq (the workers load the newest). ``after``: the seq of the change this one was
+    computed from; if another was recorded since, nothing is recorded and `Superseded` is raised (a compare-and-set:
+    two replicas changing the deployment at once cannot both start from the same state, as a promote computed from a
+    state that a concurrent set replaced would undo the set). The check and the insert share the writers' lock."""
     with store.transaction(lock=DEPLOYMENT_LOCK) as conn:
+        if after is not None:
+            found = int(conn.execute(sa.text("SELECT coalesce(max(seq), 0) FROM deployments")).scalar())
+            if found != after:
+                raise Superseded(after, found)
         return int(
             conn.execute(
                 sa.text(
