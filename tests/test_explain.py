@@ -17,12 +17,12 @@ from lightning_cls.export.explain import (
     KINDS,
     ExplainSettings,
     explain,
-    lexical_shares,
     occlusion_evidence,
     read_chars,
     word_spans,
 )
 from lightning_cls.export.runtime import InferenceSettings
+from lightning_cls.model.lexical_evidence import lexical_shares
 from lightning_cls.serving.api import ClassifierAPI
 from lightning_cls.serving.http import RequestError, parse_predict_body
 
@@ -40,8 +40,8 @@ def fused_model(fused_folder) -> ExportedModel:
 
 def test_lexical_shares_sum_exactly_to_the_experts_part_of_the_fused_logit(fused_model):
     text = "We measure the redshift of a distant galaxy and its dark halo with a telescope."
-    _, _, shares = lexical_shares(fused_model.fusion, text)
     expert = fused_model.fusion.expert
+    _, _, shares = lexical_shares(expert, fused_model.fusion.weight, text)
     expected = WEIGHT * expert.scores([text])[0]
     np.testing.assert_allclose(shares.sum(1) + WEIGHT * expert.intercept, expected, rtol=1e-5, atol=1e-5)
     # ... and the expert's part is what the one answer path adds to the network's logits.

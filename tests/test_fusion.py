@@ -184,6 +184,44 @@ def test_predict_the_export_the_onnx_path_and_the_service_give_one_fused_answer(
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(alone, answers, strict=True)) > 1e-3
 
 
+def test_predict_writes_the_same_lexical_evidence_as_the_export_answers_with(
+    tmp_path, sample_dir, fused_run, fused_export, trained, monkeypatch
+):
+    """`--prediction_writer.explain lexical`: each row's evidence for the labels it shows is what POST /predict's
+    "explain" gives for the checkpoint's export (one function, `model.lexical_evidence`); without an expert, one line
+    naming the option."""
+    from test_errors import command_line_error
+
+    from lightning_cls.export.answer import ExportedModel
+    from lightning_cls.export.explain import explain
+
+    texts, _ = generate_texts(rows_per_label=1, seed=13)
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n")
+    args = [*data_args(sample_dir, "distilbert"), *trainer_args(tmp_path), f"--data.predict_path={path}"]
+    args += ["--prediction_writer.explain=lexical", "--prediction_writer.top_k=2"]
+    ckpt = fused_run / "ckpt" / "last.ckpt"
+    jsonl, csv = tmp_path / "p.jsonl", tmp_path / "p.csv"
+    for out in (jsonl, csv):
+        main(["predict", *args, f"--ckpt_path={ckpt}", f"--prediction_writer.output_path={out}"])
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    model = ExportedModel.load(fused_export)
+    shown = [[model.names.index(t["label"]) for t in row["top_k"]] for row in rows]
+    assert [row["evidence"] for row in rows] == explain(model, texts, shown, {"lexical"})
+    assert all(list(row["evidence"]) == [t["label"] for t in row["top_k"]] for row in rows)
+    assert sum(len(e["lexical"]) for row in rows for e in row["evidence"].values()) > len(rows)  # not all empty
+    table = pd.read_csv(csv)
+    assert [json.loads(e) for e in table["evidence"]] == [row["evidence"] for row in rows]
+
+    plain = trained("distilbert") / "ckpt" / "last.ckpt"
+    out = tmp_path / "plain.csv"
+    message = command_line_error(
+        monkeypatch, ["predict", *args, f"--ckpt_path={plain}", f"--prediction_writer.output_path={out}"]
+    )
+    assert "--prediction_writer.explain lexical" in message and "no lexical expert" in message
+    assert not out.exists() and not list(tmp_path.glob(".plain.csv*"))  # nothing half-written left behind
+
+
 def copy_export(folder: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)

@@ -1,5 +1,6 @@
-"""The pages' parts without a browser: the review queue's queries and claims on the store, the model page's series
-and alerts, the page's headers (CSP) and the rule that the script never writes HTML."""
+"""The pages' parts without a browser: the review queue's queries and claims on the store (each on a SQLite file and
+on a real PostgreSQL: `db_location`, conftest.py), its drift reason, the model page's series and alerts, the page's
+headers (CSP) and the rule that the script never writes HTML."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from lightning_cls.monitoring.drift import DriftThresholds
 from lightning_cls.serving.model_page import PageSettings, series
 from lightning_cls.serving.pages import CSP, KEYED_PATHS, asset, build_pages
 from lightning_cls.serving.review import ReviewDesk
+from lightning_cls.serving.review_drift import DriftedBins, drift_reason, drifted_bins
 from lightning_cls.store import review_queue as queue
 from lightning_cls.store.feedback_store import FeedbackStore
 
 
-def add_answers(store: FeedbackStore, rows: list[tuple[str, str, float, str | None]], version: str = "v1") -> None:
-    """Stored answers: (id, label, probability, kept text or None)."""
+def add_answers(
+    store: FeedbackStore,
+    rows: list[tuple[str, str, float, str | None]],
+    version: str = "v1",
+    lengths: list[int] | None = None,
+) -> None:
+    """Stored answers: (id, label, probability, kept text or None), of ``lengths`` tokens (default 10 each)."""
     probs = [[p if n == label else (1 - p) / (len(NAMES) - 1) for n in NAMES] for _, label, p, _ in rows]
     batch = {
         "time": time.time(),
@@ -30,7 +37,7 @@ def add_answers(store: FeedbackStore, rows: list[tuple[str, str, float, str | No
         "labels": [r[1] for r in rows],
         "probabilities": [r[2] for r in rows],
         "all_probabilities": probs,
-        "lengths": [10] * len(rows),
+        "lengths": lengths or [10] * len(rows),
         "windows": [1] * len(rows),
         "truncated": [False] * len(rows),
         "abstained": [r[2] < 0.3 for r in rows],
@@ -40,8 +47,8 @@ def add_answers(store: FeedbackStore, rows: list[tuple[str, str, float, str | No
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = FeedbackStore(tmp_path / "feedback.sqlite3")
+def store(db_location, tmp_path):
+    store = FeedbackStore(db_location)
     store.register_model("v1", NAMES, str(tmp_path / "no-such-folder"))
     add_answers(
         store,
@@ -90,8 +97,8 @@ def fused_folder(sample_dir, tmp_path_factory):
     return fused_export(sample_dir / "wordpiece", tmp_path_factory.mktemp("pages"))
 
 
-def test_an_item_of_a_fused_model_says_where_its_experts_disagree_and_shows_evidence(fused_folder, tmp_path):
-    store = FeedbackStore(tmp_path / "db.sqlite3")
+def test_an_item_of_a_fused_model_says_where_its_experts_disagree_and_shows_evidence(fused_folder, db_location):
+    store = FeedbackStore(db_location)
     store.register_model("v1", NAMES, str(fused_folder))
     # The stored answer says "statistics" for a text full of astrophysics words: the expert says otherwise.
     add_answers(store, [("x", "statistics", 0.9, "galaxy redshift telescope supernova luminosity stellar")])
@@ -100,6 +107,63 @@ def test_an_item_of_a_fused_model_says_where_its_experts_disagree_and_shows_evid
     shown = [t["label"] for t in item["top_k"]]
     assert shown[0] == "statistics" and set(item["evidence"]) == set(shown)
     assert all("lexical" in e for e in item["evidence"].values())
+    store.close()
+
+
+def test_drifted_labels_and_length_bins_are_the_causes_of_a_psi_alert():
+    names = ["a", "b", "c", "d"]
+    reference = {
+        "label_counts": dict.fromkeys(names, 25),
+        "token_length": {"bin_edges": [10, 20], "bin_counts": [30, 40, 30]},
+    }
+    steady = [(n, None, length) for n in names for length in (5, 15, 15, 25)] * 10  # as in training: no alert
+    found = drifted_bins(steady, names, reference, psi_warning=0.2, min_texts=100)
+    assert found.labels == {} and found.bins == {} and found.label_psi < 0.2
+    assert drift_reason(found, ["a"], 15) is None
+    # "a" is half the traffic (a quarter in training), texts over 20 tokens two thirds of it (30% in training) and
+    # none of 10-20 tokens (40% in training: most of the length PSI, but a bin no answer is in).
+    drifted = [("a", None, 30)] * 90 + [(n, None, 30) for n in "bcd"] * 10 + [(n, None, 5) for n in "bcd"] * 20
+    found = drifted_bins(drifted, names, reference, psi_warning=0.2, min_texts=100)
+    assert set(found.labels) == {"a"} and found.label_psi > 0.2 and set(found.bins) == {2}
+    reason = drift_reason(found, ["b", "a"], 25)  # a label set with a drifted label
+    assert reason.startswith("drift: a is 50% of recent answers against 25% in training (label PSI")
+    assert "its length (25 tokens) is in a bin of 67% of recent answers against 30% in training" in reason
+    assert drift_reason(found, ["b"], 12) is None  # neither its label nor its length bin drifted
+    # Too few answers for a signal, as the drift gauges wait: nothing is flagged.
+    assert drifted_bins(drifted[:50], names, reference, 0.2, min_texts=100) == DriftedBins()
+    assert drifted_bins(drifted, names, None, 0.2, min_texts=100) == DriftedBins()  # no reference
+
+
+def test_the_desk_flags_answers_where_the_versions_recent_traffic_drifted(fused_folder, db_location):
+    store = FeedbackStore(db_location)
+    store.register_model("v1", NAMES, str(fused_folder))
+    reference = read_export_metadata(fused_folder).reference.to_dict()
+    # Lengths as in training: a length of each bin (`length_histogram`: an edge opens its bin) as often as there.
+    edges, counts = reference["token_length"]["bin_edges"], reference["token_length"]["bin_counts"]
+    typical = [length for length, n in zip([edges[0] - 1, *edges], counts, strict=True) for _ in range(n)][::2]
+    labels = ["astrophysics"] * 60 + [n for n in NAMES if n != "astrophysics"] * 10  # astrophysics 40%, 10% in training
+    add_answers(store, [(f"old-{i}", n, 0.9, None) for i, n in enumerate(labels)],
+                lengths=[typical[i * 7 % len(typical)] for i in range(len(labels))])  # fmt: skip
+    add_answers(store, [("astro", "astrophysics", 0.9, "galaxy redshift telescope supernova luminosity stellar"),
+                        ("stats", "statistics", 0.9, "regression bayesian estimator variance inference sampling")],
+                lengths=[edges[3], edges[3]])  # fmt: skip
+    desk = ReviewDesk(store.path, DriftThresholds(), window=1000, min_window=100)
+    drifted = desk.drifted("v1", time.time())
+    assert set(drifted.labels) == {"astrophysics"} and drifted.bins == {}, drifted  # the labels drifted, not lengths
+    reasons = {c.id: desk.reasons(c, time.time()) for c in queue.candidates(store, "reviewer-a", time.time())}
+    assert any(r.startswith("drift: astrophysics is 40% of recent answers") for r in reasons["astro"]), reasons
+    assert not any(r.startswith("drift") for r in reasons["stats"]), reasons
+    item = desk.next_item("reviewer-a")  # the drifted one has a reason more: it comes first
+    assert item["prediction_id"] == "astro"
+    assert not any(
+        "drift" in r
+        for r in ReviewDesk(store.path, min_window=1000).reasons(item_candidate(store, "astro"), time.time())
+    )
+    store.close()
+
+
+def item_candidate(store: FeedbackStore, prediction_id: str) -> queue.Candidate:
+    return next(c for c in queue.candidates(store, "reviewer-z", time.time() + 10_000) if c.id == prediction_id)
 
 
 def test_series_bucket_answers_and_labels_and_raise_the_services_alerts():

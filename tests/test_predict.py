@@ -290,6 +290,8 @@ def test_writer_options_are_checked():
         PredictionWriter(output_path="out.parquet")
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         PredictionWriter(top_k=0)
+    with pytest.raises(ValueError, match=r"explain must be one of \['lexical'\] or null, got 'network'"):
+        PredictionWriter(explain="network")
 
 
 @pytest.mark.slow

@@ -3,11 +3,10 @@
 Both kinds of evidence are read from the `ExportedModel` that answered (its lexical expert, its runtime), never from
 a second copy of the answer path:
 
-- **lexical** (a folder that fuses a lexical expert, `model.fusion`): exact and nearly free. The expert's logit of
-  label c is ``sum_j x_j * coef[c, j] + intercept[c]`` over the text's TF-IDF row ``x``, and the fused logit adds
-  ``weight`` times it; so an n-gram's share, ``weight * x_j * coef[c, j]`` (its TF-IDF value times its coefficient,
-  times the fusion weight), is exactly what it adds to label c's fused logit. The shares of all n-grams and the
-  weighted intercept sum to the expert's part of the logit (tested).
+- **lexical** (a folder that fuses a lexical expert, `model.fusion`): exact and nearly free. An n-gram's share,
+  ``weight * x_j * coef[c, j]`` (its TF-IDF value times its coefficient, times the fusion weight), is exactly what
+  it adds to label c's fused logit: `model.lexical_evidence`, which `predict --prediction_writer.explain lexical`
+  asks too (one copy: a checkpoint and its export show the same phrases).
 - **network** (asked for separately: it costs forward passes): occlusion. The text is read again once per span of
   a few consecutive words, with that span deleted, every variant of every text in one batched call of the model's
   runtime (`ExportedModel.network_logits`, the backend and precision that answer). A span's weight for label c is
@@ -29,12 +28,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
+
+from lightning_cls.model.lexical_evidence import TOP_N, lexical_evidence
 
 if TYPE_CHECKING:
     from lightning_cls.export.answer import ExportedModel
-    from lightning_cls.model.fusion import FolderFusion
 
 KINDS = ("lexical", "network")
 WORD = re.compile(r"\S+")
@@ -49,7 +48,7 @@ class ExplainSettings:
     max_spans: Most spans (extra sequences through the network) per text.
     """
 
-    top_n: int = 6
+    top_n: int = TOP_N
     span_words: int = 3
     max_spans: int = 32
 
@@ -67,7 +66,8 @@ def explain(
     texts = list(texts)
     parts: dict[str, list[dict[int, list[dict[str, Any]]]]] = {}
     if "lexical" in kinds and model.fusion is not None:
-        parts["lexical"] = lexical_evidence(model.fusion, texts, label_ids, settings.top_n)
+        fusion = model.fusion
+        parts["lexical"] = lexical_evidence(fusion.expert, fusion.weight, texts, label_ids, settings.top_n)
     if "network" in kinds:
         parts["network"] = occlusion_evidence(model, texts, label_ids, settings)
     names = model.names
@@ -75,38 +75,6 @@ def explain(
         {names[c]: {kind: found[i][c] for kind, found in parts.items()} for c in label_ids[i]}
         for i in range(len(texts))
     ]
-
-
-def lexical_shares(fusion: FolderFusion, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One text's n-grams (their feature ids), TF-IDF values and shares (labels, n-grams): ``weight * x_j *
-    coef[c, j]``, what each adds to each label's fused logit."""
-    row = fusion.expert.features([text]).tocsr()
-    columns, values = row.indices, row.data.astype(np.float32)
-    shares = fusion.weight * values[None, :] * fusion.expert.coef[:, columns]  # (labels, n-grams of the text)
-    return columns, values, shares
-
-
-def lexical_evidence(
-    fusion: FolderFusion, texts: Sequence[str], label_ids: Sequence[Sequence[int]], top_n: int
-) -> list[dict[int, list[dict[str, Any]]]]:
-    out = []
-    for text, labels in zip(texts, label_ids, strict=True):
-        columns, values, shares = lexical_shares(fusion, text)
-        found = {}
-        for c in labels:
-            order = np.argsort(-shares[c], kind="stable")[:top_n]
-            found[c] = [
-                {
-                    "text": fusion.expert.vocabulary[columns[j]],
-                    "weight": round(float(shares[c, j]), 4),
-                    "tfidf": round(float(values[j]), 4),
-                    "coefficient": round(float(fusion.expert.coef[c, columns[j]]), 4),
-                }
-                for j in order
-                if shares[c, j] > 0
-            ]
-        out.append(found)
-    return out
 
 
 def read_chars(model: ExportedModel, text: str) -> int:

@@ -26,11 +26,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_cls.errors import ConfigError
+from lightning_cls.model.lexical_evidence import with_lexical_evidence
 from lightning_cls.task import Task
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 CHUNK_ROWS = 65_536
 WINDOW_COLUMNS = ("windows", "truncated")
+EXPLAIN_KINDS = (None, "lexical")  # network occlusion needs the exported runtime (`export.explain`), not Lightning
 
 
 def record_dtype(num_labels: int) -> np.dtype:
@@ -118,11 +120,17 @@ def prediction_rows(
 
 
 def write_rows(
-    rows: Iterable[dict[str, Any]], path: Path, k: int, windows: bool = False, label_sets: bool = False
+    rows: Iterable[dict[str, Any]],
+    path: Path,
+    k: int,
+    windows: bool = False,
+    label_sets: bool = False,
+    evidence: bool = False,
 ) -> int:
     """Write rows to ``path`` as JSONL (one object per row) or CSV (``id, label, probability, label_2,
     probability_2, ...``, then ``windows, truncated`` when texts were read as windows, then ``labels`` (the label
-    set, joined by "; ") for a multi-label model), atomically; returns the number of rows."""
+    set, joined by "; ") for a multi-label model, then ``evidence`` (its JSON) when asked), atomically; returns the
+    number of rows."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     try:
@@ -135,12 +143,14 @@ def write_rows(
                 writer = csv.writer(f)
                 names = [f"{c}_{i}" for i in range(2, k + 1) for c in ("label", "probability")]
                 extra = WINDOW_COLUMNS if windows else ()
-                writer.writerow(["id", "label", "probability", *names, *extra, *(["labels"] if label_sets else [])])
+                tail = [*(["labels"] if label_sets else []), *(["evidence"] if evidence else [])]
+                writer.writerow(["id", "label", "probability", *names, *extra, *tail])
                 for row in rows:
                     rest = [v for t in row["top_k"][1:] for v in (t["label"], t["probability"])]
                     sets = ["; ".join(row["labels"])] if label_sets else []
+                    why = [json.dumps(row["evidence"], ensure_ascii=False)] if evidence else []
                     writer.writerow(
-                        [row["id"], row["label"], row["probability"], *rest, *(row[c] for c in extra), *sets]
+                        [row["id"], row["label"], row["probability"], *rest, *(row[c] for c in extra), *sets, *why]
                     )
                     count += 1
     except BaseException:
@@ -150,23 +160,40 @@ def write_rows(
     return count
 
 
+def texts_in_order(datamodule: Any, row_ids: np.ndarray) -> list[str]:
+    """The raw texts of the prediction inputs with these row ids, in this order (what the lexical expert reads)."""
+    if datamodule is None or not hasattr(datamodule, "split_texts"):
+        raise ConfigError("--prediction_writer.explain needs the data module's texts (predict with --data ...).")
+    ids, texts, _ = datamodule.split_texts("predict")
+    order = np.argsort(ids, kind="stable")
+    return [texts[i] for i in order[np.searchsorted(np.asarray(ids)[order], row_ids)]]
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes `predict`'s output, one row per input in input order, to a CSV or JSONL file."""
 
-    def __init__(self, output_path: str | None = None, top_k: int = 3) -> None:
+    def __init__(self, output_path: str | None = None, top_k: int = 3, explain: str | None = None) -> None:
         """
         Args:
             output_path: The predictions file, `.csv` or `.jsonl` (default: predictions.csv in the run's log folder).
                 Each row: the input's id (its `id` column, else its line or row number), the predicted label, its
                 probability, and the next most probable labels with their probabilities.
             top_k: How many of the most probable labels each row lists (at most the number of labels).
+            explain: `lexical`: also write each row's evidence (a checkpoint that fuses a lexical expert only): for
+                each label the row shows, the n-grams that pushed it up and by how much of its fused logit, as
+                POST /predict's "explain" gives them (JSONL: an `evidence` object; CSV: an `evidence` column of JSON).
         """
         super().__init__(write_interval="batch")
         if top_k < 1:
             raise ConfigError(f"prediction_writer.top_k must be at least 1, got {top_k}.")
         if output_path is not None and Path(output_path).suffix.lower() not in OUTPUT_SUFFIXES:
             raise ConfigError(f"prediction_writer.output_path {output_path!r} must end in .csv or .jsonl.")
-        self.output_path, self.top_k = output_path, top_k
+        if explain not in EXPLAIN_KINDS:
+            raise ConfigError(
+                f"prediction_writer.explain must be one of {[k for k in EXPLAIN_KINDS if k]} or null, got {explain!r} "
+                '(network occlusion runs on an exported model: POST /predict with "explain": "network").'
+            )
+        self.output_path, self.top_k, self.explain = output_path, top_k, explain
         self._file = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -178,6 +205,16 @@ class PredictionWriter(BasePredictionWriter):
         self.parts = self.path.with_name(f".{self.path.name}.parts")
         self.parts.mkdir(parents=True, exist_ok=True)
         self._file = open(self.parts / f"rank{trainer.global_rank}.bin", "wb")  # noqa: SIM115 (open until predict ends)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Checked here, not in `setup`: the checkpoint (and the expert it holds) is restored between the two.
+        if self.explain == "lexical" and pl_module.lexical is None:
+            self._close()
+            shutil.rmtree(self.parts, ignore_errors=True)
+            raise ConfigError(
+                "--prediction_writer.explain lexical: this checkpoint fuses no lexical expert, so there are no "
+                "n-gram shares to write (fit or calibrate it with --model.lexical true, or leave the option out)."
+            )
 
     def write_on_batch_end(
         self,
@@ -209,7 +246,10 @@ class PredictionWriter(BasePredictionWriter):
         merged = merge_in_input_order(parts, np.asarray(row_ids), num_labels, self.parts / "merged.npy", counts)
         task = pl_module.task  # label sets at their thresholds (0.5 if none fitted), or the calibrated softmax
         rows = prediction_rows(merged, ids, task, self.k, windows)
-        count = write_rows(rows, self.path, self.k, windows is not None, task.multi_label)
+        if self.explain == "lexical":
+            texts = texts_in_order(trainer.datamodule, np.asarray(row_ids))
+            rows = with_lexical_evidence(rows, texts, pl_module.lexical, pl_module.lexical_weight, task.names)
+        count = write_rows(rows, self.path, self.k, windows is not None, task.multi_label, self.explain is not None)
         del merged
         shutil.rmtree(self.parts, ignore_errors=True)
         rank_zero_info(f"Wrote {count} predictions to {self.path}")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_cls.export.explain import KINDS, explain
+from lightning_cls.model.lexical_evidence import shown_labels
 
 Kinds = tuple[str, ...]  # a request's evidence kinds, in KINDS order; () when it asks for none
 
@@ -42,13 +43,7 @@ def add_evidence(answers: list[dict], models: Sequence[Any], texts: Sequence[str
             groups.setdefault((id(models[i]), asked), []).append(i)
     for (_, asked), rows in groups.items():
         model = models[rows[0]]
-        labels = [_shown_labels(answers[i], model.names) for i in rows]
+        labels = [shown_labels(answers[i], model.names) for i in rows]
         found = explain(model.model, [texts[i] for i in rows], labels, asked)
         for i, evidence in zip(rows, found, strict=True):
             answers[i]["evidence"] = evidence
-
-
-def _shown_labels(answer: dict, names: Sequence[str]) -> list[int]:
-    """The label ids an answer shows: its top-k, then any label of its set not among them."""
-    shown = [a["label"] for a in answer["top_k"]] + list(answer.get("labels") or [])
-    return [names.index(name) for name in dict.fromkeys(shown)]

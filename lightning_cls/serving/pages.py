@@ -63,10 +63,11 @@ class Pages:
     info: dict[str, Any]
     db_path: str
     settings: PageSettings
+    window: tuple[int, int] = (1000, 100)  # the drift window's size and the answers it needs (`serve`'s)
 
     def __post_init__(self) -> None:
         self.index = asset("index.html")
-        self.desk = ReviewDesk(self.db_path, self.settings.drift.low_confidence)
+        self.desk = ReviewDesk(self.db_path, self.settings.drift, *self.window)
         self._store: FeedbackStore | None = None
         self._lock = threading.Lock()
 
@@ -153,6 +154,7 @@ def build_pages(
     drift: Any,
     keyed: bool,
     limits: dict[str, Any],
+    window: tuple[int, int] = (1000, 100),
 ) -> Pages:
     """The pages of a service on the export ``meta`` describes (`serve` calls it with its settings)."""
     names = list(meta.labels)
@@ -168,4 +170,4 @@ def build_pages(
         "limits": limits,
     }
     settings = PageSettings(names, reference, validation_accuracy, alert_margin, drift)
-    return Pages(info, db_path, settings)
+    return Pages(info, db_path, settings, window)

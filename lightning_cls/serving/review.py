@@ -4,6 +4,8 @@ Candidates come from the store (`store.review_queue`: kept texts with no true la
 Each is given its reasons, and the one with the most reasons (then the least certain) is claimed and shown:
 
 - **least certain**: its probability is below the drift monitor's low-confidence threshold;
+- **drift**: its label, or its token length, is where its version's recent answers drifted from training (the
+  window's label or length PSI is in alert, and that label or length bin is among the causes: `review_drift`);
 - **experts disagree**: the network alone and the lexical expert alone would answer different labels. Read without
   running the network: the stored answer is the task's probabilities of ``z + w * s`` (network logits ``z``, the
   expert's ``s``, weight ``w``), so ``z`` is ``T * log p - w * s`` up to a constant per text (softmax with
@@ -29,21 +31,30 @@ import numpy as np
 from lightning_cls.errors import UserError
 from lightning_cls.export.answer import ExportedModel
 from lightning_cls.export.explain import explain
-from lightning_cls.monitoring.drift import LOW_CONFIDENCE
+from lightning_cls.export.folder import read_export_metadata
+from lightning_cls.monitoring.drift import DEFAULT_THRESHOLDS, DriftThresholds
+from lightning_cls.serving.review_drift import DriftedBins, drift_reason, drifted_bins
 from lightning_cls.store import review_queue as queue
 from lightning_cls.store.feedback_store import FeedbackStore
 
 TOP = 3  # subjects shown per item
+DRIFT_SECONDS = 30.0  # a version's drifted labels and bins are read again after this (a window moves slowly)
 log = logging.getLogger(__name__)
 
 
 class ReviewDesk:
-    """The queue for the page's reviewers, on the store at ``db_path`` (opened in the HTTP process, on first use)."""
+    """The queue for the page's reviewers, on the store at ``db_path`` (opened in the HTTP process, on first use).
+    ``drift``, ``window`` and ``min_window``: the service's drift thresholds and window (`serve --window_size`,
+    `--min_window`), which the least-certain and drift reasons read as the drift monitor does."""
 
-    def __init__(self, db_path: str, low_confidence: float = LOW_CONFIDENCE) -> None:
-        self.db_path, self.low_confidence = db_path, low_confidence
+    def __init__(
+        self, db_path: str, drift: DriftThresholds = DEFAULT_THRESHOLDS, window: int = 1000, min_window: int = 100
+    ) -> None:
+        self.db_path, self.drift, self.window, self.min_window = db_path, drift, window, min_window
         self._store: FeedbackStore | None = None
         self._models: dict[str, ExportedModel | None] = {}
+        self._references: dict[str, dict | None] = {}  # each version's training reference (`lightning_cls.json`)
+        self._drifted: dict[str, tuple[float, DriftedBins]] = {}  # version -> (when read, its drifted bins)
         self._lock = threading.Lock()  # one store connection and the loaded models, used by one thread at a time
 
     def store(self) -> FeedbackStore:
@@ -56,17 +67,30 @@ class ReviewDesk:
             folder = queue.model_dir_of(self.store(), version)
             try:
                 self._models[version] = ExportedModel.load(folder) if folder else None
+                reference = read_export_metadata(folder).reference if folder else None
+                self._references[version] = reference.to_dict() if reference is not None else None
             except UserError as err:  # the folder moved or was deleted: its items are shown without evidence
                 log.warning(f"Review: version {version}'s export cannot be loaded ({err}): no evidence for it.")
-                self._models[version] = None
+                self._models[version], self._references[version] = None, None
         return self._models[version]
+
+    def drifted(self, version: str, now: float) -> DriftedBins:
+        """The labels and length bins where ``version``'s newest answers drifted (read at most every
+        `DRIFT_SECONDS`)."""
+        if version not in self._drifted or self._drifted[version][0] < now - DRIFT_SECONDS:
+            model = self.model(version)
+            names = list(model.names) if model is not None else []
+            window = queue.recent_answers(self.store(), version, self.window) if model is not None else []
+            found = drifted_bins(window, names, self._references.get(version), self.drift.psi_warning, self.min_window)
+            self._drifted[version] = (now, found)
+        return self._drifted[version][1]
 
     def next_item(self, reviewer: str) -> dict[str, Any] | None:
         """Claim the next item for ``reviewer`` and describe it; None when the queue is empty."""
         with self._lock:
             now = time.time()
             ranked = sorted(
-                ((self.reasons(c), c) for c in queue.candidates(self.store(), reviewer, now)),
+                ((self.reasons(c, now), c) for c in queue.candidates(self.store(), reviewer, now)),
                 key=lambda rc: (-len(rc[0]), rc[1].probability, -rc[1].time),
             )
             for reasons, candidate in ranked:
@@ -80,10 +104,15 @@ class ReviewDesk:
         with self._lock:
             return queue.skip(self.store(), prediction_id, reviewer)
 
-    def reasons(self, c: queue.Candidate) -> list[str]:
+    def reasons(self, c: queue.Candidate, now: float) -> list[str]:
         found = []
-        if c.probability < self.low_confidence:
+        if c.probability < self.drift.low_confidence:
             found.append(f"least certain ({c.probability:.2f})")
+        drifted = drift_reason(
+            self.drifted(c.version, now), json.loads(c.labels) if c.labels else [c.label], c.num_tokens
+        )
+        if drifted:
+            found.append(drifted)
         disagree = self.experts_disagree(c)
         if disagree:
             found.append(disagree)

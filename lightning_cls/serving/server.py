@@ -490,6 +490,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     server.app.add_api_route(DEPLOYMENT_PATH, deployment.handle_post, methods=["POST"], response_model=None)
     limits = {"max_texts": s.max_texts, "default_top_k": s.top_k}
     page_settings = {"alert_margin": s.accuracy_alert_margin, "drift": s.drift, "keyed": key is not None}
+    page_settings["window"] = (s.window_size, s.min_window)  # the review's drift reason reads the drift gauges' window
     pages = build_pages(meta, store.path, s.keep_texts, valid_accuracy, limits=limits, **page_settings)
     pages.install(server.app)  # Tag, Review and Model at /, /review, /model (`serving.pages`)
 

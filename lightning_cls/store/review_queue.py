@@ -26,15 +26,18 @@ REVIEW_LOCK = "review_claims"
 _SELECT = (
     "SELECT p.id, p.time, p.model_version, p.label, p.labels, p.probability, p.probabilities, p.temperature, "
     "p.abstained, p.text, "
-    "(SELECT s.label FROM shadow_predictions s WHERE s.id = p.id AND s.label <> p.label LIMIT 1) AS other "
+    "(SELECT s.label FROM shadow_predictions s WHERE s.id = p.id AND s.label <> p.label LIMIT 1) AS other, "
+    "p.num_tokens "
     "FROM predictions p LEFT JOIN review_claims c ON c.prediction_id = p.id "
     "WHERE p.text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.prediction_id = p.id) "
     "AND (c.prediction_id IS NULL OR (c.skipped = 0 AND (c.claimed_at < :lapsed OR c.reviewer = :reviewer))) "
 )
-# Three pools, each from its own index-friendly order: the least certain, the answers a challenger gave otherwise,
-# the abstentions (the drift monitor's low-confidence answers are among the least certain).
+# Four pools, each from its own index-friendly order: the least certain, the answers a challenger gave otherwise,
+# the abstentions, and the newest (the drift monitor's low-confidence answers are among the least certain; the
+# answers where recent traffic drifted, `serving.review_drift`, among the newest).
 _POOLS = {
     "least_certain": "ORDER BY p.probability ASC LIMIT :n",
+    "newest": "ORDER BY p.time DESC LIMIT :n",
     "challenger": "AND EXISTS (SELECT 1 FROM shadow_predictions s WHERE s.id = p.id AND s.label <> p.label) "
     "ORDER BY p.time DESC LIMIT :n",
     "abstained": "AND p.abstained = 1 ORDER BY p.time DESC LIMIT :n",
@@ -56,6 +59,7 @@ class Candidate:
     abstained: bool
     text: str
     challenger_label: str | None  # a shadow model's other label, if one answered differently
+    num_tokens: int  # tokens read (truncated), as the drift window counts them
 
 
 def candidates(store: FeedbackStore, reviewer: str, now: float, pool: int = 100, hold: float = HOLD_SECONDS) -> list:
@@ -65,7 +69,7 @@ def candidates(store: FeedbackStore, reviewer: str, now: float, pool: int = 100,
     with store.transaction(write=False) as conn:
         for order in _POOLS.values():
             for row in conn.execute(sa.text(_SELECT + order), params):
-                found.setdefault(row[0], Candidate(*row[:8], bool(row[8]), row[9], row[10]))
+                found.setdefault(row[0], Candidate(*row[:8], bool(row[8]), *row[9:]))
     return list(found.values())
 
 
@@ -121,3 +125,16 @@ def model_dir_of(store: FeedbackStore, version: str) -> str | None:
         return conn.execute(
             sa.text("SELECT model_dir FROM models WHERE model_version = :v"), {"v": version}
         ).scalar_one_or_none()
+
+
+def recent_answers(store: FeedbackStore, version: str, limit: int) -> list[tuple[str, str | None, int]]:
+    """A version's newest ``limit`` answers (label, label set JSON or None, token length): the window its drift
+    reason is read from (`serving.review_drift`)."""
+    with store.transaction(write=False) as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT label, labels, num_tokens FROM predictions WHERE model_version = :v ORDER BY seq DESC LIMIT :n"
+            ),
+            {"v": version, "n": limit},
+        ).all()
+    return [tuple(r) for r in rows]
