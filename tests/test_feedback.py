@@ -394,6 +394,28 @@ def test_the_gauges_move_with_predictions_then_feedback_and_survive_a_restart(tm
     assert value(multiprocess_metrics(), "lightning_cls_feedback_window_texts") == 0
 
 
+def test_feedback_another_process_stored_reaches_an_idle_logger_by_its_poll(tmp_path, multiprocess_metrics):
+    """Another replica's POST /feedback tells only its own logger: this one finds the rows by looking every
+    `feedback_poll` seconds, without a batch or a message of its own."""
+    db = tmp_path / "f.sqlite3"
+    FeedbackStore(db).close()
+    monitor = LoggerState({**monitor_settings(db), "feedback_poll": 0.05})
+    try:
+        sure = batch(6, probability=0.95)
+        monitor.on_batch(sure)
+        assert monitor.log.flush(10)
+        other = FeedbackStore(db)  # another replica's connection
+        assert other.record_feedback(list(zip(sure["ids"], sure["labels"], strict=True))).stored == 6
+        other.close()
+        deadline = time.monotonic() + 5
+        while len(monitor.feedback) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(monitor.feedback) == 6
+        assert value(multiprocess_metrics(), "lightning_cls_live_accuracy") == 1.0
+    finally:
+        monitor.close()
+
+
 def test_without_a_validation_accuracy_the_gauge_is_nan_and_nothing_is_compared(tmp_path, multiprocess_metrics, caplog):
     FeedbackStore(tmp_path / "f.sqlite3").close()
     monitor = LoggerState(monitor_settings(tmp_path / "f.sqlite3", validation=None))

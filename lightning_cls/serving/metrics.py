@@ -27,6 +27,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ from lightning_cls.task import SingleLabel, Task
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0  # seconds: the logger process applies the retention bound at least this often under traffic
+# Seconds between two looks for feedback stored by other processes: another replica's POST /feedback on a shared store
+# tells only its own logger, so an idle replica's live gauges would wait for its next request without this.
+FEEDBACK_POLL = 1.0
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -368,6 +372,8 @@ class LoggerState:
         self.store: FeedbackStore | None = None
         self.log: PredictionLog | None = None
         self._feedback_seq = 0  # the last feedback row read from the database
+        # The logger's messages and the feedback poll (`FEEDBACK_POLL`) take turns on the windows and gauges.
+        self.lock = threading.RLock()
         self._since_prune, self._last_prune = 0, -math.inf  # the first write applies the bound
         # The version whose answers the unlabelled live gauges read: the flags' at start, then as workers report.
         self.champion = self.store_settings.model_version if self.store_settings is not None else None
@@ -376,8 +382,20 @@ class LoggerState:
             self.store = FeedbackStore(st.path, setup=False)  # reads only; `serve` made the tables
             self.log = PredictionLog(st.path, s.get("log") or LogSettings(), LogMetrics(), self._after_write)
             self.refresh_feedback(count=False)  # after a restart: the stored feedback on this model's predictions
+        self._stop = threading.Event()
+        if self.store is not None and s.get("feedback_poll"):
+            poll = threading.Thread(target=self._poll_feedback, args=(s["feedback_poll"],), daemon=True)
+            poll.start()
+
+    def _poll_feedback(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.refresh_feedback()
 
     def on_batch(self, batch: dict[str, Any]) -> None:
+        with self.lock:
+            self._on_batch(batch)
+
+    def _on_batch(self, batch: dict[str, Any]) -> None:
         if self.log is not None:  # first: POST /feedback may be waiting for these ids
             st = self.store_settings
             self.log.add(FeedbackStore.rows_of(batch, st.model_version, st.temperature))
@@ -391,12 +409,20 @@ class LoggerState:
 
     def on_shadow(self, value: dict[str, Any]) -> None:
         """A shadow's answers (`router.ShadowRunner`): stored beside the answers they shadow, and compared."""
-        if self.log is not None:
-            self.log.add(FeedbackStore.shadow_rows_of(value))
-        self.versions.shadow(value)
+        with self.lock:
+            if self.log is not None:
+                self.log.add(FeedbackStore.shadow_rows_of(value))
+            self.versions.shadow(value)
+
+    def deployed(self, value: dict[str, Any]) -> None:
+        """A worker switched models (`serving.deployment`): the roles, and the champion the live gauges read."""
+        with self.lock:
+            self.versions.deployed(value)
+            self.champion = next(v for v, role in value["roles"].items() if role == "champion")
 
     def close(self) -> None:
         """At a stop: the prediction log stores what it holds (or spills it for the next start)."""
+        self._stop.set()
         if self.log is not None:
             self.log.close()
         if self.store is not None:
@@ -408,6 +434,10 @@ class LoggerState:
         report; at start the flags'); the by-version gauges every version's, shadow answers included."""
         if self.store is None:
             return
+        with self.lock:
+            self._refresh_feedback(count)
+
+    def _refresh_feedback(self, count: bool) -> None:
         try:
             answers, self._feedback_seq = self.store.answers_since(self._feedback_seq, self.accuracy_settings.window)
         except StoreError as err:
@@ -480,6 +510,7 @@ class MonitoringLogger(ls.Logger):
             "store": store,
             "accuracy": accuracy,
             "log": prediction_log,
+            "feedback_poll": FEEDBACK_POLL,
         }
         self._monitor: LoggerState | None = None
 
@@ -510,5 +541,4 @@ class MonitoringLogger(ls.Logger):
         elif key == "shadow_dropped":
             self._monitor.versions.shadow_dropped(value)
         elif key == "deployed":  # a worker switched models (`serving.deployment`)
-            self._monitor.versions.deployed(value)
-            self._monitor.champion = next(v for v, role in value["roles"].items() if role == "champion")
+            self._monitor.deployed(value)
