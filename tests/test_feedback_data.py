@@ -261,12 +261,15 @@ def write_config(path, sample_dir, **data) -> str:
     return str(path)
 
 
-def test_compare_scores_both_models_on_the_test_split_and_recent_feedback(tmp_path, sample_dir, exports, capsys):
+def test_compare_scores_both_models_on_the_test_split_and_recent_feedback(
+    tmp_path, sample_dir, exports, capsys, db_location
+):
+    """On either store: a SQLite file or a PostgreSQL URL (`--feedback_db postgresql://...`)."""
     from lightning_cls.cli import main
 
     champion, challenger = exports
     source = pd.read_csv(sample_dir / "abstracts.csv")
-    db = tmp_path / "f.sqlite3"
+    db = db_location
     # Feedback on texts of the data (scored like any feedback), one relabelled later, and one outside the labels.
     rows = [(source["text"][i], source["label"][i]) for i in range(12) if source["label"][i] in NAMES]
     feedback_db(db, [*rows, (rows[0][0], "physics")])
