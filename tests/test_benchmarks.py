@@ -55,3 +55,35 @@ def test_config_split_is_the_data_modules_split(sample_dir, tmp_path):
     assert plan.names == expected.names
     for split in ("train", "val", "test"):
         assert list(plan.rows[split]) == list(expected.rows[split])
+
+
+def test_queue_worth_data_puts_the_test_period_in_the_configs_test_split(tmp_path):
+    """The review queue's experiment (benchmarks/queue_worth.py): the config's split by arxiv_id must put exactly the
+    newest papers (none served, none trained on) in test, and only older papers in validation."""
+    import numpy as np
+    import pandas as pd
+
+    from lightning_cls.data.labels import DEFAULT_LABELS, ordered_split
+
+    queue_worth = importlib.import_module("queue_worth")
+    rng = np.random.default_rng(0)
+    months = ["2503", "2507", "2510", "2512", "2601", "2603", "2605", "2607"]
+    n = 16000
+    frame = pd.DataFrame({
+        "arxiv_id": [f"{rng.choice(months)}.{i:05d}" for i in range(n)],
+        "text": [f"text {i}" for i in range(n)],
+        "label": rng.choice([*DEFAULT_LABELS, "nuclear theory"], size=n),
+    })  # fmt: skip
+    csv = tmp_path / "data.csv"
+    frame.to_csv(csv, index=False)
+    queue_worth.make_data(str(csv), tmp_path / "work", {**queue_worth.SIZES, "pool": 50}, seed=0)
+    base = pd.read_csv(tmp_path / "work" / "base.csv", dtype={"arxiv_id": str})
+    pool = pd.read_csv(tmp_path / "work" / "pool.csv", dtype={"arxiv_id": str})
+    assert base["label"].isin(DEFAULT_LABELS).all() and len(pool) == 50
+    assert pool["arxiv_id"].str[:4].isin(["2512", "2601"]).all() and not set(pool["text"]) & set(base["text"])
+
+    data = yaml.safe_load(queue_worth.CONFIG.read_text())["data"]
+    rows = ordered_split(base["arxiv_id"], data["val_fraction"], data["test_fraction"])
+    month = base["arxiv_id"].str[:4]
+    assert len(rows["test"]) == queue_worth.SIZES["test"] and (month.iloc[rows["test"]] >= "2605").all()
+    assert (month.iloc[np.concatenate([rows["train"], rows["val"]])] < "2511").all()
