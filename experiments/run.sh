@@ -11,15 +11,16 @@ config=experiments/$name/config.yaml
 ckpt_dir=runs/experiments/$name/checkpoints
 # A fresh run starts from an empty checkpoint folder; `--ckpt_path last` resumes from the one there (a run stopped
 # with SIGTERM or Ctrl-C saves last.ckpt; so does every `--checkpoint.every_n_train_steps`).
-case " $* " in *" --ckpt_path"*) ;; *) rm -rf "$ckpt_dir" ;; esac
+# The fit's CPU seconds are appended per invocation, so a resumed run's total is the sum over its sessions.
+case " $* " in *" --ckpt_path"*) ;; *) rm -rf "$ckpt_dir" "runs/experiments/$name.cpu" ;; esac
 
 mkdir -p runs/experiments "experiments/$name"  # a fresh clone has neither: /usr/bin/time writes its file there
 start=$(date +%s)
 # CPU seconds (user + system) as well as wall time: on a shared machine, wall time overstates the cost.
-/usr/bin/time -f "%U %S" -o "runs/experiments/$name.cpu" \
+/usr/bin/time -a -f "%U %S" -o "runs/experiments/$name.cpu" \
   python -m lightning_cls fit --config "$config" --checkpoint.dirpath "$ckpt_dir" "$@"
 fit_s=$(( $(date +%s) - start ))
-fit_cpu_s=$(awk '{printf "%d", $1 + $2}' "runs/experiments/$name.cpu")
+fit_cpu_s=$(awk '{s += $1 + $2} END {printf "%d", s}' "runs/experiments/$name.cpu")
 
 # The best validation macro-F1, read from the file names (epochNN-stepN-f1X.XXXX.ckpt): not the first in name order.
 best=$(ls "$ckpt_dir"/epoch*.ckpt | awk -F'-f1' '{print $NF "\t" $0}' | sort -rn | head -n 1 | cut -f2)
