@@ -28,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from harness import config_split, cpu_name  # the benchmarks' harness: the same split as every benchmark reads
 
 from lightning_cls.export.answer import ExportedModel
-from lightning_cls.task.scores import decide, fit_thresholds, multilabel_scores, task_scores, top_label_in_set
+from lightning_cls.task.scores import (
+    decide,
+    fit_thresholds,
+    label_ece,
+    multilabel_scores,
+    task_scores,
+    top_label_in_set,
+)
 
 
 def fit_combiner(z: np.ndarray, s: np.ndarray, y: np.ndarray, per_label: bool, steps: int = 200) -> dict:
@@ -75,13 +82,20 @@ def scores(logits: np.ndarray, y: np.ndarray, names: list[str], thresholds: np.n
         probs = 1 / (1 + np.exp(-logits))
         found = multilabel_scores(decide(probs, thresholds), y, names)
         keys = ("micro_f1", "macro_f1", "micro_precision", "micro_recall", "subset_accuracy")
-        return {**{k: round(found[k], 4) for k in keys}, "top_label_in_set": round(top_label_in_set(probs, y), 4)}
+        return {
+            **{k: round(found[k], 4) for k in keys},
+            "top_label_in_set": round(top_label_in_set(probs, y), 4),
+            "mean_label_ece": round(float(label_ece(probs, y).mean()), 4),  # how calibrated: the #33 target
+        }
     return {k: round(v, 4) for k, v in task_scores(logits.argmax(1), y).items()}
 
 
-def study(z_val, s_val, y_val, z_test, s_test, y_test, names, folds: int = 5, seed: int = 0) -> dict:
+def study(
+    z_val, s_val, y_val, z_test, s_test, y_test, names, folds: int = 5, seed: int = 0, weight: float | None = None
+) -> dict:
     """Both combiners: out-of-fold validation scores (what chooses) and test scores after refitting on all of
-    validation (what checks the choice)."""
+    validation (what checks the choice). ``weight``: the export's own fusion weight, scored as ``served`` (its
+    logits ``z + weight * s``, unscaled: what `serve` answers) beside them."""
     multi_label = y_val.ndim == 2
     key = "micro_f1" if multi_label else "macro_f1"
     out = {"network_alone": {}, "expert_alone": {}}
@@ -96,7 +110,10 @@ def study(z_val, s_val, y_val, z_test, s_test, y_test, names, folds: int = 5, se
             "test": scores(combine(z_test, s_test, params), y_test, names, test_thresholds),
             "weights": {k: np.round(v, 4).tolist() for k, v in params.items()},
         }
-    for name, (zv, zt) in {"network_alone": (z_val, z_test), "expert_alone": (s_val, s_test)}.items():
+    alone = {"network_alone": (z_val, z_test), "expert_alone": (s_val, s_test)}
+    if weight is not None:
+        alone["served"] = (z_val + weight * s_val, z_test + weight * s_test)
+    for name, (zv, zt) in alone.items():
         thresholds = fit_thresholds(1 / (1 + np.exp(-zv)), y_val) if multi_label else None
         out[name] = {"test": scores(zt, y_test, names, thresholds)}
     chosen = max(("one_weight", "per_label_lr"), key=lambda n: out[n]["validation_out_of_fold"][key])
@@ -127,7 +144,7 @@ def main() -> None:
             z = model.network_logits(texts)[0].double().numpy()
         parts[split] = (z, np.asarray(model.lexical_scores(texts), dtype=np.float64), plan.label_ids[rows])
         print(f"{split}: {len(texts)} texts scored ({time.perf_counter() - start:.0f} s)", flush=True)
-    result = study(*parts["val"], *parts["test"], list(plan.names), folds=args.folds)
+    result = study(*parts["val"], *parts["test"], list(plan.names), folds=args.folds, weight=model.fusion.weight)
     result.update(
         model_dir=str(args.model_dir),
         config=str(args.config),

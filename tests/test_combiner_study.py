@@ -49,3 +49,13 @@ def test_one_label_per_text_is_scored_by_macro_f1():
     result = study(z, s, y, z, s, y, ["a", "b", "c"], folds=3)
     assert result["metric"] == "macro_f1"
     assert result["one_weight"]["test"]["macro_f1"] > 0.6
+
+
+def test_the_served_fusion_is_scored_beside_and_a_fitted_scale_calibrates_overconfident_logits():
+    """`served` is the export's own z + w * s, unscaled; logits made 4x overconfident are badly calibrated there,
+    and the one weight fitted by likelihood (a scale on each part) brings the label ECE down."""
+    (z, s, y), (zt, st, yt) = planted(600, 4), planted(600, 5)
+    result = study(4 * z, 4 * s, y, 4 * zt, 4 * st, yt, ["a", "b", "c", "d"], folds=3, weight=1.0)
+    served, fitted = result["served"]["test"], result["one_weight"]["test"]
+    assert set(served) >= {"micro_f1", "mean_label_ece"}
+    assert fitted["mean_label_ece"] < served["mean_label_ece"] - 0.02
