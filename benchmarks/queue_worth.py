@@ -23,6 +23,7 @@ ignored). The summary goes to experiments/review_queue_worth/output.txt and resu
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -112,8 +113,6 @@ def train_arm(arm: str, work: Path, db: Path | None) -> dict:
 
 
 def _children_cpu() -> float:
-    import resource
-
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -148,8 +147,9 @@ def serve_pool(work: Path, batch: int = 32) -> None:
 def copy_store(work: Path, arm: str) -> Path:
     """A copy of the served store for one arm (SQLite's backup: whole, whatever the journal holds)."""
     db = work / f"{arm}.sqlite3"
-    if db.exists():
-        db.unlink()
+    # A stopped earlier copy may have left its journal beside it: SQLite would replay that WAL onto the new copy.
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        path.unlink(missing_ok=True)
     with sqlite3.connect(work / "pool.sqlite3") as source, sqlite3.connect(db) as target:
         source.backup(target)
     return db
@@ -157,9 +157,9 @@ def copy_store(work: Path, arm: str) -> Path:
 
 def label_arm(work: Path, arm: str, n: int, seed: int | None) -> Path:
     """Label ``n`` served answers in the arm's store copy: from the review queue (``seed`` None) or at random."""
-    db, chosen_file = work / f"{arm}.sqlite3", work / arm / "chosen.json"
+    chosen_file = work / arm / "chosen.json"
     if chosen_file.exists():
-        return db
+        return work / f"{arm}.sqlite3"
     (work / arm).mkdir(exist_ok=True)
     answers = json.loads((work / "pool_answers.json").read_text())
     db = copy_store(work, arm)
@@ -169,7 +169,11 @@ def label_arm(work: Path, arm: str, n: int, seed: int | None) -> Path:
     with server, httpx.Client(base_url=server.url, timeout=300) as client:
         if seed is None:  # a reviewer working through the queue, one item at a time, as the page does
             for _ in range(n):
-                item = client.get("/pages/review/next", params={"reviewer": REVIEWER}).json()["item"]
+                response = client.get("/pages/review/next", params={"reviewer": REVIEWER})
+                response.raise_for_status()
+                item = response.json()["item"]
+                if item is None:
+                    raise SystemExit(f"{db}: the review queue ran out after {len(chosen)} of {n} items.")
                 pid = item["prediction_id"]
                 _feedback(client, [pid], answers)
                 chosen.append({"prediction_id": pid, "reasons": item["reasons"]})
@@ -257,7 +261,7 @@ def summarize(work: Path, reports: dict, arms: list[str], args) -> None:
                     "ratio": queue[f"{k}_gain"] / mean_random if mean_random > 0 else None}  # fmt: skip
     ratio = gains["fused"]["ratio"]
     verdict = "met" if ratio is not None and ratio >= TARGET else "missed"
-    setup = f"labels per arm: {args.labels}; pool served: {args.pool}; test: 2,000 papers from 2026-05 on"
+    setup = f"labels per arm: {args.labels}; pool served: {args.pool}; test: {SIZES['test']:,} papers from 2026-05 on"
     pool = json.loads((work / "pool_answers.json").read_text()).values()
     served = f"the base model's answers to the pool: {np.mean([p['label'] != p['truth'] for p in pool]):.2f} wrong, "
     served += f"mean top probability {np.mean([p['probability'] for p in pool]):.2f}"
