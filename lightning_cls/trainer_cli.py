@@ -284,12 +284,16 @@ def calibrate(argv: list[str]) -> Path | None:
     if model.lexical is not None:
         checkpoint[LEXICAL_KEY], checkpoint[LEXICAL_WEIGHT_KEY] = model.lexical.state(), model.lexical_weight
     fused = f"lexical weight {model.lexical_weight:.4f}, " if model.lexical is not None else ""
-    if model.multi_label:  # per-label thresholds, fitted on validation; no temperature
+    checkpoint[TEMPERATURE_KEY] = model.temperature
+    if model.multi_label:  # the temperature, then per-label thresholds on the probabilities it gives
         checkpoint[THRESHOLDS_KEY] = list(model.thresholds)
         thresholds = ", ".join(f"{t:.2f}" for t in model.thresholds)
-        fitted = f"thresholds {thresholds}, micro-F1 {model.calibration['micro_f1']:.4f}"
+        c = model.calibration
+        fitted = (
+            f"temperature {model.temperature:.4f}, mean label ECE {c['mean_label_ece_uncalibrated']:.4f} -> "
+            f"{c['mean_label_ece']:.4f}, thresholds {thresholds}, micro-F1 {c['micro_f1']:.4f}"
+        )
     else:
-        checkpoint[TEMPERATURE_KEY] = model.temperature
         before, after = model.calibration["before"], model.calibration["after"]
         fitted = (
             f"temperature {model.temperature:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}, "

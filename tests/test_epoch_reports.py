@@ -18,8 +18,14 @@ from lightning_cls.model.epoch_reports import (
     write_label_set_report,
 )
 from lightning_cls.model.lexical_fusion import LexicalFusion
+from lightning_cls.task import LabelSet
 
 NAMES = ["a", "b", "c"]
+
+
+def sure(multi_hot):
+    """Logits whose sigmoids are ~0.98 where `multi_hot` is 1 and ~0.02 elsewhere."""
+    return torch.tensor(multi_hot * 8.0 - 4.0)
 
 
 def epoch(log_dir=None, fit=False, sanity=False):
@@ -48,7 +54,8 @@ def test_scores_are_logged_under_the_stage_and_each_part_of_a_fusion():
     scores = single_label_scores("val", logits, labels, 3, parts)
     assert set(scores) == {"val/acc", "val/f1_macro", "val/f1_macro_neural", "val/f1_macro_lexical"}
     assert float(scores["val/acc"]) == 0.75
-    report = label_set_report(np.eye(3)[[0, 1, 2]], np.eye(3, dtype=int)[[0, 1, 1]], NAMES, None, None)
+    task = LabelSet(tuple(NAMES), (0.5,) * 3)
+    report = label_set_report(task, sure(np.eye(3)), np.eye(3, dtype=int)[[0, 1, 1]], None)
     scores = label_set_scores("test", report, None)
     assert set(scores) == {
         "test/f1_micro", "test/f1_macro", "test/subset_acc", "test/hamming_loss", "test/precision_micro",
@@ -58,7 +65,7 @@ def test_scores_are_logged_under_the_stage_and_each_part_of_a_fusion():
 
 
 def test_label_set_report_is_written_by_rank_zero_outside_the_sanity_check(tmp_path):
-    report = label_set_report(np.eye(3), np.eye(3, dtype=int), NAMES, [0.5] * 3, None)
+    report = label_set_report(LabelSet(tuple(NAMES), (0.5,) * 3), sure(np.eye(3)), np.eye(3, dtype=int), None)
     write_label_set_report(epoch(tmp_path, sanity=True), report)
     write_label_set_report(epoch(None), report)  # another rank
     assert not list(tmp_path.iterdir())
@@ -66,6 +73,19 @@ def test_label_set_report_is_written_by_rank_zero_outside_the_sanity_check(tmp_p
     written = json.loads((tmp_path / "val_report.json").read_text())
     assert written["stage"] == "val" and written["global_step"] == 7 and written["micro_f1"] == 1.0
     assert (tmp_path / "val_report.txt").read_text().startswith("val: multi-label")
+
+
+def test_label_set_report_scores_the_probabilities_under_the_temperature():
+    # Over-confident logits: a label's sigmoid says ~0.98 or ~0.02, and it is right 3 times in 4. Halving them
+    # (T = 2) brings each probability nearer the truth: the report's ECE is the scaled one, the plain one beside.
+    y = np.array([[1, 0], [1, 0], [1, 0], [0, 1]] * 5)
+    logits = sure(np.array([[1, 0]] * 20))
+    plain = label_set_report(LabelSet(("a", "b"), (0.5, 0.5)), logits, y, None)
+    scaled = label_set_report(LabelSet(("a", "b"), (0.5, 0.5), 4.0), logits, y, None)
+    assert plain["temperature"] is None and plain["mean_label_ece_uncalibrated"] == plain["mean_label_ece"]
+    assert scaled["temperature"] == 4.0 and scaled["mean_label_ece_uncalibrated"] == plain["mean_label_ece"]
+    assert scaled["mean_label_ece"] < plain["mean_label_ece"] - 0.1
+    assert scaled["micro_f1"] == plain["micro_f1"]  # thresholds at 0.5: the same decisions on either scale
 
 
 def test_lexical_fusion_fits_its_weight_on_the_rows_to_fit_on():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_cls.data.label_sets import (
     arxiv_subject,
@@ -12,11 +13,14 @@ from lightning_cls.data.label_sets import (
     parse_label_sets,
 )
 from lightning_cls.errors import DataError
+from lightning_cls.model.calibration import fit_temperature
+from lightning_cls.task import LabelSet, task_for
 from lightning_cls.task.scores import (
     decide,
     epoch_report,
     fit_thresholds,
     format_label_set_report,
+    label_ece,
     multilabel_scores,
     top_label_in_set,
 )
@@ -125,3 +129,32 @@ def test_the_top_label_is_judged_against_the_texts_whole_label_set():
     assert report["top_label_in_set"] == pytest.approx(0.5) and "top label one of the text's 0.5000" in (
         format_label_set_report(report)
     )
+
+
+def test_a_label_set_temperature_is_fitted_by_each_labels_likelihood_and_lowers_held_out_ece():
+    # Every label's logits three times too large: the fitted T is near 3, and the scaled sigmoids are calibrated on
+    # rows the fit never saw.
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, size=(6000, 4))
+    y = (rng.random((6000, 4)) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    t = fit_temperature(3 * true_logits[:3000], y[:3000])
+    assert t == pytest.approx(3.0, rel=0.15)
+    held = 3 * torch.tensor(true_logits[3000:])
+    plain, scaled = LabelSet(("a", "b", "c", "d"), (0.5,) * 4), LabelSet(("a", "b", "c", "d"), (0.5,) * 4, t)
+    ece_plain = label_ece(plain.probabilities(held).numpy(), y[3000:]).mean()
+    ece_scaled = label_ece(scaled.probabilities(held).numpy(), y[3000:]).mean()
+    assert ece_scaled < 0.03 and ece_scaled < ece_plain / 3  # 0.03: the sampling noise of 15 bins on 3,000 rows
+    with pytest.raises(ValueError, match="shapes"):
+        fit_temperature(true_logits[:5], y[:4])
+
+
+def test_without_the_temperature_a_label_set_keeps_its_answers_on_the_plain_sigmoids():
+    logits = torch.tensor([[2.0, -1.0, 0.3], [-0.5, 0.1, 4.0], [0.9, 0.8, -3.0], [-2.0, -2.5, -1.5]])
+    calibrated = task_for(["a", "b", "c"], [0.3, 0.55, 0.7], temperature=2.5)
+    plain = task_for(["a", "b", "c"], [0.3, 0.55, 0.7], temperature=2.5, use_temperature=False)
+    assert plain.temperature is None and plain.thresholds != calibrated.thresholds
+    torch.testing.assert_close(plain.probabilities(logits), logits.sigmoid())
+    _, want = calibrated.answer(logits)
+    _, got = plain.answer(logits)
+    np.testing.assert_array_equal(got, want)
+    assert (want.sum(1) >= 1).all() and not np.array_equal(want, decide(logits.sigmoid().numpy(), 0.5))

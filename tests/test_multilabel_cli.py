@@ -16,8 +16,14 @@ from lightning_cls.data.labels import DEFAULT_LABELS
 from lightning_cls.data.sample_data import generate_texts
 from lightning_cls.errors import DataError
 from lightning_cls.export.exporter import export
-from lightning_cls.export.folder import read_export_metadata
-from lightning_cls.model.checkpoints import CALIBRATION_KEY, LEXICAL_KEY, LEXICAL_WEIGHT_KEY, THRESHOLDS_KEY
+from lightning_cls.export.folder import METADATA_FILE, read_export_metadata
+from lightning_cls.model.checkpoints import (
+    CALIBRATION_KEY,
+    LEXICAL_KEY,
+    LEXICAL_WEIGHT_KEY,
+    TEMPERATURE_KEY,
+    THRESHOLDS_KEY,
+)
 from lightning_cls.trainer_cli import calibrate
 
 SUBJECTS = sorted(DEFAULT_LABELS)
@@ -93,11 +99,13 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     metrics = cli.trainer.callback_metrics
     assert {"val/f1_micro", "val/f1_macro", "val/subset_acc", "val/hamming_loss", "train/f1_micro"} <= set(metrics)
     last = tmp_path / "ckpt" / "last.ckpt"
-    thresholds = torch.load(last, weights_only=True)[THRESHOLDS_KEY]
+    saved = torch.load(last, weights_only=True)
+    thresholds, temperature = saved[THRESHOLDS_KEY], saved[TEMPERATURE_KEY]
     assert len(thresholds) == 10 and all(0 < t < 1 for t in thresholds)
+    assert temperature > 0 and temperature != 1.0  # fitted by the sigmoids' likelihood, before the thresholds
 
     run = main(["test", *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}")])
-    assert run.model.thresholds == thresholds  # fitted on validation, used on test
+    assert run.model.thresholds == thresholds and run.model.temperature == temperature  # fitted on validation
     report = json.loads(next((tmp_path / "runs").rglob("test_report.json")).read_text())
     assert {"micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "cardinality", "mean_label_ece"} <= set(report)
     assert report["micro_f1"] == pytest.approx(float(run.trainer.callback_metrics["test/f1_micro"]), abs=1e-5)
@@ -105,6 +113,7 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     tag_everything = 2 * cardinality / (10 + cardinality)  # the micro-F1 of predicting every label
     assert report["micro_f1"] > tag_everything, (report["micro_f1"], tag_everything)  # learnt something
     assert report["per_label"]["physics"]["threshold"] == pytest.approx(thresholds[SUBJECTS.index("physics")])
+    assert report["temperature"] == temperature and "mean_label_ece_uncalibrated" in report
 
     out = tmp_path / "predictions.jsonl"
     main(
@@ -129,7 +138,9 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     folder = tmp_path / "export"
     export(str(last), str(folder), format="onnx", agreement_texts=16)
     meta = read_export_metadata(folder)
-    assert meta.thresholds == thresholds
+    assert meta.thresholds == thresholds and meta.temperature == temperature
+    # A version-2 reader would compare the plain sigmoids with thresholds fitted on the scaled ones: refused instead.
+    assert json.loads((folder / METADATA_FILE).read_text())["format_version"] == 3
     # Each variant scored on validation label sets, so that `auto`'s macro-F1 gate can judge it.
     assert meta.inference["fp32"]["agreement"] == 1.0 and meta.inference["fp32"]["texts"] == 16
     assert {"macro_f1", "micro_f1", "accuracy"} <= set(meta.inference["onnx_fp32"])
@@ -145,6 +156,9 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
         for answer, row in zip(answers, rows, strict=False):
             assert answer["labels"] == row["labels"] and answer["label"] == row["label"], backend
             assert answer["scores"] == pytest.approx(row["scores"], abs=1e-5), backend
+    # Without the temperature: the plain sigmoids, and the same label sets (the thresholds moved with them).
+    for plain, answer in zip(service_answers(folder, "torch", texts, use_temperature=False), answers, strict=True):
+        assert plain["labels"] == answer["labels"] and plain["scores"] != pytest.approx(answer["scores"], abs=1e-4)
     assert json.loads((folder / "config.json").read_text())["problem_type"] == "multi_label_classification"
     from transformers import pipeline
 
@@ -157,13 +171,14 @@ def test_fit_test_predict_and_export_answer_label_sets(tmp_path, sample_dir, lab
     assert abs(sum(scores.values()) - 1) > 1e-3  # sigmoids, not a softmax
 
 
-def service_answers(folder, backend: str, texts: list[str]) -> list[dict]:
+def service_answers(folder, backend: str, texts: list[str], use_temperature: bool = True) -> list[dict]:
     import queue
 
     from lightning_cls.export.runtime import InferenceSettings
     from lightning_cls.serving.api import ClassifierAPI
 
-    api = ClassifierAPI(str(folder), inference=InferenceSettings(backend=backend, precision="fp32"))
+    settings = InferenceSettings(backend=backend, precision="fp32")
+    api = ClassifierAPI(str(folder), inference=settings, use_temperature=use_temperature)
     api.set_logger_queue(queue.Queue())
     api.setup("cpu")
     return api.predict((texts, 3))
@@ -279,11 +294,13 @@ def test_a_fused_lexical_expert_answers_label_sets_alike_in_test_predict_and_the
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint[LEXICAL_KEY]["coef"].shape[0] == 10 and checkpoint[LEXICAL_WEIGHT_KEY] > 0
 
-    # `calibrate` refits the weight and the thresholds of a multi-label checkpoint (no temperature to fit).
+    # `calibrate` refits the weight, the temperature of the fused logits and the thresholds of a multi-label
+    # checkpoint.
     output = f"--output_path={tmp_path / 'calibrated.ckpt'}"
     calibrate([*args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}"), output])
     calibrated = torch.load(tmp_path / "calibrated.ckpt", weights_only=True)
     assert len(calibrated[THRESHOLDS_KEY]) == 10 and calibrated[LEXICAL_WEIGHT_KEY] > 0
+    assert calibrated[TEMPERATURE_KEY] > 0 and calibrated[CALIBRATION_KEY]["temperature"] == calibrated[TEMPERATURE_KEY]
     assert calibrated[CALIBRATION_KEY]["split"] == "validation" and 0 < calibrated[CALIBRATION_KEY]["micro_f1"] <= 1
     run = main(["test", *args(label_sets_csv, sample_dir, tmp_path, f"--ckpt_path={last}")])
     metrics = run.trainer.callback_metrics

@@ -107,8 +107,8 @@ class ExportedModel:
         return ExportedModel(self.model_dir, self.runner, self.task, windows, self.fusion)
 
     def with_temperature(self, temperature: float | None) -> None:
-        """Answer under another temperature (serve's --temperature for the folder it was started with); label sets
-        have none (each label's sigmoid under its threshold)."""
+        """Answer under another temperature (serve's --temperature for the folder it was started with); not a label
+        set's: its thresholds were fitted on the probabilities its own temperature gives."""
         if not self.task.multi_label:
             self.task = dataclasses.replace(self.task, temperature=temperature)
 

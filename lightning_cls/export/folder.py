@@ -24,7 +24,9 @@ CONFIG_FILE = "config.json"
 # Bump when a reader of an older version would misread the folder; readers refuse folders of a newer version.
 # 2: the folder may fuse a lexical expert (`lexical`), or answer label sets (`thresholds`): a reader of version 1
 # would answer with the network alone, or with one label.
-FORMAT_VERSION = 2
+# 3: a label set's sigmoids are divided by a temperature, its thresholds on that scale: a reader of version 2 would
+# compare the plain sigmoids with them, and tag other labels.
+FORMAT_VERSION = 3
 
 
 # ------------------------------------------------------------------------------------------------ lightning_cls.json
@@ -41,9 +43,9 @@ class ExportMetadata:
     checkpoint: str | None = None
     exported_at: str | None = None
     lightning_cls_version: str | None = None
-    # softmax(logits / temperature) are the calibrated probabilities (`calibration.calibrated_probabilities`); the
-    # exported weights give the raw logits. None: not calibrated (T = 1). `calibration`: ECE, NLL and Brier on the
-    # validation split before and after it.
+    # softmax(logits / temperature), or each label's sigmoid(logits / temperature), are the calibrated probabilities
+    # (`lightning_cls.task`); the exported weights give the raw logits. None: not calibrated (T = 1). `calibration`:
+    # the validation scores before and after it (ECE, NLL and Brier; a label set's mean label ECE).
     temperature: float | None = None
     calibration: dict[str, Any] | None = None
     # Each way of running the folder (`lightning_cls.export.runtime`: "fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
@@ -56,7 +58,8 @@ class ExportMetadata:
     # `temperature` is the fused logits'. None: the network alone.
     lexical: dict[str, Any] | None = None
     # A multi-label model's decision threshold per label, in label order (fitted on validation): its answer is the
-    # set of labels whose sigmoid reaches its threshold. None: single-label (a softmax over the labels).
+    # set of labels whose sigmoid (under the temperature, when there is one) reaches its threshold. None:
+    # single-label (a softmax over the labels).
     thresholds: list[float] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # keys written by a newer minor version, kept as they are
@@ -67,17 +70,20 @@ class ExportMetadata:
         return self.thresholds is not None
 
     def task(self, use_temperature: bool = True) -> Task:
-        """What the folder answers: label sets under its thresholds, or one label under its calibrated temperature
-        (`use_temperature` false: the raw softmax)."""
-        return task_for(self.labels, self.thresholds, export_temperature(self) if use_temperature else None)
+        """What the folder answers: label sets under its thresholds, or one label, under its calibrated temperature
+        (`use_temperature` false: the raw softmax or sigmoids, a label set's answers the same)."""
+        return task_for(self.labels, self.thresholds, export_temperature(self), use_temperature)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(data.pop("extra"))
-        if self.lexical is None and self.thresholds is None:  # version-1 readers answer as this reader does
+        # The oldest version whose readers answer as this reader does: older readers can read the folder.
+        if self.lexical is None and self.thresholds is None:
             data.pop("lexical")
             data.pop("thresholds")
             data["format_version"] = min(self.format_version, 1)
+        elif self.thresholds is None or self.temperature is None:
+            data["format_version"] = min(self.format_version, 2)
         return data
 
 

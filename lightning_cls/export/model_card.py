@@ -137,10 +137,19 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
     temperature = metadata.temperature
     if task.multi_label:
         thresholds = ", ".join(f"{name} {t:.2f}" for name, t in zip(metadata.labels, metadata.thresholds, strict=True))
+        scaled = ""
+        if temperature is not None:
+            scaled = (
+                f"Temperature scaling fitted on the validation split, one T for every label: T = {temperature:.4f}, "
+                "each label's probability sigmoid(logits / T); mean label ECE "
+                f"{_fmt((calibration or {}).get('mean_label_ece_uncalibrated'))} -> "
+                f"{_fmt((calibration or {}).get('mean_label_ece'))}. "
+            )
         out.append(
-            f"Per-label decision thresholds fitted on the validation split: {thresholds}. `serve` and `predict` answer "
-            "each label's sigmoid and the set of labels at or above their thresholds; `transformers.pipeline` on this "
-            "folder gives the sigmoids alone."
+            f"{scaled}Per-label decision thresholds fitted on the validation split"
+            f"{' (on the scaled probabilities)' if scaled else ''}: {thresholds}. `serve` and `predict` answer each "
+            "label's probability and the set of labels at or above their thresholds; `transformers.pipeline` on this "
+            "folder gives the plain sigmoids alone."
         )
     elif temperature is not None and calibration:
         before, after = calibration.get("before", {}), calibration.get("after", {})

@@ -2,9 +2,11 @@
 
 A fine-tuned classifier's probabilities are usually over-confident: among the texts it gives 0.95, fewer than 95% are
 right. One scalar T > 0, fitted on the validation split by minimising the NLL of softmax(logits / T), fixes most of
-that without changing any prediction (dividing by T keeps the argmax). This module holds the pure parts: the fit, the
+that without changing any prediction (dividing by T keeps the argmax). A label-set model's sigmoids are scaled the
+same way, sigmoid(logits / T), and its thresholds are fitted after, on the scaled probabilities
+(`lightning_cls.task.LabelSet`). This module holds the pure parts: the fit, the
 scores (ECE with fixed bins, NLL, Brier), the before/after report, the reliability diagram and the helper that turns
-logits into calibrated probabilities at inference. The model fits T during `fit` (model.py); `calibrate` (cli.py)
+logits into calibrated probabilities at inference. The model fits T during `fit` (`model.classifier`); `calibrate`
 refits it for any checkpoint.
 """
 
@@ -58,16 +60,28 @@ def calibrated_probabilities(logits: torch.Tensor | np.ndarray, temperature: flo
 
 
 def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, max_iter: int = 100) -> float:
-    """The T > 0 that minimises the mean NLL of softmax(logits / T) on these rows (validation rows, never test).
+    """The T > 0 that minimises the mean NLL of the probabilities of logits / T on these rows (validation rows,
+    never test): softmax cross-entropy for class ids (N,), each label's binary cross-entropy for multi-hot label
+    sets (N, C) (one T shared by every label's sigmoid: a label set's model is over-confident as a whole, and one
+    scalar cannot over-fit a label with few positives).
 
-    LBFGS on log T (so T stays positive and the steps are scale-free), in float64. The NLL is convex in 1/T, so the
-    one minimum is found from T = 1; it is clamped to [T_MIN, T_MAX] (see there).
+    LBFGS on log T (so T stays positive and the steps are scale-free), in float64. Both NLLs are convex in 1/T, so
+    the one minimum is found from T = 1; it is clamped to [T_MIN, T_MAX] (see there).
     """
     # Lightning's `validate` runs its hooks in inference mode, where nothing can be differentiated: leave it.
     with torch.inference_mode(False), torch.enable_grad():
         z = torch.as_tensor(_numpy(logits))  # (N, C) float64
-        y = torch.as_tensor(_numpy(labels, np.int64))  # (N,)
-        _check(z.numpy(), y.numpy())
+        label_sets = np.ndim(labels) == 2
+        y = torch.as_tensor(_numpy(labels, np.float64 if label_sets else np.int64))  # (N,) or (N, C)
+        if label_sets:
+            if z.shape != y.shape:
+                raise ValueError(
+                    f"Expected (N, C) logits and label sets, got shapes {tuple(z.shape)} and {tuple(y.shape)}."
+                )
+            nll = torch.nn.functional.binary_cross_entropy_with_logits
+        else:
+            _check(z.numpy(), y.numpy())
+            nll = torch.nn.functional.cross_entropy
         if len(z) == 0:
             raise ValueError("No rows to fit a temperature on.")
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -79,7 +93,7 @@ def fit_temperature(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
             # Clamped inside the loss: past a bound the gradient is 0 and LBFGS stops instead of running off to inf.
-            loss = torch.nn.functional.cross_entropy(z / log_t.clamp(*bounds).exp(), y)
+            loss = nll(z / log_t.clamp(*bounds).exp(), y)
             loss.backward()
             return loss
 

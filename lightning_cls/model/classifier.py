@@ -309,8 +309,8 @@ class TextClassifier(pl.LightningModule):
         # Validation and test keep every row's logits and row id (gathered from all ranks): the metrics, the report
         # (per-class scores, confusion matrix) and the calibration are computed per text at the end of the epoch.
         self.val_logits, self.test_logits = EpochLogits(), EpochLogits()
-        # softmax(logits / temperature) are the calibrated probabilities; None: never calibrated (T = 1). Saved in
-        # checkpoints with `calibration`, the validation scores before and after it.
+        # softmax(logits / temperature), or each label's sigmoid(logits / temperature), are the calibrated
+        # probabilities; None: never calibrated (T = 1). Saved in checkpoints with `calibration`, the validation scores.
         self.temperature: float | None = None
         self.calibration: dict | None = None
         # Set by the `calibrate` command: fit the temperature at the end of the next validation too (then cleared).
@@ -427,11 +427,16 @@ class TextClassifier(pl.LightningModule):
     ) -> None:
         """Fit the thresholds if the epoch says so, then log the scores of the thresholded label sets and write the
         report."""
-        probs, y = logits.float().sigmoid().numpy(), labels.numpy()
-        if epoch.fit:
+        y = labels.numpy()
+        if epoch.fit:  # the temperature first, then the thresholds on the probabilities it gives
+            self.temperature = epoch.broadcast(fit_temperature(logits, y))
+            # Scaled whatever `use_temperature` says: the thresholds are on the scaled probabilities.
+            scaled = task_for(self.label_names, [0.5] * len(self.label_names), self.temperature)
+            probs = scaled.probabilities(logits).numpy()
             self.thresholds = epoch.broadcast(fit_thresholds(probs, y).tolist())
-            self.refit_temperature = False  # `calibrate`: fitted (a multi-label model has thresholds, no temperature)
-        report = label_set_report(probs, y, self.label_names, self.thresholds, components)
+            self.refit_temperature = False
+        task = self.task
+        report = label_set_report(task, logits, y, components)
         if epoch.fit:
             self.calibration = label_set_validation(report, epoch.step)
         self.log_dict(label_set_scores(epoch.stage, report, components), prog_bar=True, batch_size=len(y))
@@ -440,10 +445,9 @@ class TextClassifier(pl.LightningModule):
     @property
     def task(self) -> Task:
         """What the model answers (`lightning_cls.task`): label sets at their thresholds (0.5 until fitted), or one
-        label under the calibrated temperature (unless `use_temperature` is off)."""
-        if self.multi_label:
-            return task_for(self.label_names, self.thresholds or [0.5] * len(self.label_names))
-        return task_for(self.label_names, temperature=self.temperature if self.use_temperature else None)
+        label, under the calibrated temperature (unless `use_temperature` is off)."""
+        thresholds = (self.thresholds or [0.5] * len(self.label_names)) if self.multi_label else None
+        return task_for(self.label_names, thresholds, self.temperature, self.use_temperature)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         logits = self(batch["input_ids"], batch["attention_mask"]).float()  # (B, num_labels)

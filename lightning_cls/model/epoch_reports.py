@@ -20,11 +20,21 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from lightning_cls.task.scores import epoch_report, format_label_set_report
+from lightning_cls.task import LabelSet
+from lightning_cls.task.scores import epoch_report, format_label_set_report, label_ece
 
 # The validation scores kept with a multi-label model's fitted thresholds (export writes them: the baseline of the
 # service's micro-F1 alerts, `serving.server.validation_micro_f1`).
-LABEL_SET_VALIDATION_KEYS = ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "mean_label_ece", "rows")
+LABEL_SET_VALIDATION_KEYS = (
+    "micro_f1",
+    "macro_f1",
+    "subset_accuracy",
+    "hamming_loss",
+    "mean_label_ece",
+    "mean_label_ece_uncalibrated",
+    "temperature",
+    "rows",
+)
 
 
 @dataclass
@@ -106,13 +116,17 @@ def write_single_label_report(
     )
 
 
-def label_set_report(
-    probs: np.ndarray, y: np.ndarray, label_names: list[str], thresholds: list[float] | None, components: dict | None
-) -> dict[str, Any]:
-    """A multi-label epoch's report (`task.scores.epoch_report`: per-label scores, thresholds and calibration) at
-    `thresholds` (None: 0.5 for every label); with a lexical expert, its `components` beside."""
-    at = np.asarray(thresholds if thresholds is not None else [0.5] * len(label_names))
-    report = epoch_report(probs, y, label_names, at)
+def label_set_report(task: LabelSet, logits: torch.Tensor, y: np.ndarray, components: dict | None) -> dict[str, Any]:
+    """A multi-label epoch's report (`task.scores.epoch_report`: per-label scores, thresholds and calibration) of
+    the task's answers to `logits`: its probabilities (under its temperature) and thresholds, with the mean label ECE
+    of the plain sigmoids beside (what the temperature changed); with a lexical expert, its `components` beside."""
+    probs = task.probabilities(logits).numpy()
+    report = epoch_report(probs, y, task.names, np.asarray(task.thresholds))
+    report["temperature"] = task.temperature
+    plain = label_ece(logits.float().sigmoid().numpy(), y) if task.temperature is not None else None
+    report["mean_label_ece_uncalibrated"] = (
+        float(plain.mean()) if plain is not None and len(plain) else report["mean_label_ece"]
+    )
     if components:
         report["components"] = components
     return report

@@ -9,7 +9,7 @@ Each is given its reasons, and the one with the most reasons (then the least cer
 - **experts disagree**: the network alone and the lexical expert alone would answer different labels. Read without
   running the network: the stored answer is the task's probabilities of ``z + w * s`` (network logits ``z``, the
   expert's ``s``, weight ``w``), so ``z`` is ``T * log p - w * s`` up to a constant per text (softmax with
-  temperature ``T``), or ``logit(p) - w * s`` (a label set's sigmoids); ``s`` is the expert's, scored here;
+  temperature ``T``), or ``T * logit(p) - w * s`` (a label set's sigmoids); ``s`` is the expert's, scored here;
 - **challenger answered otherwise**: a shadow model's stored answer has another label;
 - **abstained**: the service marked it (``--min_confidence``).
 
@@ -129,10 +129,9 @@ class ReviewDesk:
         names, fusion = model.names, model.fusion
         p = np.clip(np.asarray(json.loads(c.probabilities), dtype=np.float64), 1e-12, 1 - 1e-9)
         lexical = fusion.expert.scores([c.text])[0].astype(np.float64)
-        if model.task.multi_label:
-            network = np.log(p / (1 - p)) - fusion.weight * lexical
-        else:
-            network = (c.temperature or 1.0) * np.log(p) - fusion.weight * lexical
+        # The temperature the answer was given under (stored with it): undone before the expert's part is taken off.
+        scaled = np.log(p / (1 - p)) if model.task.multi_label else np.log(p)
+        network = (c.temperature or 1.0) * scaled - fusion.weight * lexical
         a, b = int(network.argmax()), int(lexical.argmax())
         return None if a == b else f"the network says {names[a]}, the lexical expert {names[b]}"
 

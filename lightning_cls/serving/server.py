@@ -124,8 +124,9 @@ class ServeSettings:
         timeout: Seconds a request may wait for its answer before a 504.
         metrics_dir: Folder for the multiprocess Prometheus files (emptied at start; default: a temporary folder).
         log_level: Uvicorn log level (info logs every request; warning does not).
-        use_temperature: Answer with calibrated probabilities, softmax(logits / T), when the export has a
-            temperature T (false: the plain softmax). Labels are the same either way.
+        use_temperature: Answer with calibrated probabilities, softmax(logits / T) or each label's
+            sigmoid(logits / T), when the export has a temperature T (false: the plain softmax or sigmoids). Labels
+            and label sets are the same either way.
         min_confidence: An answer whose probability is below this keeps its label and probabilities and says
             "abstained": true (counted in lightning_cls_abstentions_total); default: never abstain.
         feedback_db: SQLite file, or PostgreSQL URL (postgresql://user@host:port/db, for replicas that share one

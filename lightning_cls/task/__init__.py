@@ -1,11 +1,11 @@
 """The one owner of what a model answers: one label per text (`SingleLabel`) or a set of labels (`LabelSet`).
 
 Everything that turns logits into an answer or scores answers asks the task instead of branching on "is this a
-multi-label model": the probabilities (a softmax under the calibrated temperature, or each label's sigmoid), the
+multi-label model": the probabilities (a softmax, or each label's sigmoid, under the calibrated temperature), the
 decision (the most probable label, or every label at or above its threshold, at least one), the scores against the
 truth (accuracy and macro-F1, or micro-/macro-F1 and subset accuracy), and whether two answers are the same.
 
-    task = LabelSet(names, thresholds)              # or SingleLabel(names, temperature)
+    task = LabelSet(names, thresholds, temperature) # or SingleLabel(names, temperature)
     probs = task.probabilities(logits)              # (N, C) float32 tensor
     decided = task.decide(probs)                    # (N,) class ids, or (N, C) multi-hot
     task.scores(decided, truth)                     # {"macro_f1": ..., ...}
@@ -185,10 +185,12 @@ class SingleLabel(Task):
 
 @dataclass(frozen=True)
 class LabelSet(Task):
-    """A set of labels per text: each label's sigmoid, every label at or above its threshold (fitted on validation),
-    the most probable one when none is (every text gets at least one label)."""
+    """A set of labels per text: each label's sigmoid(logits / temperature), every label at or above its threshold
+    (both fitted on validation, the thresholds on the scaled probabilities), the most probable one when none is
+    (every text gets at least one label)."""
 
     thresholds: tuple[float, ...] = ()
+    temperature: float | None = None  # None: not calibrated (1.0); the thresholds are on the same scale
 
     multi_label: ClassVar[bool] = True
     # micro precision and recall: a tagger's two errors apart (tags the paper does not have, subjects left untagged)
@@ -220,7 +222,17 @@ class LabelSet(Task):
             raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.names)} labels")
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().sigmoid()
+        t = 1.0 if self.temperature is None else self.temperature
+        return (logits.float() / t).sigmoid()
+
+    def uncalibrated(self) -> LabelSet:
+        """The same decisions on the plain sigmoids: each threshold moved to where sigmoid(z / T) meets it,
+        sigmoid(T * logit(threshold)) (`--use_temperature false`: the raw probabilities, the same label sets)."""
+        if self.temperature is None:
+            return self
+        t = np.clip(np.asarray(self.thresholds, dtype=np.float64), 1e-12, 1 - 1e-12)
+        raw = 1 / (1 + np.exp(-self.temperature * np.log(t / (1 - t))))
+        return LabelSet(self.names, tuple(float(x) for x in raw))
 
     def decide(self, probs: np.ndarray | torch.Tensor) -> np.ndarray:
         return decide(_numpy(probs), np.asarray(self.thresholds))
@@ -286,8 +298,16 @@ def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(values)
 
 
-def task_for(names: Sequence[str], thresholds: Sequence[float] | None = None, temperature: Any = None) -> Task:
-    """A label set task when there are thresholds, else one label per text."""
+def task_for(
+    names: Sequence[str],
+    thresholds: Sequence[float] | None = None,
+    temperature: Any = None,
+    use_temperature: bool = True,
+) -> Task:
+    """A label set task when there are thresholds, else one label per text. `use_temperature` false: the plain
+    softmax or sigmoids (a label set's thresholds moved so that its answers stay the same)."""
+    t = None if temperature is None else float(temperature)
     if thresholds is not None:
-        return LabelSet(tuple(names), tuple(float(t) for t in thresholds))
-    return SingleLabel(tuple(names), None if temperature is None else float(temperature))
+        task = LabelSet(tuple(names), tuple(float(x) for x in thresholds), t)
+        return task if use_temperature else task.uncalibrated()
+    return SingleLabel(tuple(names), t if use_temperature else None)

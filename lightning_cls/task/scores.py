@@ -152,6 +152,12 @@ def format_label_set_report(report: dict) -> str:
         f"{c.get('predicted', 0):.2f} predicted / {c.get('true', 0):.2f} true, mean label ECE "
         f"{report['mean_label_ece']:.4f}; {report['rows']} rows",
     ]
+    t = report.get("temperature")
+    if t is not None:  # calibrated: what the temperature changed (the thresholds are on the scaled probabilities)
+        lines.append(
+            f"probabilities sigmoid(logits / {t:.4f}): mean label ECE {report['mean_label_ece_uncalibrated']:.4f} "
+            f"without the temperature"
+        )
     parts = report.get("components")
     if parts:  # a fused lexical expert (`lightning_cls.model.fusion`): each part at a 0.5 threshold
         lines += ["", f"fusion: neural logits + {parts['lexical_weight']:.3f} x lexical logits (at a 0.5 threshold):"]
