@@ -66,7 +66,12 @@ HEADERS = {
 MISSING = "–"
 
 # Where a neural test report's numbers are, by task: CSV metric -> report key (a tuple: a nested key).
-SINGLE_REPORT = {"accuracy": "accuracy", "macro_f1": "macro_f1", "ece": ("calibration", "after", "ece")}
+SINGLE_REPORT = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro_f1",
+    "ece": ("calibration", "after", "ece"),
+    "top_label_in_set": "top_label_in_set",  # with data.subjects_path
+}
 MULTI_REPORT = {
     "micro_f1": "micro_f1",
     "macro_f1": "macro_f1",
@@ -79,7 +84,12 @@ MULTI_REPORT = {
     "top_label_in_set": "top_label_in_set",
 }
 # The TF-IDF script's metrics.json, by task.
-SINGLE_TFIDF = {"accuracy": "test_acc", "macro_f1": "test_f1_macro", "val_macro_f1": "val_f1_macro"}
+SINGLE_TFIDF = {
+    "accuracy": "test_acc",
+    "macro_f1": "test_f1_macro",
+    "val_macro_f1": "val_f1_macro",
+    "top_label_in_set": "test_top_label_in_set",
+}
 MULTI_TFIDF = {
     "micro_f1": "test_f1_micro",
     "macro_f1": "test_f1_macro",

@@ -56,6 +56,11 @@ def main() -> None:
     features.update({name: vectorizer.transform(x[name]) for name in ("val", "test")})
     if data.get("multi_label"):
         return multi_label(args, plan, features, y, start, cpu_start)
+    single_label(args, data, plan, features, y, start, cpu_start)
+
+
+def single_label(args, data: dict, plan, features, y, start: float, cpu_start: float) -> None:
+    """Multinomial logistic regression, C chosen by validation macro-F1."""
     best = None
     for c in args.C:
         clf = LogisticRegression(C=c, max_iter=2000).fit(features["train"], y["train"])
@@ -73,6 +78,7 @@ def main() -> None:
         "val_f1_macro": round(float(val_f1), 4),
         "test_acc": round(float(accuracy_score(y["test"], pred)), 4),
         "test_f1_macro": round(float(f1_score(y["test"], pred, average="macro")), 4),
+        **top_subject(args, data, plan, clf.predict_proba(features["test"])),
         "wall_seconds": round(seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
         "machine": cpu_name(),
@@ -81,6 +87,21 @@ def main() -> None:
     }
     report = classification_report(y["test"], pred, target_names=plan.names, digits=4)
     write_results(args.out, result, report, details="per_class")
+
+
+def top_subject(args, data: dict, plan, probs) -> dict:
+    """With `data.subjects_path`: the share of test texts whose top label is one of the paper's subjects, as the
+    model's test report scores it (`lightning_cls.data.paper_subjects`); nothing without it."""
+    if not data.get("subjects_path"):
+        return {}
+    from lightning_cls.data.paper_subjects import read_paper_subjects
+    from lightning_cls.task.scores import top_label_in_set
+
+    columns = (data.get("text_column", "text"), data.get("label_column", "label"))
+    subjects = data["subjects_path"], data.get("join_column", "arxiv_id"), data.get("subjects_column", "all_categories")
+    table = read_paper_subjects(args.data_path or data["path"], *columns, *subjects, plan.names)
+    rows = plan.table["row_id"].to_numpy()[plan.rows["test"]]
+    return {"test_top_label_in_set": round(top_label_in_set(probs, table[rows]), 4)}
 
 
 def write_data_config(out: Path, config: Path, data: dict) -> None:

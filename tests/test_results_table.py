@@ -40,7 +40,8 @@ def single_run(root: Path, name="net", split_by=None, max_samples=None, macro=0.
     data = {"labels": None, "max_samples": max_samples, **({"split_by": split_by} if split_by else {})}
     write(run, "config.yaml", config(data, MINILM))
     ckpt = f"runs/experiments/{name}/checkpoints/epoch00-step400-f10.7956.ckpt"
-    write(run, "test_report.json", {"checkpoint": ckpt, "rows": 1997, "accuracy": 0.82, "macro_f1": macro})
+    report = {"checkpoint": ckpt, "rows": 1997, "accuracy": 0.82, "macro_f1": macro, "top_label_in_set": 0.93}
+    write(run, "test_report.json", report)
     write(run, "timing.json", {"fit_cpu_seconds": 573, "cpu": "AMD EPYC", "date": "2026-11-26T19:21:10Z"})
     return run
 
@@ -53,7 +54,7 @@ def tfidf_run(root: Path, name="tfidf", multi=False) -> Path:
     if multi:
         scores = {"test_f1_micro": 0.8226, "test_f1_macro": 0.828, "test_hamming_loss": 0.0489, "val_f1_micro": 0.8246}
     else:
-        scores = {"test_acc": 0.8673, "test_f1_macro": 0.867, "val_f1_macro": 0.8675}
+        scores = {"test_acc": 0.8673, "test_f1_macro": 0.867, "val_f1_macro": 0.8675, "test_top_label_in_set": 0.929}
     write(run, "metrics.json", {**base, **scores, "date": "2026-11-30", "per_class": {}})
     return run
 
@@ -73,12 +74,14 @@ def test_rows_of_a_fine_tuned_run(tmp_path):
     assert by(rows, "minilm", "val_macro_f1")["value"] == 0.7956  # the tested checkpoint's file name
     assert by(rows, "minilm", "step")["value"] == 400
     assert by(rows, "minilm", "test_rows")["value"] == 1997
+    assert by(rows, "minilm", "top_label_in_set")["value"] == 0.93  # with data.subjects_path
 
 
 def test_rows_of_tfidf_single_and_label_sets(tmp_path):
     rows = rt.rows_of(tfidf_run(tmp_path), note=pytest.fail)
     assert by(rows, "tfidf", "macro_f1")["value"] == 0.867 and by(rows, "tfidf", "accuracy")["value"] == 0.8673
     assert by(rows, "tfidf", "macro_f1")["cpu_minutes"] == 1.5 and by(rows, "tfidf", "test_rows")["value"] == 10
+    assert by(rows, "tfidf", "top_label_in_set")["value"] == 0.929
     multi = rt.rows_of(tfidf_run(tmp_path, "tfidf_ml", multi=True), note=pytest.fail)
     assert {r["task"] for r in multi} == {"label_sets"}
     assert by(multi, "tfidf", "micro_f1")["value"] == 0.8226 and by(multi, "tfidf", "val_micro_f1")["value"] == 0.8246

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from lightning_cls.data.feedback import FeedbackRows, parse_time
 from lightning_cls.data.labels import DEFAULT_LABELS, label_maps
+from lightning_cls.data.paper_subjects import subjects_of_settings
 from lightning_cls.data.predict_inputs import (
     load_predict_inputs,
     predict_cache_key,
@@ -77,6 +78,8 @@ class ScientificTextDataModule(pl.LightningDataModule):
         join_column: str = "arxiv_id",
         arxiv_subjects: bool = False,
         title_column: str | None = None,
+        subjects_path: str | None = None,
+        subjects_column: str = "all_categories",
         max_length: int = 256,
         max_windows: int = 1,
         window_stride: int | None = None,
@@ -123,6 +126,9 @@ class ScientificTextDataModule(pl.LightningDataModule):
                 computer science): ten subjects instead of the fine-grained categories.
             title_column: Read each text as `title [SEP] text` (the tokenizer's separator), the title from this
                 column (of `labels_path`, when set). Served texts must be given the same way.
+            subjects_path: A file of every paper's arXiv categories (`subjects_column`, separated by whitespace;
+                joined by `join_column`): validation and test also report `top_label_in_set`, the share of texts
+                whose answer is one of the paper's subjects (`paper_subjects`). `subjects_column`: that column.
             max_length: Texts are truncated to this many tokens (with `max_windows` > 1: tokens per window).
             max_windows: Read a text longer than `max_length` as up to this many overlapping windows (1: truncate).
                 Each training window is an example with its text's label; validation, test and predict answer
@@ -224,6 +230,11 @@ class ScientificTextDataModule(pl.LightningDataModule):
         plan = self.plan()
         rows = plan.rows["test" if split == "predict" else split]
         return plan.table["row_id"].to_numpy()[rows], plan.table["text"].to_numpy()[rows].tolist(), plan.label_ids[rows]
+
+    def paper_subjects(self) -> np.ndarray | None:  # every data row's subjects by row id, or None: not asked for
+        if getattr(self, "_paper_subjects", None) is None:
+            self._paper_subjects = subjects_of_settings(self.hparams, self.label_names)
+        return self._paper_subjects
 
     # ------------------------------------------------------------------------------------------------ the cache
     def cache_path(self) -> Path:

@@ -109,7 +109,8 @@ def model_card(metadata: ExportMetadata, hparams: dict[str, Any], test_report: d
     if calibration and calibration.get("accuracy") is not None:
         out.append(f"- validation accuracy: {_fmt(calibration['accuracy'])}")
     if test_report is not None:
-        scores = [(name, test_report.get(key)) for key, name in task.headline]
+        # A score the report lacks is left out (the tagger's top label needs the papers' subjects: data.subjects_path).
+        scores = [(name, test_report[key]) for key, name in task.headline if test_report.get(key) is not None]
         if "weighted_f1" in test_report:
             scores.append(("weighted F1", test_report["weighted_f1"]))
         out.append(f"- test ({test_report['rows']} texts): " + ", ".join(f"{n} {_fmt(v)}" for n, v in scores))

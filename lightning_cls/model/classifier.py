@@ -33,6 +33,7 @@ from lightning_cls.model.epoch_reports import (
     label_set_report,
     label_set_scores,
     label_set_validation,
+    paper_subjects_of,
     single_label_scores,
     write_label_set_report,
     write_single_label_report,
@@ -384,7 +385,8 @@ class TextClassifier(pl.LightningModule):
         if self.multi_label:
             self._evaluate_label_sets(epoch, logits, labels, components)
         else:
-            self._evaluate_single_label(epoch, logits, labels, components)
+            subjects = paper_subjects_of(self.trainer.datamodule, row_ids)
+            self._evaluate_single_label(epoch, logits, labels, components, subjects)
 
     def _epoch(self, stage: str) -> Epoch:
         """This evaluation epoch, as `epoch_reports` and the lexical fusion need it."""
@@ -405,12 +407,12 @@ class TextClassifier(pl.LightningModule):
             loggers=trainer.loggers,
         )
 
-    def _evaluate_single_label(
-        self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, components: dict | None
-    ) -> None:
+    def _evaluate_single_label(self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, *parts: Any) -> None:
         """Log the epoch's scores; fit the temperature if the epoch says so, then write the report with the scores
-        before and after the temperature in use (test only ever reports with the stored one)."""
-        scores = single_label_scores(epoch.stage, logits, labels, len(self.label_names), components)
+        before and after the temperature in use (test only ever reports with the stored one). `parts`: a fusion's
+        components and each text's subjects (`data.subjects_path`), each or None."""
+        components, subjects = parts
+        scores = single_label_scores(epoch.stage, logits, labels, len(self.label_names), components, subjects)
         self.log_dict(scores, prog_bar=True, batch_size=len(labels))
         if epoch.sanity:
             return
@@ -420,7 +422,7 @@ class TextClassifier(pl.LightningModule):
         calibration = calibration_report(logits, labels, self.temperature)
         if epoch.fit:
             self.calibration = {**calibration, "split": "validation", "global_step": epoch.step}
-        write_single_label_report(epoch, logits, labels, self.label_names, calibration, components)
+        write_single_label_report(epoch, logits, labels, self.label_names, calibration, components, subjects)
 
     def _evaluate_label_sets(
         self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, components: dict | None

@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import (
 )
 
 from lightning_cls.task import LabelSet
-from lightning_cls.task.scores import epoch_report, format_label_set_report, label_ece
+from lightning_cls.task.scores import epoch_report, format_label_set_report, label_ece, top_label_in_set
 
 # The validation scores kept with a multi-label model's fitted thresholds (export writes them: the baseline of the
 # service's micro-F1 alerts, `serving.server.validation_micro_f1`).
@@ -57,11 +57,23 @@ class Epoch:
     loggers: list[Any] = field(default_factory=list)
 
 
+def paper_subjects_of(datamodule: Any, row_ids: torch.Tensor) -> np.ndarray | None:
+    """Each evaluated text's subjects (multi-hot, in the order of `row_ids`) from the data module's
+    `data.subjects_path`, or None: not set (or no data module: a bare `validate` on a model)."""
+    table = datamodule.paper_subjects() if hasattr(datamodule, "paper_subjects") else None
+    return None if table is None else table[row_ids.numpy()]
+
+
 def single_label_scores(
-    stage: str, logits: torch.Tensor, labels: torch.Tensor, num_labels: int, components: dict | None
+    stage: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_labels: int,
+    components: dict | None,
+    subjects: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a single-label epoch logs: accuracy and macro-F1 of the answers (and macro-F1 of the neural head and the
-    lexical expert alone, for a fused model)."""
+    lexical expert alone, for a fused model; with each text's `subjects`, the share whose answer is one of them)."""
     predicted = logits.argmax(-1)
     # Every rank holds the whole split (gathered): the values are the same everywhere, no sync needed.
     scores = {
@@ -70,6 +82,8 @@ def single_label_scores(
     }
     for part in ("neural", "lexical") if components else ():
         scores[f"{stage}/f1_macro_{part}"] = torch.tensor(components[part]["macro_f1"])
+    if subjects is not None:
+        scores[f"{stage}/top_in_set"] = torch.tensor(top_label_in_set(logits.numpy(), subjects))
     return scores
 
 
@@ -80,9 +94,11 @@ def write_single_label_report(
     label_names: list[str],
     calibration: dict[str, Any],
     components: dict | None,
+    subjects: np.ndarray | None = None,
 ) -> None:
     """Per-class report (text + JSON), confusion matrix and reliability diagram (PNG + the loggers') of the epoch in
-    its log folder, with the calibration scores (`calibration.calibration_report`) before and after the temperature."""
+    its log folder, with the calibration scores (`calibration.calibration_report`) before and after the temperature,
+    and with each text's `subjects` the share whose answer is one of them (`top_label_in_set`)."""
     if epoch.log_dir is None:
         return
     # Imported here: keeps matplotlib off the import path of code that only needs the model.
@@ -99,8 +115,9 @@ def write_single_label_report(
         context = {"epoch": epoch.epoch, "global_step": epoch.step}
     else:
         context = {"checkpoint": epoch.checkpoint}
+    tagger = None if subjects is None else {"top_label_in_set": top_label_in_set(logits.numpy(), subjects)}
     report, fig, paths = write_evaluation(
-        matrix, label_names, epoch.stage, epoch.log_dir, context, calibration, components
+        matrix, label_names, epoch.stage, epoch.log_dir, context, calibration, components, tagger
     )
     log_figure(epoch.loggers, f"{epoch.stage}/confusion_matrix", fig, epoch.step)
     title = f"{epoch.stage}: reliability, {calibration['rows']} rows, temperature {source}"

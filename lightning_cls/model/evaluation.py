@@ -132,6 +132,7 @@ def write_evaluation(
     context: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
     components: dict[str, Any] | None = None,
+    tagger: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], Figure, dict[str, Path]]:
     """Write `<stage>_report.txt`, `<stage>_report.json` and `<stage>_confusion_matrix.png` into `folder`.
 
@@ -139,11 +140,12 @@ def write_evaluation(
     is stored in the JSON beside the metrics; `calibration` (`calibration.calibration_report`: ECE, NLL and Brier
     before and after temperature scaling) under `calibration`, and as a table below the per-class one. `components`
     (a fused model's: the neural head alone, the lexical expert alone and the fusion, `fusion.component_scores`)
-    under `components`, and as a table; the per-class report is the fused model's.
+    under `components`, and as a table; the per-class report is the fused model's. `tagger` (`top_label_in_set`:
+    the share of texts whose answer is one of their subjects, `data.subjects_path`) beside the metrics.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    report = {"stage": stage, **(context or {}), **classification_report(confmat, label_names)}
+    report = {"stage": stage, **(context or {}), **classification_report(confmat, label_names), **(tagger or {})}
     if calibration is not None:
         report["calibration"] = calibration
     if components is not None:
@@ -155,6 +157,8 @@ def write_evaluation(
     }
     header = f"{stage}: {report['rows']} rows" + "".join(f", {k} {v}" for k, v in (context or {}).items()) + "\n\n"
     table = format_class_report(report)
+    if tagger is not None:
+        table += f"\ntop label one of the paper's subjects (data.subjects_path) {tagger['top_label_in_set']:.4f}\n"
     if components is not None:
         table += "\n" + format_components(components)
     if calibration is not None:

@@ -125,7 +125,11 @@ class SingleLabel(Task):
 
     multi_label: ClassVar[bool] = False
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
-    headline: ClassVar[tuple[tuple[str, str], ...]] = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))
+    headline: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("macro_f1", "macro-F1"),
+        ("accuracy", "accuracy"),
+        ("top_label_in_set", "top label one of the paper's subjects"),  # in test reports with data.subjects_path
+    )
 
     problem_type: ClassVar[str] = "single_label_classification"
 
