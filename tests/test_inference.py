@@ -365,7 +365,7 @@ def test_the_service_on_the_onnx_backend_answers_as_on_pytorch(onnx_export):
 def test_export_records_each_variants_scores_on_the_validation_split(onnx_export, trained):
     assert (onnx_export / ONNX_FILE).is_file() and (onnx_export / INT8_ONNX_FILE).is_file()
     records = json.loads((onnx_export / "lightning_cls.json").read_text())["inference"]
-    assert list(records) == list(VARIANTS)  # fp32, bf16, fp16, onnx_fp32, onnx_int8
+    assert list(records) == [v for v in VARIANTS if v != "student"]  # fp32, bf16, fp16, onnx_fp32, onnx_int8
     for name, entry in records.items():
         assert entry["device"] == "cpu" and entry["source"].startswith("validation split of ")
         assert "skipped" not in entry, (name, entry)  # a tiny model: every precision is quick to measure

@@ -25,8 +25,10 @@ import torch
 
 from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.data.windows import Windows, WindowSpec, mean_logits_per_text, window_token_ids
-from lightning_cls.export.folder import ExportMetadata, read_export_metadata
-from lightning_cls.export.runtime import InferenceSettings, Runner
+from lightning_cls.errors import ExportError
+from lightning_cls.export.folder import STUDENT_DIR, ExportMetadata, read_export_metadata
+from lightning_cls.export.runtime import InferenceSettings, Runner, choose
+from lightning_cls.hardware import detect_hardware
 from lightning_cls.model.fusion import FolderFusion, fuse
 from lightning_cls.task import Task
 
@@ -45,6 +47,26 @@ class Answers:
     tokens: np.ndarray  # (N,) tokens read, special tokens included
     windows: np.ndarray  # (N,) windows read
     cut: np.ndarray  # (N,) bool: the text was longer than what was read
+
+
+def takes_student(
+    settings: InferenceSettings | None, meta: ExportMetadata, model_dir: str | Path, device: str | torch.device
+) -> bool:
+    """Whether `auto` takes the folder's distilled student (`runtime.choose` with students)."""
+    if settings is None or settings.precision != "auto":
+        return False
+    hardware = detect_hardware(torch.device(device))
+    return choose(settings, hardware, meta.inference, model_dir, students=True).student
+
+
+def check_student(teacher: ExportMetadata, student: ExportMetadata, folder: Path) -> None:
+    """A student answers for its teacher only with the same labels, in the same order, and the same task."""
+    if list(student.labels) != list(teacher.labels) or student.multi_label != teacher.multi_label:
+        raise ExportError(
+            f"{folder}: the student answers {list(student.labels)} "
+            f"({'label sets' if student.multi_label else 'one label'}), its teacher {list(teacher.labels)} "
+            f"({'label sets' if teacher.multi_label else 'one label'}): distill it from this teacher."
+        )
 
 
 class ExportedModel:
@@ -84,8 +106,23 @@ class ExportedModel:
         fusion: FolderFusion | bool | None = True,
     ) -> ExportedModel:
         """The folder with the runtime `settings` say (default: torch fp32). `max_windows` / `window_stride`
-        override the folder's; `fusion` an already loaded expert (None: none; True: the folder's)."""
+        override the folder's; `fusion` an already loaded expert (None: none; True: the folder's). With precision
+        `auto`, the folder's distilled student (`STUDENT_DIR`) when it is the fastest variant that passes the gate:
+        the student's own folder, whole (weights, tokenizer, windows, fusion, calibration), in torch fp32."""
         meta = metadata or read_export_metadata(model_dir)
+        # Nothing given that is the folder's own (an expert, a tokenizer): the student brings its own.
+        if fusion is True and tokenizer is None and takes_student(settings, meta, model_dir, device):
+            folder = Path(model_dir) / STUDENT_DIR
+            check_student(meta, read_export_metadata(folder), folder)
+            fp32 = dataclasses.replace(settings, precision="fp32", backend="torch")
+            return cls.load(
+                folder,
+                fp32,
+                device,
+                max_windows=max_windows,
+                window_stride=window_stride,
+                use_temperature=use_temperature,
+            )
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
         settings = settings or InferenceSettings(precision="fp32", backend="torch")
         runner = Runner(model_dir, settings, device=device, tokenizer=tokenizer, metadata=meta)

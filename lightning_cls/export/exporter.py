@@ -29,11 +29,14 @@ from lightning_cls.atomic import atomic_folder
 from lightning_cls.data.tables import read_text_chunks
 from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.errors import CheckpointError, DataError, ExportError
+from lightning_cls.export.answer import check_student
 from lightning_cls.export.folder import (
     INT8_ONNX_FILE,
     ONNX_FILE,
+    STUDENT_DIR,
     ExportMetadata,
     SplitReference,
+    read_export_metadata,
     write_export_metadata,
 )
 from lightning_cls.export.model_card import model_card, read_test_report
@@ -44,6 +47,7 @@ from lightning_cls.export.onnx_optimize import (
     quantizable_nodes,
     quantize_int8,
 )
+from lightning_cls.export.runtime import STUDENT
 from lightning_cls.export.variants import measure_variants
 from lightning_cls.model.adapters import merged
 from lightning_cls.model.checkpoints import load_checkpoint
@@ -283,6 +287,7 @@ def export(
     agreement_data: str | None = None,
     agreement_seconds: float = 60.0,
     agreement_device: str = "cpu",
+    student_ckpt: str | None = None,
 ) -> Path:
     """Export a checkpoint as a Hugging Face model folder that `transformers.pipeline` loads offline.
 
@@ -317,6 +322,10 @@ def export(
             (estimated from its first batch) is skipped, with the reason recorded: bf16 and fp16 on a CPU without
             AMX / AVX512-BF16 run several times slower than fp32.
         agreement_device: Device to measure on (cpu, cuda): the one the model will be served on.
+        student_ckpt: A student distilled from this checkpoint (`python -m lightning_cls distill`, then `calibrate`
+            when the teacher fuses a lexical expert): exported into the folder's `student/` with the same format,
+            and measured as the `student` variant beside the others (the same texts, the same gate against this
+            model's fp32), so that `serve --precision auto` answers with it when it keeps the accuracy and is faster.
     """
     ckpt, output = Path(ckpt_path), Path(output_dir)
     checkpoint = _check_paths(ckpt, output)
@@ -384,23 +393,37 @@ def export(
                 quantized = {"from": graph.name, "per_channel": True, "dynamic": True, "kept_fp32": exclude}
                 metadata.extra.setdefault("onnx", {})["int8"] = quantized
             write_export_metadata(tmp, metadata)
+        if student_ckpt:
+            export_student(student_ckpt, tmp, metadata, format, optimize)
         if agreement_texts:
             variants = ["fp32", "bf16", "fp16"] + (["onnx_fp32"] if format == "onnx" else [])
             variants += ["onnx_int8"] if quantize == "int8" else []
+            variants += [STUDENT] if student_ckpt else []
             ids, unscored = label_ids(names, metadata.labels)
             metadata.inference = measure_variants(
                 tmp, texts, source, agreement_device, agreement_seconds, variants, ids, unscored
             )
             write_export_metadata(tmp, metadata)
             _print_agreement(metadata.inference)
-        for file in tmp.iterdir():
-            file.chmod(0o644)  # save_pretrained may write owner-only files; a server under another user reads them
+        for path in tmp.rglob(
+            "*"
+        ):  # save_pretrained may write owner-only files; a server under another user reads them
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if output.exists():
             output.rmdir()  # checked empty above
     if metadata.reference is None:
         print(f'Note: {ckpt} records no training data reference; lightning_cls.json has "reference": null.')
     print(f"Exported {ckpt} to {output} ({len(metadata.labels)} labels, max_length {length}).")
     return output
+
+
+def export_student(student_ckpt: str, folder: Path, metadata: ExportMetadata, format: str, optimize: bool) -> None:
+    """The student checkpoint exported into `folder`'s `STUDENT_DIR` (a whole export of its own, unmeasured: the
+    teacher's measurement judges it), refused unless it answers the teacher's labels and task."""
+    if not Path(student_ckpt).is_file():
+        raise ExportError(f"--student_ckpt {student_ckpt} does not exist.")
+    student = export(student_ckpt, str(folder / STUDENT_DIR), format=format, optimize=optimize, agreement_texts=0)
+    check_student(metadata, read_export_metadata(student), student)
 
 
 def main(argv: list[str]) -> Path:

@@ -21,6 +21,9 @@ METADATA_FILE = "lightning_cls.json"
 ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"  # model.onnx with int8 weights (onnxruntime dynamic quantization): --quantize int8
 CONFIG_FILE = "config.json"
+# A distilled student of the folder's model, exported beside it (`export --student_ckpt`): a folder of its own (its
+# weights, tokenizer, fusion and calibration), run as the `student` variant when `auto` finds it keeps the accuracy.
+STUDENT_DIR = "student"
 # Bump when a reader of an older version would misread the folder; readers refuse folders of a newer version.
 # 2: the folder may fuse a lexical expert (`lexical`), or answer label sets (`thresholds`): a reader of version 1
 # would answer with the network alone, or with one label.

@@ -21,7 +21,9 @@ validation split:
   `avx512_bf16`) and on GPUs of CUDA capability 8.0 or more (elsewhere bf16 runs, but several times slower than
   fp32); fp16 on CPUs with AMX-FP16 / AVX512-FP16 and GPUs of capability 7.0 or more; ONNX int8 on the CPU.
 - which variants: those of `backend` (torch, onnx), or of both with `backend auto`. fp32 of the backend is the
-  fallback, always allowed.
+  fallback, always allowed. A folder exported with `--student_ckpt` also holds a distilled student (`student/`),
+  judged by the same gate against the model's fp32: `ExportedModel.load` answers with the student's folder when
+  `auto` takes it (a `Runner` runs one folder's weights and never switches).
 
 An explicitly asked precision is used as asked, with a warning when it fails the gate or was not measured, or when
 the hardware runs it slowly. Low precision runs under `torch.autocast` with the fp32 weights kept: measured on
@@ -45,7 +47,14 @@ from lightning_utilities.core.imports import RequirementCache
 
 from lightning_cls.data.tokenization import pad_batch, padded_width
 from lightning_cls.errors import ConfigError
-from lightning_cls.export.folder import INT8_ONNX_FILE, ONNX_FILE, ExportMetadata, read_export_metadata
+from lightning_cls.export.folder import (
+    INT8_ONNX_FILE,
+    METADATA_FILE,
+    ONNX_FILE,
+    STUDENT_DIR,
+    ExportMetadata,
+    read_export_metadata,
+)
 from lightning_cls.export.onnx_optimize import OPTIMIZED_ONNX_FILE
 from lightning_cls.hardware import Hardware, detect_hardware
 
@@ -73,8 +82,10 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 # queries and long abstracts runs as a long pass and a short one instead of every query padded to the longest
 # abstract. GPU: padding is nearly free next to a kernel launch; no bound (not measured here: no GPU was lent).
 DEFAULT_MAX_PADDING = {"cpu": 24, "cuda": None}
-# The agreement record's names: torch precisions by their own name, ONNX ones prefixed.
-VARIANTS: tuple[str, ...] = ("fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8")
+# The agreement record's names: torch precisions by their own name, ONNX ones prefixed; `student` the distilled
+# student exported beside the model (`STUDENT_DIR`), run in torch fp32.
+STUDENT = "student"
+VARIANTS: tuple[str, ...] = ("fp32", "bf16", "fp16", "onnx_fp32", "onnx_int8", STUDENT)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ONNXRUNTIME = RequirementCache("onnxruntime")
 
@@ -187,10 +198,11 @@ class Choice:
     reason: str
     warnings: tuple[str, ...] = field(default=())
     verdicts: dict[str, str] = field(default_factory=dict)
+    student: bool = False  # the folder's distilled student runs (`STUDENT_DIR`, torch fp32), not its own model
 
     @property
     def variant(self) -> str:
-        return variant_name(self.backend, self.precision)
+        return STUDENT if self.student else variant_name(self.backend, self.precision)
 
 
 def judge(settings: InferenceSettings, record: dict[str, Any] | None, variant: str) -> tuple[bool | None, str]:
@@ -229,8 +241,11 @@ def recorded_speed(record: dict[str, Any] | None, variant: str, device: str) -> 
     return float(entry["texts_per_s"]) if torch.device(entry.get("device", "cpu")).type == device else None
 
 
-def runnable(settings: InferenceSettings, hardware: Hardware, model_dir: str | Path) -> dict[str, str | None]:
-    """The variants `auto` considers for the settings' backend: each with None (runs well here) or why not."""
+def runnable(
+    settings: InferenceSettings, hardware: Hardware, model_dir: str | Path, students: bool = False
+) -> dict[str, str | None]:
+    """The variants `auto` considers for the settings' backend: each with None (runs well here) or why not.
+    `students`: the folder's student too (what loads the whole answer path can switch folders; a `Runner` cannot)."""
     folder, device, out = Path(model_dir), torch.device(hardware.device).type, {}
     if settings.backend in ("torch", "auto"):
         out["fp32"] = None
@@ -247,17 +262,25 @@ def runnable(settings: InferenceSettings, hardware: Hardware, model_dir: str | P
             out["onnx_int8"] = f"no {INT8_ONNX_FILE} (export with --format onnx --quantize int8)"
         else:
             out["onnx_int8"] = out["onnx_fp32"]
+    if students and settings.backend in ("torch", "auto"):
+        found = (folder / STUDENT_DIR / METADATA_FILE).is_file()
+        out[STUDENT] = None if found else f"no {STUDENT_DIR}/ (export with --student_ckpt)"
     return out
 
 
 # Which faster variant `auto` prefers when export recorded no speeds on this kind of device.
-_PREFERENCE = ("onnx_int8", "bf16", "fp16", "onnx_fp32", "fp32")
+_PREFERENCE = ("onnx_int8", "bf16", "fp16", "onnx_fp32", STUDENT, "fp32")
 
 
 def choose(
-    settings: InferenceSettings, hardware: Hardware, record: dict[str, Any] | None, model_dir: str | Path
+    settings: InferenceSettings,
+    hardware: Hardware,
+    record: dict[str, Any] | None,
+    model_dir: str | Path,
+    students: bool = False,
 ) -> Choice:
-    """Resolve `auto` (and check an explicit precision) against the hardware and the export's record."""
+    """Resolve `auto` (and check an explicit precision) against the hardware and the export's record. `students`:
+    `auto` may take the folder's distilled student (`ExportedModel.load` then answers with its folder)."""
     if settings.precision != "auto":
         variant = variant_name(settings.backend, settings.precision)
         notes = []
@@ -273,7 +296,7 @@ def choose(
     device = torch.device(hardware.device).type
     fallback = "onnx_fp32" if settings.backend == "onnx" else "fp32"
     verdicts, passing = {}, [fallback]
-    for variant, why_not in runnable(settings, hardware, model_dir).items():
+    for variant, why_not in runnable(settings, hardware, model_dir, students).items():
         if why_not is not None:
             verdicts[variant] = f"not run: {why_not}"
             continue
@@ -303,12 +326,14 @@ def choose(
         )
     verdicts[taken] = f"taken; {verdicts[taken]}"
     backend, precision = ("onnx", taken[5:]) if taken.startswith("onnx_") else ("torch", taken)
+    if taken == STUDENT:
+        precision = "fp32"
     reason = f"auto ({settings.describe_gate()}) on a {hardware.note}: {taken}, {how}"
     if taken != fallback:
         reason += f"; {verdicts[taken].removeprefix('taken; passes: ')}"
     else:  # say why nothing faster was taken
         reason += "".join(f"; {v} {why}" for v, why in verdicts.items() if v != taken)
-    return Choice(backend, precision, reason, verdicts=verdicts)
+    return Choice(backend, precision, reason, verdicts=verdicts, student=taken == STUDENT)
 
 
 def onnx_file(model_dir: str | Path, precision: str) -> str:

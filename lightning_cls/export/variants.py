@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_cls.export.answer import Answers, ExportedModel
-from lightning_cls.export.folder import read_export_metadata
-from lightning_cls.export.runtime import DTYPES, VARIANTS, InferenceSettings, Runner
+from lightning_cls.export.answer import Answers, ExportedModel, check_student
+from lightning_cls.export.folder import STUDENT_DIR, ExportMetadata, read_export_metadata
+from lightning_cls.export.runtime import DTYPES, STUDENT, VARIANTS, InferenceSettings, Runner
 from lightning_cls.task import Task
 
 # export skips measuring a variant whose first batch says it would take longer than `seconds` and than this many
@@ -101,6 +101,9 @@ def measure_variants(
     for name in names:
         if name == "fp32":
             continue
+        if name == STUDENT:
+            records[name] = {**base, **measure_student(folder, meta, texts, device, reference, scored, lexical)}
+            continue
         backend, precision = ("onnx", name[5:]) if name.startswith("onnx_") else ("torch", name)
         settings = InferenceSettings(precision=precision, backend=backend)
         problems = settings.problems(folder)
@@ -137,3 +140,39 @@ def measure_variants(
             records[name]["graph"] = runner.onnx_file
         del model, runner
     return {name: records[name] for name in names if name in records}
+
+
+def measure_student(
+    folder: Path,
+    meta: ExportMetadata,
+    texts: list[str],
+    device: str,
+    reference: Answers,
+    scored: Any,
+    lexical: np.ndarray | None,
+) -> dict[str, Any]:
+    """The `student` variant: the folder's distilled student (`STUDENT_DIR`, its own folder: weights, fusion,
+    calibration) answering the same texts in torch fp32, against the model's fp32 answers and the truth. Its
+    lexical expert's scores are the model's when it is the same expert (the same SHA-256: timed alike), else its
+    own, scored in its time."""
+    path = folder / STUDENT_DIR
+    if not (path / "lightning_cls.json").is_file():
+        return {"skipped": f"no {STUDENT_DIR}/ in the folder (export with --student_ckpt)"}
+    student_meta = read_export_metadata(path)
+    check_student(meta, student_meta, path)
+    student = ExportedModel.load(path, device=device, use_temperature=False, metadata=student_meta)
+    same_expert = (meta.lexical or {}).get("sha256") == (student_meta.lexical or {}).get("sha256")
+    scores = lexical if same_expert and student.fusion is not None else None
+    student.network_logits(texts[: min(8, len(texts))])  # the slow first passes, untimed
+    start = time.perf_counter()
+    answers = student.answer(texts, lexical=scores)
+    elapsed = time.perf_counter() - start
+    same, diff = agreement(student.task, reference, answers)
+    return {
+        "agreement": round(same, 6),
+        "max_prob_diff": float(f"{diff:.3g}"),
+        "texts": len(texts),
+        "texts_per_s": round(len(texts) / elapsed, 2),
+        "folder": STUDENT_DIR,
+        **scored(answers),
+    }

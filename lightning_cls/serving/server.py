@@ -388,7 +388,7 @@ def build_server(settings: ServeSettings, temporary_db: bool = False) -> ls.LitS
     inference = InferenceSettings(s.precision, s.backend, s.max_batch_tokens, s.agreement_gate, s.gate, s.max_f1_drop)
     inference.check(s.model_dir, max_length)  # one line naming every bad flag, before any worker starts
     device = "cuda" if s.accelerator == "cuda" or (s.accelerator == "auto" and torch.cuda.is_available()) else "cpu"
-    choice = choose(inference, detect_hardware(device), meta.inference, s.model_dir)
+    choice = choose(inference, detect_hardware(device), meta.inference, s.model_dir, students=True)  # as the workers
     windows = WindowSpec(
         max_length,
         s.max_windows if s.max_windows is not None else meta.max_windows,
