@@ -59,6 +59,7 @@ HEADERS = {
     "hamming_loss": "Hamming loss",
     "labels_per_text": "labels per text",
     "mean_label_ece": "mean label ECE",
+    "top_label_in_set": "top subject one of the paper's",
     "ece": "ECE",
     "test_rows": "test rows",
     "step": "tested at step",
