@@ -56,6 +56,8 @@ def test_set_scores_agree_with_the_evaluation_metrics_and_leave_undefined_labels
     assert few["per_label"]["d"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert few["per_label"]["b"]["precision"] is None and few["per_label"]["b"]["recall"] == 0
     assert few["macro_f1"] == pytest.approx((1 + 0) / 2) and few["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))
+    # The first predicted label is the most probable: right for the first text, not for the second.
+    assert set_scores([["a"], ["b"]], [["a", "c"], ["c", "b"]], NAMES)["top_label_in_set"] == 0.5
     with pytest.raises(InputError, match=r"\['zebra'\] are not among"):
         set_matrix([["zebra"]], NAMES)
 

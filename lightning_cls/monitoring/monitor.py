@@ -146,7 +146,7 @@ def realized_set_scores(
     return {
         "labels": str(labels_path),
         "of_predictions": len(predictions),
-        **{k: scores[k] for k in ("rows", "micro_f1", "macro_f1")},
+        **{k: scores[k] for k in ("rows", "micro_f1", "macro_f1", "top_label_in_set")},
         "subset_accuracy": scores["accuracy"],
         "per_label": scores["per_label"],
     }

@@ -64,6 +64,12 @@ class LabelSetMetrics:
             "Micro-F1 of the label sets over the last --feedback_window labelled predictions; NaN under --min_feedback",
             **GAUGE,
         )
+        self.live_top_label_in_set = Gauge(
+            "lightning_cls_live_top_label_in_set",
+            "Share of the last --feedback_window labelled predictions whose most probable label is one of the true "
+            "ones (a tagger's first suggestion is right); NaN under --min_feedback",
+            **GAUGE,
+        )
         self.validation_micro_f1 = Gauge(
             "lightning_cls_validation_micro_f1",
             "Micro-F1 of the exported model on its validation split, from the export (NaN: not recorded)",
@@ -72,6 +78,7 @@ class LabelSetMetrics:
         self.validation_micro_f1.set(_value(validation_micro_f1))
         self.estimated_micro_f1.set(math.nan)
         self.live_micro_f1.set(math.nan)
+        self.live_top_label_in_set.set(math.nan)
         rates = reference_rates(reference, self.names)
         if rates is not None:
             for label, rate in zip(self.names, rates, strict=True):
@@ -95,3 +102,4 @@ class LabelSetMetrics:
             self.recall.labels(label).set(_value(row.get("recall")))
             self.f1.labels(label).set(_value(row.get("f1")))
         self.live_micro_f1.set(_value(report.get("micro_f1")))
+        self.live_top_label_in_set.set(_value(report.get("top_label_in_set")))

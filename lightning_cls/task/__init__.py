@@ -255,7 +255,7 @@ class LabelSet(Task):
     truth_example: ClassVar[str] = '"labels": ["...", ...]'
     truth_noun: ClassVar[str] = "label sets"
     # `accuracy` is the subset accuracy (the whole set right): what the single-label gauges read for label sets.
-    live_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "micro_f1", "per_label")
+    live_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "micro_f1", "top_label_in_set", "per_label")
 
     def truth_from(self, item: dict, where: str) -> Truth:
         labels = item.get("labels")

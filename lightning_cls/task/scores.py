@@ -200,12 +200,20 @@ def label_scores(true: Sequence[str], predicted: Sequence[str], names: Sequence[
 
 
 def set_scores(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]], names: Sequence[str]) -> dict:
-    """Micro-F1, macro-F1 (over the labels present or predicted), subset accuracy and per-label precision, recall
-    and F1 (None where undefined) of predicted label sets against true ones. None for the scores without rows."""
+    """Micro-F1, macro-F1 (over the labels present or predicted), subset accuracy, the share whose first predicted
+    label (answers list the most probable first) is one of the true ones, and per-label precision, recall and F1
+    (None where undefined) of predicted label sets against true ones. None for the scores without rows."""
     if len(true) != len(predicted):
         raise ValueError(f"{len(true)} true label sets but {len(predicted)} predicted ones.")
     if not len(true):
-        return {"rows": 0, "accuracy": None, "macro_f1": None, "micro_f1": None, "per_label": None}
+        return {
+            "rows": 0,
+            "accuracy": None,
+            "macro_f1": None,
+            "micro_f1": None,
+            "top_label_in_set": None,
+            "per_label": None,
+        }
     t, p = set_matrix(true, names), set_matrix(predicted, names)
     tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
 
@@ -220,6 +228,7 @@ def set_scores(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
         "accuracy": float((t == p).all(1).mean()),  # subset accuracy: the whole set right
         "macro_f1": float(np.mean(seen)) if seen else None,
         "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else None,
+        "top_label_in_set": float(np.mean([bool(p) and p[0] in t for p, t in zip(predicted, true, strict=True)])),
         "per_label": {
             name: {"precision": precision[j], "recall": recall[j], "f1": f1[j], "support": int(tp[j] + fn[j])}
             for j, name in enumerate(names)
