@@ -396,7 +396,11 @@ def test_compare_multi_label_exports_by_micro_f1(tmp_path, sample_dir, exports):
         "subset_accuracy",
         "micro_precision",
         "micro_recall",
+        "top_label_in_set",  # the first suggestion one of the text's labels
     ]
+    test = report["sets"]["test"]
+    for role in ("champion", "challenger"):
+        assert 0 <= test[role]["top_label_in_set"] <= 1
     assert report["sets"]["test"]["rows"] == 30 and report["sets"]["recent_feedback"]["rows"] == 2
     assert 0 <= report["sets"]["recent_feedback"]["champion"]["micro_f1"] <= 1
     with pytest.raises(ConfigError, match=r"single-label.*multi-label|multi-label.*single-label"):

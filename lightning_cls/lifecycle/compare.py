@@ -13,8 +13,9 @@ lexical expert fused in, a multi-label folder's thresholds) on two sets:
   feedback; `feedback_data`), received after `--feedback_after` if given. A model that trained on feedback
   (`data.feedback_db`, recorded in its checkpoint) may have seen some of them: the report counts them per model.
 
-Single-label models are scored by accuracy and macro-F1, multi-label ones by micro-F1, macro-F1 and subset
-accuracy; the report gives each model's scores per set and the challenger's difference (challenger - champion).
+Single-label models are scored by accuracy and macro-F1, multi-label ones by micro-F1, macro-F1, subset accuracy,
+micro precision and recall, and the share whose most probable label is one of the text's (`top_label_in_set`);
+the report gives each model's scores per set and the challenger's difference (challenger - champion).
 An empty set is reported as empty, with the reason, never left out.
 """
 
@@ -41,6 +42,7 @@ from lightning_cls.data.feedback import (
 )
 from lightning_cls.errors import ConfigError, UserError
 from lightning_cls.task import Task
+from lightning_cls.task.scores import top_label_in_set
 
 
 @dataclass
@@ -67,16 +69,17 @@ class Model:
         read, trained_on = _trained_on(meta.checkpoint)
         return cls(role, folder, list(meta.labels), meta.task(), model_version(folder), read, trained_on)
 
-    def answers(self, texts: list[str], device: str = "cpu") -> np.ndarray:
-        """Class ids (N,) or, for a multi-label folder, multi-hot decisions (N, labels), in the folder's label
-        order, as `serve` answers (`ExportedModel.answer`, in torch fp32)."""
+    def answers(self, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+        """Class ids (N,) or, for a multi-label folder, multi-hot decisions (N, labels), and the probabilities
+        (N, labels), in the folder's label order, as `serve` answers (`ExportedModel.answer`, in torch fp32)."""
         from lightning_cls.export.answer import ExportedModel
 
         if getattr(self, "_model", None) is None:  # loaded once, for both sets
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # fp32 asked explicitly: no note about faster variants
                 self._model = ExportedModel.load(self.folder, device=device)
-        return self._model.answer(texts).decided.astype(np.int64)
+        answers = self._model.answer(texts)
+        return answers.decided.astype(np.int64), answers.probs.numpy()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -102,18 +105,25 @@ def _trained_on(checkpoint: str | None) -> tuple[bool, dict[str, Any] | None]:
 
 
 # ------------------------------------------------------------------------------------------------ scores
-def scores(task: Task, predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """The task's scores: accuracy and macro-F1 of class ids, or micro-F1, macro-F1 and subset accuracy of sets."""
-    return {k: round(float(v), 6) for k, v in task.scores(predicted, truth).items()}
+def scores(task: Task, answers: tuple[np.ndarray, np.ndarray], truth: np.ndarray) -> dict[str, float]:
+    """The task's scores: accuracy and macro-F1 of class ids, or micro-F1, macro-F1, subset accuracy, micro precision
+    and recall of sets and the share whose most probable label is one of the text's (a tagger's first suggestion)."""
+    predicted, probs = answers
+    found = task.scores(predicted, truth)
+    if task.multi_label:
+        found["top_label_in_set"] = top_label_in_set(probs, truth)
+    return {k: round(float(v), 6) for k, v in found.items()}
 
 
-def in_names(model: Model, predicted: np.ndarray, names: list[str]) -> np.ndarray:
-    """A model's answers in the order of ``names`` (the same label set in another order is the same model)."""
+def in_names(model: Model, answers: tuple[np.ndarray, np.ndarray], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A model's answers and probabilities in the order of ``names`` (the same labels in another order are the same
+    model)."""
+    predicted, probs = answers
     order = np.asarray([model.labels.index(n) for n in names])
     if model.task.multi_label:
-        return predicted[:, order]
+        return predicted[:, order], probs[:, order]
     position = np.argsort(order)  # model class id -> its position in names
-    return position[predicted] if len(predicted) else predicted
+    return (position[predicted] if len(predicted) else predicted), probs[:, order]
 
 
 def scored_set(
@@ -250,7 +260,7 @@ def compare(
         "champion": first.describe(),
         "challenger": second.describe(),
         "problem": "multi-label" if multi else "single-label",
-        "metrics": list(first.task.metrics),
+        "metrics": list(first.task.metrics) + (["top_label_in_set"] if first.task.multi_label else []),
         "sets": {"test": test or {"source": source, "rows": 0, "note": "empty: no test rows (data.test_fraction)"}},
     }
     if feedback_db is None:
