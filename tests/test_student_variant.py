@@ -61,7 +61,8 @@ def test_the_student_exported_beside_its_teacher_is_measured_and_answers_when_ta
 
     rewrite(0.80)  # the student keeps the accuracy and is three times faster: `auto` answers with it
     taken = ExportedModel.load(folder, InferenceSettings(precision="auto"))
-    assert taken.model_dir == folder / STUDENT_DIR
+    assert taken.model_dir == folder / STUDENT_DIR and taken.runner.choice.student
+    assert "the distilled student in" in taken.runner.describe() and "auto" in taken.runner.describe()
     torch.testing.assert_close(taken.answer(texts).probs, own.probs)
     rewrite(0.70)  # it loses ten points: the model itself answers
     assert ExportedModel.load(folder, InferenceSettings(precision="auto")).model_dir == folder

@@ -27,7 +27,7 @@ from lightning_cls.data.tokenization import load_tokenizer
 from lightning_cls.data.windows import Windows, WindowSpec, mean_logits_per_text, window_token_ids
 from lightning_cls.errors import ExportError
 from lightning_cls.export.folder import STUDENT_DIR, ExportMetadata, read_export_metadata
-from lightning_cls.export.runtime import InferenceSettings, Runner, choose
+from lightning_cls.export.runtime import Choice, InferenceSettings, Runner, choose
 from lightning_cls.hardware import detect_hardware
 from lightning_cls.model.fusion import FolderFusion, fuse
 from lightning_cls.task import Task
@@ -49,14 +49,14 @@ class Answers:
     cut: np.ndarray  # (N,) bool: the text was longer than what was read
 
 
-def takes_student(
+def student_choice(
     settings: InferenceSettings | None, meta: ExportMetadata, model_dir: str | Path, device: str | torch.device
-) -> bool:
-    """Whether `auto` takes the folder's distilled student (`runtime.choose` with students)."""
+) -> Choice | None:
+    """`auto`'s choice when it takes the folder's distilled student (`runtime.choose` with students), else None."""
     if settings is None or settings.precision != "auto":
-        return False
-    hardware = detect_hardware(torch.device(device))
-    return choose(settings, hardware, meta.inference, model_dir, students=True).student
+        return None
+    choice = choose(settings, detect_hardware(torch.device(device)), meta.inference, model_dir, students=True)
+    return choice if choice.student else None
 
 
 def check_student(teacher: ExportMetadata, student: ExportMetadata, folder: Path) -> None:
@@ -111,11 +111,12 @@ class ExportedModel:
         the student's own folder, whole (weights, tokenizer, windows, fusion, calibration), in torch fp32."""
         meta = metadata or read_export_metadata(model_dir)
         # Nothing given that is the folder's own (an expert, a tokenizer): the student brings its own.
-        if fusion is True and tokenizer is None and takes_student(settings, meta, model_dir, device):
+        taken = student_choice(settings, meta, model_dir, device) if fusion is True and tokenizer is None else None
+        if taken is not None:
             folder = Path(model_dir) / STUDENT_DIR
             check_student(meta, read_export_metadata(folder), folder)
             fp32 = dataclasses.replace(settings, precision="fp32", backend="torch")
-            return cls.load(
+            student = cls.load(
                 folder,
                 fp32,
                 device,
@@ -123,6 +124,8 @@ class ExportedModel:
                 window_stride=window_stride,
                 use_temperature=use_temperature,
             )
+            student.runner.choice = taken  # what runs and why, as the log and /info say it: auto took the student
+            return student
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
         settings = settings or InferenceSettings(precision="fp32", backend="torch")
         runner = Runner(model_dir, settings, device=device, tokenizer=tokenizer, metadata=meta)

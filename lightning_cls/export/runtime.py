@@ -422,6 +422,7 @@ class Runner:
     def describe(self) -> str:
         """One line for the log: what runs, why, and the token budget."""
         graph = f" ({self.onnx_file})" if self.backend == "onnx" else ""
+        graph += f", the distilled student in {self.model_dir}" if self.choice.student else ""
         return (
             f"{self.backend} {self.precision}{graph} on {self.device} ({self.choice.reason}); at most "
             f"{self.max_batch_tokens} tokens per forward pass"
