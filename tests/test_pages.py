@@ -9,6 +9,7 @@ import re
 import time
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from pages_helpers import NAMES, fused_export
@@ -17,7 +18,7 @@ from lightning_cls.export.folder import read_export_metadata
 from lightning_cls.monitoring.drift import DriftThresholds
 from lightning_cls.serving.model_page import PageSettings, series
 from lightning_cls.serving.pages import CSP, KEYED_PATHS, asset, build_pages
-from lightning_cls.serving.review import ReviewDesk
+from lightning_cls.serving.review import ReviewDesk, network_part
 from lightning_cls.serving.review_drift import DriftedBins, drift_reason, drifted_bins
 from lightning_cls.store import review_queue as queue
 from lightning_cls.store.feedback_store import FeedbackStore
@@ -108,6 +109,22 @@ def test_an_item_of_a_fused_model_says_where_its_experts_disagree_and_shows_evid
     assert shown[0] == "statistics" and set(item["evidence"]) == set(shown)
     assert all("lexical" in e for e in item["evidence"].values())
     store.close()
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_the_network_part_of_a_stored_fused_answer_is_recovered_under_its_temperature(multi_label):
+    import torch
+
+    from lightning_cls.task import task_for
+
+    z, s, w, t = np.array([2.0, -1.0, 0.5]), np.array([-0.5, 1.5, 0.2]), 0.8, 1.9
+    task = task_for(["a", "b", "c"], [0.5] * 3 if multi_label else None, temperature=t)
+    stored = task.probabilities(torch.tensor([z + w * s])).double()[0].tolist()  # as the service stores it
+    got = network_part(stored, t, multi_label, w, s)
+    shift = 0.0 if multi_label else got[0] - z[0]  # a softmax keeps the logits up to a constant per text
+    np.testing.assert_allclose(got - shift, z, atol=1e-4)
+    wrong = network_part(stored, None, multi_label, w, s)  # the temperature ignored: another network
+    assert np.abs(wrong - (0.0 if multi_label else wrong[0] - z[0]) - z).max() > 0.1
 
 
 def test_drifted_labels_and_length_bins_are_the_causes_of_a_psi_alert():

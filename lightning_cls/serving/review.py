@@ -42,6 +42,17 @@ DRIFT_SECONDS = 30.0  # a version's drifted labels and bins are read again after
 log = logging.getLogger(__name__)
 
 
+def network_part(
+    probabilities: list[float], temperature: float | None, multi_label: bool, weight: float, lexical: np.ndarray
+) -> np.ndarray:
+    """The network's own logits in a stored fused answer, up to a constant per text: the task's probabilities of
+    ``(z + w * s) / T`` undone (``T * log p``, or ``T * logit(p)`` for a label set's sigmoids: the temperature the
+    answer was given under, stored with it), less the expert's part ``w * s``."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-9)
+    scaled = np.log(p / (1 - p)) if multi_label else np.log(p)
+    return (temperature or 1.0) * scaled - weight * lexical
+
+
 class ReviewDesk:
     """The queue for the page's reviewers, on the store at ``db_path`` (opened in the HTTP process, on first use).
     ``drift``, ``window`` and ``min_window``: the service's drift thresholds and window (`serve --window_size`,
@@ -127,11 +138,9 @@ class ReviewDesk:
         if model is None or model.fusion is None:
             return None
         names, fusion = model.names, model.fusion
-        p = np.clip(np.asarray(json.loads(c.probabilities), dtype=np.float64), 1e-12, 1 - 1e-9)
         lexical = fusion.expert.scores([c.text])[0].astype(np.float64)
-        # The temperature the answer was given under (stored with it): undone before the expert's part is taken off.
-        scaled = np.log(p / (1 - p)) if model.task.multi_label else np.log(p)
-        network = (c.temperature or 1.0) * scaled - fusion.weight * lexical
+        p = json.loads(c.probabilities)
+        network = network_part(p, c.temperature, model.task.multi_label, fusion.weight, lexical)
         a, b = int(network.argmax()), int(lexical.argmax())
         return None if a == b else f"the network says {names[a]}, the lexical expert {names[b]}"
 
