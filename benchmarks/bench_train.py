@@ -192,6 +192,8 @@ def run_lightning(spec: dict, dm) -> dict:
         weight_decay=WEIGHT_DECAY,
         warmup_ratio=WARMUP,
         compile=spec.get("compile", False),
+        pooling=spec.get("pooling") or "default",
+        train_last_n_blocks=spec.get("train_last_n_blocks"),
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -246,6 +248,17 @@ def main() -> None:
         "--ablation", action="store_true", help="also (c) with each fast-path lever off, at the first max length"
     )
     parser.add_argument("--compile", action="store_true", help="also (c) with torch.compile")
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=["trainer_default", "trainer_tuned", "lightning"],
+        default=["trainer_default", "trainer_tuned", "lightning"],
+        help="which of (a), (b), (c) to run (the levers of --ablation and --compile are (c)'s)",
+    )
+    parser.add_argument("--pooling", default=None, help="(c)'s model.pooling, e.g. mean (default: the model's)")
+    parser.add_argument(
+        "--train-last-n-blocks", type=int, default=None, help="(c)'s model.train_last_n_blocks (default: all)"
+    )
     parser.add_argument("--cache-dir", default=None, help="tokenization cache (default: a fresh temporary folder)")
     args = parser.parse_args()
     if args.worker:
@@ -279,13 +292,19 @@ def main() -> None:
         "tokenizer": tokenizer,
         "vocab_size": vocab_size,
         "cache_dir": cache_dir,
+        "pooling": args.pooling,
+        "train_last_n_blocks": args.train_last_n_blocks,
     }
     sides = []
     for i, max_length in enumerate(args.max_lengths):
         runs = [
-            ("(a) trainer_default", {"side": "trainer_default"}),
-            ("(b) trainer_tuned", {"side": "trainer_tuned"}),
-            ("(c) lightning_cls", {"side": "lightning"}),
+            (name, {"side": side})
+            for name, side in (
+                ("(a) trainer_default", "trainer_default"),
+                ("(b) trainer_tuned", "trainer_tuned"),
+                ("(c) lightning_cls", "lightning"),
+            )
+            if side in args.sides
         ]
         if args.ablation and i == 0:
             runs += [
@@ -320,13 +339,17 @@ def main() -> None:
     print()
     headline = []
     for max_length in args.max_lengths:
-        by = {s["name"]: s for s in sides if s["max_length"] == max_length}
-        c = by["(c) lightning_cls"]["samples_per_s"]
-        headline.append(
-            f"@{max_length}: {ratio(c, by['(a) trainer_default']['samples_per_s'])} (a), "
-            f"{ratio(c, by['(b) trainer_tuned']['samples_per_s'])} (b)"
-        )
-    print("lightning_cls samples/s vs Trainer default (a) and tuned (b): " + "; ".join(headline))
+        by = {s["name"]: s["samples_per_s"] for s in sides if s["max_length"] == max_length}
+        c = by.get("(c) lightning_cls")
+        against = [(n, k) for n, k in (("(a) trainer_default", "(a)"), ("(b) trainer_tuned", "(b)")) if n in by]
+        if c is not None and against:
+            headline.append(f"@{max_length}: " + ", ".join(f"{ratio(c, by[n])} {k}" for n, k in against))
+    if headline:
+        print("lightning_cls samples/s vs the Trainer: " + "; ".join(headline))
+    for s in sides:  # each lever of (c) against (c) itself, at the same max length
+        base = next((b for b in sides if b["name"] == "(c) lightning_cls" and b["max_length"] == s["max_length"]), None)
+        if base is not None and s["name"].startswith("(c) w"):
+            print(f"{s['name']} vs (c) @{s['max_length']}: {ratio(s['samples_per_s'], base['samples_per_s'])}")
 
 
 if __name__ == "__main__":
