@@ -405,9 +405,9 @@ def export(
             )
             write_export_metadata(tmp, metadata)
             _print_agreement(metadata.inference)
-        for path in tmp.rglob(
-            "*"
-        ):  # save_pretrained may write owner-only files; a server under another user reads them
+        # save_pretrained may write owner-only files (and the student's folder is a temporary one's): a server under
+        # another user reads them.
+        for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         if output.exists():
             output.rmdir()  # checked empty above

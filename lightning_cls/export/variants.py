@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lightning_cls.export.answer import Answers, ExportedModel, check_student
-from lightning_cls.export.folder import STUDENT_DIR, ExportMetadata, read_export_metadata
+from lightning_cls.export.folder import METADATA_FILE, STUDENT_DIR, ExportMetadata, read_export_metadata
 from lightning_cls.export.runtime import DTYPES, STUDENT, VARIANTS, InferenceSettings, Runner
 from lightning_cls.task import Task
 
@@ -127,19 +127,22 @@ def measure_variants(
             }
             continue
         answers, elapsed = timed(model, texts, lexical)
-        same, diff = agreement(task, reference, answers)
-        records[name] = {
-            **base,
-            "agreement": round(same, 6),
-            "max_prob_diff": float(f"{diff:.3g}"),
-            "texts": len(texts),
-            "texts_per_s": round(len(texts) / elapsed, 2),
-            **scored(answers),
-        }
+        records[name] = {**base, **measured(task, reference, answers, elapsed), **scored(answers)}
         if backend == "onnx":
             records[name]["graph"] = runner.onnx_file
         del model, runner
     return {name: records[name] for name in names if name in records}
+
+
+def measured(task: Task, reference: Answers, answers: Answers, elapsed: float) -> dict[str, Any]:
+    """A measured variant's record against fp32's answers: agreement, largest probability difference, texts, speed."""
+    same, diff = agreement(task, reference, answers)
+    return {
+        "agreement": round(same, 6),
+        "max_prob_diff": float(f"{diff:.3g}"),
+        "texts": len(answers.decided),
+        "texts_per_s": round(len(answers.decided) / elapsed, 2),
+    }
 
 
 def measure_student(
@@ -156,7 +159,7 @@ def measure_student(
     lexical expert's scores are the model's when it is the same expert (the same SHA-256: timed alike), else its
     own, scored in its time."""
     path = folder / STUDENT_DIR
-    if not (path / "lightning_cls.json").is_file():
+    if not (path / METADATA_FILE).is_file():
         return {"skipped": f"no {STUDENT_DIR}/ in the folder (export with --student_ckpt)"}
     student_meta = read_export_metadata(path)
     check_student(meta, student_meta, path)
@@ -167,12 +170,4 @@ def measure_student(
     start = time.perf_counter()
     answers = student.answer(texts, lexical=scores)
     elapsed = time.perf_counter() - start
-    same, diff = agreement(student.task, reference, answers)
-    return {
-        "agreement": round(same, 6),
-        "max_prob_diff": float(f"{diff:.3g}"),
-        "texts": len(texts),
-        "texts_per_s": round(len(texts) / elapsed, 2),
-        "folder": STUDENT_DIR,
-        **scored(answers),
-    }
+    return {**measured(student.task, reference, answers, elapsed), "folder": STUDENT_DIR, **scored(answers)}

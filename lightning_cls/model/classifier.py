@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelF1Score
@@ -407,12 +408,13 @@ class TextClassifier(pl.LightningModule):
             loggers=trainer.loggers,
         )
 
-    def _evaluate_single_label(self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, *parts: Any) -> None:
+    def _evaluate_single_label(
+        self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, parts: dict | None, subjects: np.ndarray | None
+    ) -> None:
         """Log the epoch's scores; fit the temperature if the epoch says so, then write the report with the scores
         before and after the temperature in use (test only ever reports with the stored one). `parts`: a fusion's
-        components and each text's subjects (`data.subjects_path`), each or None."""
-        components, subjects = parts
-        scores = single_label_scores(epoch.stage, logits, labels, len(self.label_names), components, subjects)
+        components; `subjects`: each text's subjects (`data.subjects_path`); each or None."""
+        scores = single_label_scores(epoch.stage, logits, labels, len(self.label_names), parts, subjects)
         self.log_dict(scores, prog_bar=True, batch_size=len(labels))
         if epoch.sanity:
             return
@@ -422,7 +424,7 @@ class TextClassifier(pl.LightningModule):
         calibration = calibration_report(logits, labels, self.temperature)
         if epoch.fit:
             self.calibration = {**calibration, "split": "validation", "global_step": epoch.step}
-        write_single_label_report(epoch, logits, labels, self.label_names, calibration, components, subjects)
+        write_single_label_report(epoch, logits, labels, self.label_names, calibration, parts, subjects)
 
     def _evaluate_label_sets(
         self, epoch: Epoch, logits: torch.Tensor, labels: torch.Tensor, components: dict | None

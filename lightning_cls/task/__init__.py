@@ -142,8 +142,7 @@ class SingleLabel(Task):
         return f"one of {self.num_labels} labels (the most probable; probabilities are a softmax over the labels)"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        t = 1.0 if self.temperature is None else self.temperature
-        return (logits.float() / t).softmax(-1)  # (N, num_labels)
+        return _scaled(logits, self.temperature).softmax(-1)  # (N, num_labels)
 
     def decide(self, probs: np.ndarray | torch.Tensor) -> np.ndarray:
         return _numpy(probs).argmax(-1)
@@ -226,8 +225,7 @@ class LabelSet(Task):
             raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.names)} labels")
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        t = 1.0 if self.temperature is None else self.temperature
-        return (logits.float() / t).sigmoid()
+        return _scaled(logits, self.temperature).sigmoid()
 
     def uncalibrated(self) -> LabelSet:
         """The same decisions on the plain sigmoids: each threshold moved to where sigmoid(z / T) meets it,
@@ -294,6 +292,11 @@ class LabelSet(Task):
         order = np.argsort(-_numpy(probs), axis=-1, kind="stable")
         decided = np.asarray(decided, dtype=bool)
         return [[self.names[j] for j in row if decided[i, j]] for i, row in enumerate(order)]
+
+
+def _scaled(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """Logits divided by the calibrated temperature (None: not calibrated, T = 1), in float32."""
+    return logits.float() / (1.0 if temperature is None else temperature)
 
 
 def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:

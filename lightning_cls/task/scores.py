@@ -228,7 +228,9 @@ def set_scores(true: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
         "accuracy": float((t == p).all(1).mean()),  # subset accuracy: the whole set right
         "macro_f1": float(np.mean(seen)) if seen else None,
         "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else None,
-        "top_label_in_set": float(np.mean([bool(p) and p[0] in t for p, t in zip(predicted, true, strict=True)])),
+        "top_label_in_set": float(
+            np.mean([bool(got) and got[0] in want for got, want in zip(predicted, true, strict=True)])
+        ),
         "per_label": {
             name: {"precision": precision[j], "recall": recall[j], "f1": f1[j], "support": int(tp[j] + fn[j])}
             for j, name in enumerate(names)
