@@ -337,19 +337,21 @@ def main() -> None:
         ],
     )
     print()
-    headline = []
+    headline, levers = [], []
     for max_length in args.max_lengths:
         by = {s["name"]: s["samples_per_s"] for s in sides if s["max_length"] == max_length}
         c = by.get("(c) lightning_cls")
+        if c is None:
+            continue
         against = [(n, k) for n, k in (("(a) trainer_default", "(a)"), ("(b) trainer_tuned", "(b)")) if n in by]
-        if c is not None and against:
+        if against:
             headline.append(f"@{max_length}: " + ", ".join(f"{ratio(c, by[n])} {k}" for n, k in against))
+        # each lever of (c) against (c) itself, at the same max length
+        levers += [f"{n} vs (c) @{max_length}: {ratio(rate, c)}" for n, rate in by.items() if n.startswith("(c) w")]
     if headline:
         print("lightning_cls samples/s vs the Trainer: " + "; ".join(headline))
-    for s in sides:  # each lever of (c) against (c) itself, at the same max length
-        base = next((b for b in sides if b["name"] == "(c) lightning_cls" and b["max_length"] == s["max_length"]), None)
-        if base is not None and s["name"].startswith("(c) w"):
-            print(f"{s['name']} vs (c) @{s['max_length']}: {ratio(s['samples_per_s'], base['samples_per_s'])}")
+    for line in levers:
+        print(line)
 
 
 if __name__ == "__main__":
