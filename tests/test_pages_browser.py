@@ -110,7 +110,8 @@ def test_tag_review_and_model_pages_in_a_browser(server, browser):
     wait_for(browser, lambda d: len(all_of(d, ".card.answer")) == len(abstracts))
     cards = all_of(browser, ".card.answer")
     assert all(len(c.find_elements("css selector", ".subject")) == 3 for c in cards)
-    assert all(c.find_elements("css selector", ".phrase.lexical") for c in cards)  # the expert's words
+    # The expert's words on every card: the page asked for them (a Tag clicked before /pages/info came waits for it).
+    assert all(c.find_elements("css selector", ".phrase.lexical") for c in cards), [c.text for c in cards]
     assert any(c.find_elements("css selector", ".phrase.network") for c in cards)  # the network's spans
     assert "version " in cards[0].text and "%" in cards[0].text
     # The hostile abstract is shown as written, and nothing of it ran.

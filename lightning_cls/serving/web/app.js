@@ -8,6 +8,16 @@ const KEY = "lightning_cls_api_key";
 const REVIEWER = "lightning_cls_reviewer";
 const $ = (id) => document.getElementById(id);
 let info = null; // GET /pages/info: labels, problem type, thresholds, the lexical expert, keep_texts
+let infoLoad = null; // its request: what every use waits for, so that nothing reads `info` before it has come
+
+// GET /pages/info, once; asked again after a failure. A Tag clicked before it has come waits for it: it decides the
+// evidence asked for (the expert's words only where the model has an expert).
+function loadInfo() {
+  if (!infoLoad) {
+    infoLoad = api("GET", "/pages/info").then((data) => (info = data), (err) => { infoLoad = null; throw err; });
+  }
+  return infoLoad;
+}
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -109,11 +119,12 @@ function splitTexts(value) {
 async function tag() {
   $("tag-error").textContent = "";
   const texts = splitTexts($("texts").value);
-  const explain = [];
-  if (info && info.lexical) explain.push("lexical");
-  if ($("network").checked || !(info && info.lexical)) explain.push("network");
   $("tag-button").disabled = true;
   try {
+    await loadInfo();
+    const explain = [];
+    if (info.lexical) explain.push("lexical");
+    if ($("network").checked || !info.lexical) explain.push("network");
     const data = await api("POST", "/predict", { texts, explain });
     const box = $("answers");
     box.replaceChildren();
@@ -143,6 +154,7 @@ async function nextItem() {
   $("review-error").textContent = "";
   const box = $("review-item");
   try {
+    await loadInfo();
     const data = await api("GET", "/pages/review/next?reviewer=" + encodeURIComponent(reviewer()));
     current = data.item ? { item: data.item, chosen: new Set(data.item.labels || []) } : null;
     box.replaceChildren();
@@ -278,6 +290,7 @@ function plot(title, seriesByVersion, field, yMax) {
 async function loadModel() {
   $("model-error").textContent = "";
   try {
+    await loadInfo();
     const data = await api("GET", "/pages/history");
     const last = data.deployments.length ? data.deployments[data.deployments.length - 1].state : null;
     const roles = $("model-roles");
@@ -330,7 +343,7 @@ async function start() {
   $("tag-button").addEventListener("click", tag);
   document.addEventListener("keydown", reviewKeys);
   try {
-    info = await api("GET", "/pages/info");
+    await loadInfo();
   } catch (err) {
     $(view + "-error").textContent = err.message;
     return;
