@@ -112,9 +112,8 @@ def test_two_replicas_share_feedback_and_deployment_through_haproxy(exports, tmp
             time.sleep(0.3)
         assert {name: window_texts(url) for name, url in replicas.items()} == {"r1": ANSWERS, "r2": ANSWERS}
 
-        # A promotion through r1: both replicas' workers answer with the new champion within a second. r1's too only
-        # switch at their next look at the store (`DeploymentWatch`, every 0.5 s), as r2's do: recording the change
-        # does not switch the worker of the replica that recorded it.
+        # A promotion through r1: both replicas answer with the new champion within a second. Each replica's workers
+        # switch at their next look at the store (`DeploymentWatch`, every 0.5 s), r1's as well as r2's.
         old = answered_version(replicas["r2"])
         response = httpx.post(f"{replicas['r1']}/deployment", json={"action": "promote"}, headers=AUTH, timeout=60)
         assert response.status_code == 200, response.text
